@@ -1,0 +1,48 @@
+"""Command line: ``python -m latentclip convert IN OUT.safetensors`` and ``python -m latentclip demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args) -> int:
+    from .checkpoints import convert
+    out = convert(args.src, args.out, dtype=args.dtype, force=args.force, config=args.config)
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    try:
+        from .miniworld.demo import main as demo_main
+    except ImportError:
+        print("The mini-world demo is not built yet (it arrives with the mini-world issues). "
+              "Meanwhile: python -m latentclip convert IN OUT.safetensors converts a checkpoint.")
+        return 0
+    return demo_main(out=args.out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m latentclip", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="convert a Latent-CLIP checkpoint to a compact .safetensors")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    c.add_argument("--config", default=None, help="config name or .json (default: inferred from the weights)")
+    c.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    c.set_defaults(func=_convert)
+    d = sub.add_parser("demo", help="run the mini-world demo on the embedded default weights")
+    d.add_argument("--out", default="demo_out")
+    d.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    from .errors import CheckpointError, InputError
+    try:
+        return args.func(args)
+    except (CheckpointError, InputError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""LatentCLIP: open_clip's CLIP whose image tower reads VAE latents instead of pixels.
+
+Only the patch embedding differs from open_clip: ``visual.conv1`` takes the VAE's latent channels
+(4 for SDXL) with a patch size in latent units. Module names are open_clip's, so a state dict maps
+one to one onto ``open_clip.CLIP`` with a 4-channel ``conv1``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+import open_clip
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.transformer import LayerNormFp32
+
+from . import configs as _configs
+from .errors import InputError
+
+_OUR_VISION_KEYS = ("latent_factor", "latent_channels", "latent_n_channels", "latent_encoder_name")
+
+#: How latents whose size differs from the trained size are fed to the model.
+#: "resize" (default): area-pool (or bilinearly upsample) to the trained latent size. This is how
+#:   the authors scored 1024x1024 images (128x128 latents pooled to 64x64) and keeps the model on
+#:   the exact token grid it was trained on; other aspect ratios are squashed to a square.
+#: "native": keep the latent's own size and aspect; interpolate the positional embedding to its
+#:   patch grid (sides must be multiples of the patch size). Untested by the authors.
+RESIZE_POLICIES = ("resize", "native")
+
+
+def build_open_clip(cfg: dict) -> CLIP:
+    """Plain ``open_clip.CLIP`` for ``cfg`` with the latent patch embedding: the reference model."""
+    v = {k: val for k, val in cfg["vision_cfg"].items() if k not in _OUR_VISION_KEYS}
+    v["image_size"] = _configs.latent_size(cfg)
+    channels = cfg["vision_cfg"].get("latent_channels", cfg["vision_cfg"].get("latent_n_channels", 4))
+    model = CLIP(cfg["embed_dim"], CLIPVisionCfg(**v), CLIPTextCfg(**cfg["text_cfg"]),
+                 quick_gelu=cfg.get("quick_gelu", False))
+    old = model.visual.conv1
+    model.visual.conv1 = nn.Conv2d(channels, old.out_channels, kernel_size=old.kernel_size,
+                                   stride=old.stride, bias=False)
+    return model
+
+
+class LatentCLIP(nn.Module):
+    """A Latent-CLIP: ``encode_latents`` on raw VAE latents, ``encode_text`` on strings.
+
+    Both return unnormalised features, exactly what open_clip's ``encode_image``/``encode_text``
+    return on the same weights. ``self.clip`` is the underlying ``open_clip.CLIP`` (its
+    ``state_dict`` is in open_clip's layout, without a prefix).
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.config = _configs.get_config(cfg)
+        self.clip = build_open_clip(self.config)
+        self.vae_family = self.config.get("vae_family", "sdxl")
+        self.latent_channels = self.clip.visual.conv1.in_channels
+        self.latent_size = _configs.latent_size(self.config)
+        self.patch_size = self.config["vision_cfg"]["patch_size"]
+        self.context_length = self.config["text_cfg"]["context_length"]
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        self._text_cache: dict = {}
+
+    # -- state dict in open_clip layout (no "clip." prefix) --------------------------------------
+    def load_open_clip_state_dict(self, state_dict: dict, strict: bool = True):
+        self._text_cache.clear()
+        return self.clip.load_state_dict(state_dict, strict=strict)
+
+    def open_clip_state_dict(self) -> dict:
+        return self.clip.state_dict()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    @device.setter
+    def device(self, _value):
+        """Ignored: the device is always read off the weights (model managers may assign it)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype  # LayerNorms may stay fp32 in a half model
+
+    def _apply(self, fn, *args, **kwargs):
+        self._text_cache.clear()  # cached embeddings follow the old device/dtype
+        out = super()._apply(fn, *args, **kwargs)
+        half = self.clip.visual.conv1.weight.dtype
+        if half in (torch.float16, torch.bfloat16):
+            # LayerNorms stay fp32 and normalise in fp32 (open_clip's mixed-precision norm). With bf16
+            # the whole text tower stays fp32 too: it runs once per prompt (cached), and bf16's 8-bit
+            # mantissa would put text features ~1.2% off fp32 after 12 layers (fp16 stays within 0.2%).
+            for module in self.clip.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.__class__ = LayerNormFp32
+                    nn.Module._apply(module, lambda t: t.float(), recurse=False)
+            if half == torch.bfloat16:
+                for name in ("token_embedding", "transformer", "ln_final"):
+                    getattr(self.clip, name).float()
+                for name in ("positional_embedding", "text_projection"):
+                    getattr(self.clip, name).data = getattr(self.clip, name).data.float()
+        return out
+
+    # -- latents -------------------------------------------------------------------------------
+    def min_latent_side(self) -> int:
+        """Smallest latent side accepted: a quarter of the trained size, and at least one patch."""
+        return max(self.patch_size, self.latent_size // 4)
+
+    def check_latents(self, latents, name: str = "latents") -> torch.Tensor:
+        """Validate raw VAE latents (NCHW) and raise InputError with one clear sentence if wrong."""
+        if not isinstance(latents, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor of shape [batch, {self.latent_channels}, height, width], got {type(latents).__name__}")
+        if latents.ndim != 4:
+            raise InputError(f"{name} must have 4 dimensions [batch, channels, height, width], got shape {list(latents.shape)}")
+        b, c, h, w = latents.shape
+        if b == 0:
+            raise InputError(f"{name} is an empty batch (shape {list(latents.shape)}); expected at least one latent")
+        if c != self.latent_channels:
+            raise InputError(
+                f"{name} has {c} channels but this Latent-CLIP reads {self.latent_channels}-channel "
+                f"{self.vae_family.upper()}-VAE latents; a {c}-channel latent comes from another VAE (e.g. SD3/Flux)")
+        side = self.min_latent_side()
+        if min(h, w) < side:
+            raise InputError(f"{name} is {h}x{w}, smaller than the {side}x{side} minimum this model can read (trained on {self.latent_size}x{self.latent_size})")
+        if not torch.isfinite(latents).all():
+            raise InputError(f"{name} contains NaN or infinite values; expected finite raw VAE latents")
+        return latents
+
+    def prepare_latents(self, latents: torch.Tensor, policy: str = "resize") -> torch.Tensor:
+        """Bring latents to the model's device/dtype and, for policy "resize", the trained size."""
+        if policy not in RESIZE_POLICIES:
+            raise InputError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+        x = latents.to(device=self.device, dtype=self.dtype)
+        h, w = x.shape[-2:]
+        s = self.latent_size
+        if policy == "resize" and (h, w) != (s, s):
+            if h >= s and w >= s:
+                x = F.adaptive_avg_pool2d(x, (s, s))
+            else:
+                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        elif policy == "native" and (h % self.patch_size or w % self.patch_size):
+            raise InputError(f"latents of {h}x{w} are not a multiple of the patch size {self.patch_size}; use policy 'resize'")
+        return x
+
+    def encode_latents(self, latents: torch.Tensor, policy: str = "resize", check: bool = True) -> torch.Tensor:
+        """Image features [B, E] of raw VAE latents [B, C, H, W] (not multiplied by a scale factor)."""
+        if check:
+            self.check_latents(latents)
+        x = self.prepare_latents(latents, policy)
+        if x.shape[-1] == self.latent_size and x.shape[-2] == self.latent_size:
+            return self.clip.encode_image(x)
+        return self._encode_native(x)
+
+    def _encode_native(self, x: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        pos = visual.positional_embedding
+        cls_pos, grid_pos = pos[:1], pos[1:]
+        g = int(round(grid_pos.shape[0] ** 0.5))
+        grid_pos = grid_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid_pos = F.interpolate(grid_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        grid_pos = grid_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)
+        original = visual.positional_embedding
+        visual.positional_embedding = nn.Parameter(torch.cat([cls_pos, grid_pos]), requires_grad=False)
+        try:
+            return self.clip.encode_image(x)
+        finally:
+            visual.positional_embedding = original
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, texts) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise InputError("text is empty; expected at least one prompt")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise InputError(f"text #{i + 1} is empty or whitespace; expected a prompt")
+        return self.tokenizer(texts).to(self.device)
+
+    def encode_text(self, texts) -> torch.Tensor:
+        """Text features [N, E] for a list of strings (or an already tokenised LongTensor)."""
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return self.clip.encode_text(tokens)
+
+    def encode_text_cached(self, texts) -> torch.Tensor:
+        """Like ``encode_text`` without gradients, caching each prompt's features per model."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        self.tokenize(texts)  # validates
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                feats = self.encode_text(missing)
+            if len(self._text_cache) + len(missing) > 4096:
+                self._text_cache.clear()
+            self._text_cache.update({t: f.detach() for t, f in zip(missing, feats)})
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def forward(self, latents: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_latents(latents), self.encode_text(texts)

@@ -1,0 +1,91 @@
+"""Scoring raw VAE latents against text: cosine, CLIPScore, zero-shot, ranking.
+
+All functions take raw latents (NCHW, as ComfyUI's LATENT ``samples`` hold them) and return
+float32 tensors on the CPU-independent device of the model. Text embeddings are cached per model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .model import LatentCLIP
+
+#: Scale the authors use for zero-shot softmax over cosine similarities.
+ZERO_SHOT_SCALE = 100.0
+
+
+def split_lines(text: str, name: str = "text") -> list[str]:
+    """Non-empty stripped lines of a multiline widget; InputError if there are none."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{name} is empty; expected at least one non-empty line")
+    return lines
+
+
+def texts_for_batch(texts: list[str], batch: int, name: str = "text") -> list[str]:
+    """One prompt for the whole batch, or exactly one per batch item."""
+    if len(texts) == 1:
+        return texts * batch
+    if len(texts) != batch:
+        raise InputError(f"{name} has {len(texts)} lines but the batch has {batch} latents; expected 1 line or {batch}")
+    return texts
+
+
+@torch.no_grad()
+def embed(model: LatentCLIP, latents: torch.Tensor, texts: list[str], policy: str = "resize"):
+    """L2-normalised latent features [B, E] and text features [N, E] in float32."""
+    img = F.normalize(model.encode_latents(latents, policy=policy).float(), dim=-1)
+    txt = F.normalize(model.encode_text_cached(texts).float(), dim=-1)
+    return img, txt
+
+
+def cosine(model: LatentCLIP, latents: torch.Tensor, texts, policy: str = "resize") -> torch.Tensor:
+    """Cosine similarity of each latent with its prompt ([B]); one prompt or one per item."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = texts_for_batch(texts, model.check_latents(latents).shape[0])
+    uniq = list(dict.fromkeys(texts))
+    img, txt = embed(model, latents, uniq, policy)
+    idx = torch.tensor([uniq.index(t) for t in texts], device=img.device)
+    return (img * txt[idx]).sum(-1)
+
+
+def clip_score(model: LatentCLIP, latents: torch.Tensor, texts, policy: str = "resize") -> torch.Tensor:
+    """CLIPScore-style ``exp(logit_scale) * cos`` per item ([B])."""
+    return model.logit_scale.detach().float().exp() * cosine(model, latents, texts, policy)
+
+
+def zero_shot(model: LatentCLIP, latents: torch.Tensor, labels: list[str], template: str = "{}",
+              policy: str = "resize") -> torch.Tensor:
+    """Probabilities [B, L] over labels, softmax(100 * cos) as the authors compute them."""
+    if not labels:
+        raise InputError("labels is empty; expected at least one label")
+    if "{}" not in template:
+        raise InputError(f"template {template!r} has no '{{}}' where the label goes")
+    img, txt = embed(model, model.check_latents(latents), [template.format(label) for label in labels], policy)
+    return (ZERO_SHOT_SCALE * img @ txt.T).softmax(-1)
+
+
+def concept_probabilities(model: LatentCLIP, latents: torch.Tensor, concepts: list[str],
+                          policy: str = "resize") -> torch.Tensor:
+    """P(concept) [B, K]: 2-way softmax(100 * cos) of 'an image of c' vs 'an image of no c'.
+
+    The contrast with an explicit negation follows the authors' prototype filter; a threshold on it is
+    a score, not a guarantee: CLIP negation is weak and concepts the model never saw are not caught.
+    """
+    if not concepts:
+        raise InputError("concepts is empty; expected at least one concept")
+    prompts = [p for c in concepts for p in (f"an image of {c}", f"an image of no {c}")]
+    img, txt = embed(model, model.check_latents(latents), prompts, policy)
+    logits = (ZERO_SHOT_SCALE * img @ txt.T).view(img.shape[0], len(concepts), 2)
+    return logits.softmax(-1)[..., 0]
+
+
+def rank(model: LatentCLIP, latents: torch.Tensor, texts, k: int | None = None, policy: str = "resize"):
+    """Indices of the k best items by cosine similarity (best first) and all scores ([B])."""
+    scores = cosine(model, latents, texts, policy)
+    b = scores.shape[0]
+    k = b if k is None else k
+    if not 1 <= k <= b:
+        raise InputError(f"k is {k} but the batch has {b} latents; expected 1 <= k <= {b}")
+    return torch.topk(scores, k).indices, scores
