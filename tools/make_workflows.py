@@ -1,0 +1,181 @@
+"""Writes the example workflows in both formats from one API-format definition each.
+
+    python tools/make_workflows.py --server http://127.0.0.1:8188 [--out workflows]
+
+The UI (save) format is derived with the live server's /object_info (widget order, socket types), so
+the files a user drags into ComfyUI match the nodes as the server defines them. Existing files are
+replaced: they are generated artefacts of this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.request
+from pathlib import Path
+
+TURBO = "sd_xl_turbo_1.0_fp16.safetensors"
+LCLIP = "latent-clip-b-8-512.safetensors"
+WHERE = (f"Model files:\n- models/checkpoints/{TURBO} (stabilityai/sdxl-turbo)\n"
+         f"- models/latent_clip/{LCLIP}: an SDXL-VAE Latent-CLIP, e.g. wendlerc/latent-clip-b-8-512-34b-80k "
+         "checkpoints/epoch_34.pt, converted with `python -m latentclip convert epoch_34.pt "
+         f"{LCLIP} --dtype fp16` (or dropped in as it is).")
+
+
+def node(class_type, title=None, **inputs):
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title or class_type}}
+
+
+def turbo_front(prompt, batch=4, seed=42):
+    """SDXL-Turbo, one step, cfg 1: the sampler whose output the Latent-CLIP nodes judge."""
+    return {
+        "1": node("CheckpointLoaderSimple", "Load SDXL-Turbo", ckpt_name=TURBO),
+        "2": node("CLIPTextEncode", "Prompt", text=prompt, clip=["1", 1]),
+        "3": node("CLIPTextEncode", "Negative (unused at cfg 1)", text="", clip=["1", 1]),
+        "4": node("EmptyLatentImage", "Batch of candidates", width=512, height=512, batch_size=batch),
+        "5": node("KSamplerSelect", sampler_name="euler_ancestral"),
+        "6": node("SDTurboScheduler", steps=1, denoise=1.0, model=["1", 0]),
+        "7": node("SamplerCustom", "SDXL-Turbo 1 step", add_noise=True, noise_seed=seed, cfg=1.0, model=["1", 0],
+                  positive=["2", 0], negative=["3", 0], sampler=["5", 0], sigmas=["6", 0], latent_image=["4", 0]),
+        "8": node("LatentCLIPLoader", "Load Latent-CLIP (models/latent_clip)", ckpt_name=LCLIP, device="default", dtype="auto"),
+    }
+
+
+def best_of_n():
+    g = turbo_front("a photo of a red fox in the snow")
+    g.update({
+        "9": node("LatentCLIPScore", "Score every candidate (no decode)", latent_clip=["8", 0], samples=["7", 0],
+                  text="a photo of a red fox in the snow"),
+        "10": node("PreviewAny", "Scores", source=["9", 1]),
+        "11": node("LatentCLIPSelectBest", "Keep the best (no decode)", latent_clip=["8", 0], samples=["7", 0],
+                   text="a photo of a red fox in the snow", k=1),
+        "12": node("VAEDecode", "Decode only the winner", samples=["11", 0], vae=["1", 2]),
+        "13": node("SaveImage", images=["12", 0], filename_prefix="latent_clip_best"),
+    })
+    return g
+
+
+def zero_shot():
+    g = turbo_front("a photo of an animal", batch=4, seed=7)
+    g.update({
+        "9": node("LatentCLIPZeroShot", "Classify latents", latent_clip=["8", 0], samples=["7", 0],
+                  labels="cat\ndog\nhorse\nbird", template="a photo of a {}"),
+        "10": node("PreviewAny", "Best label per item", source=["9", 0]),
+        "11": node("PreviewAny", "Probabilities (JSON)", source=["9", 1]),
+    })
+    return g
+
+
+def safety_filter():
+    g = turbo_front("a crowded street festival at night", batch=4, seed=3)
+    g.update({
+        "9": node("LatentCLIPSafetyFilter", "Flag unwanted concepts", latent_clip=["8", 0], samples=["7", 0],
+                  concepts="nudity\nblood", threshold=0.5, action="replace with zeros"),
+        "10": node("PreviewAny", "Filter report", source=["9", 3]),
+        "11": node("VAEDecode", samples=["9", 0], vae=["1", 2]),
+        "12": node("SaveImage", images=["11", 0], filename_prefix="latent_clip_filtered"),
+    })
+    return g
+
+
+WORKFLOWS = {
+    "latent_clip_best_of_n_sdxl_turbo": (best_of_n, "Best-of-N without decoding: SDXL-Turbo makes 4 candidates, "
+                                         "Latent-CLIP scores the latents and only the best is decoded."),
+    "latent_clip_zero_shot": (zero_shot, "Zero-shot classification of latents straight from the sampler."),
+    "latent_clip_safety_filter": (safety_filter, "Flags latents that show a listed concept and zeroes them "
+                                  "before decoding. A score, not a guarantee: see the README's safety section."),
+}
+
+_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in _WIDGET_TYPES
+
+
+def _order(graph):
+    """Topological depth of each node, for a left-to-right layout and execution order."""
+    depth = {}
+
+    def visit(nid):
+        if nid not in depth:
+            deps = [v[0] for v in graph[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((visit(d) for d in deps), default=-1)
+        return depth[nid]
+
+    for nid in graph:
+        visit(nid)
+    return depth
+
+
+def to_ui(graph: dict, info: dict, note: str) -> dict:
+    depth = _order(graph)
+    rows = {}
+    nodes, links = [], []
+    by_id = {}
+    for nid in sorted(graph, key=lambda n: (depth[n], int(n))):
+        spec = graph[nid]
+        ni = info[spec["class_type"]]
+        row = rows.setdefault(depth[nid], 0)
+        rows[depth[nid]] += 1
+        ui_node = {"id": int(nid), "type": spec["class_type"], "pos": [40 + 360 * depth[nid], 40 + 260 * row],
+                   "size": [320, 200], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                   "title": spec["_meta"]["title"], "properties": {"Node name for S&R": spec["class_type"]},
+                   "widgets_values": []}
+        for section in ("required", "optional"):
+            for name in ni["input_order"].get(section, []):
+                s = ni["input"][section][name]
+                value = spec["inputs"].get(name)
+                if _is_widget(s):
+                    if name not in spec["inputs"]:
+                        continue
+                    ui_node["widgets_values"].append(value)
+                    opts = s[1] if len(s) > 1 and isinstance(s[1], dict) else {}
+                    if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+                        ui_node["widgets_values"].append("fixed")
+                else:
+                    ui_node["inputs"].append({"name": name, "type": s[0], "link": None})
+        for slot, (otype, oname) in enumerate(zip(ni["output"], ni["output_name"])):
+            ui_node["outputs"].append({"name": oname, "type": otype, "links": [], "slot_index": slot})
+        by_id[nid] = ui_node
+        nodes.append(ui_node)
+    for nid, spec in graph.items():
+        for name, value in spec["inputs"].items():
+            if not isinstance(value, list):
+                continue
+            src, slot = value
+            link_id = len(links) + 1
+            target = next(i for i, inp in enumerate(by_id[nid]["inputs"]) if inp["name"] == name)
+            by_id[nid]["inputs"][target]["link"] = link_id
+            by_id[src]["outputs"][slot]["links"].append(link_id)
+            links.append([link_id, int(src), slot, int(nid), target, by_id[src]["outputs"][slot]["type"]])
+    note_id = max(int(n) for n in graph) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [40, 40 + 260 * max(rows.values())], "size": [420, 220],
+                  "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": "Read me",
+                  "properties": {}, "widgets_values": [note + "\n\n" + WHERE]})
+    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--server", required=True, help="a running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "workflows"))
+    args = parser.parse_args(argv)
+    with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
+        info = json.load(r)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (build, note) in WORKFLOWS.items():
+        graph = build()
+        missing = sorted({s["class_type"] for s in graph.values()} - set(info))
+        if missing:
+            raise SystemExit(f"{name}: the server lacks nodes {missing}")
+        (out / f"{name}.api.json").write_text(json.dumps(graph, indent=2) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(to_ui(graph, info, note), indent=2) + "\n")
+        print(f"wrote {out / name}.json and .api.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
