@@ -138,8 +138,9 @@ _LATENT_FORMAT_FAMILY = {"SDXL": "sdxl", "SDXL_Playground_2_5": "sdxl", "SD15": 
 
 
 def model_vae_family(model) -> str:
-    """The VAE family of a ComfyUI MODEL, from its latent format."""
-    fmt = type(model.model.latent_format).__name__
+    """The VAE family of a ComfyUI MODEL (a ModelPatcher or its BaseModel), from its latent format."""
+    base = getattr(model, "model", model)
+    fmt = type(base.latent_format).__name__
     return _LATENT_FORMAT_FAMILY.get(fmt, fmt.lower())
 
 
@@ -150,3 +151,55 @@ def check_vae_family(handle: LatentCLIPHandle, model) -> None:
     if family not in compatible:
         raise InputError(f"latent_clip reads {handle.vae_family.upper()}-VAE latents but the model makes "
                          f"{family.upper()} latents; use a Latent-CLIP trained on the model's VAE")
+
+
+# -- gradients through ComfyUI models ------------------------------------------------------------
+def _identity(t):
+    return t
+
+
+class grad_through_comfy_ops:
+    """Let autograd flow through a ComfyUI-loaded module whose weights are inference tensors.
+
+    For the duration, every comfy.ops module gets new ``weight_function``/``bias_function`` lists with
+    an identity appended, so comfy.ops copies each weight (in grad mode) on every forward instead of
+    using the inference tensor itself. Any other inference parameter or buffer (a plain torch module,
+    a bare nn.Parameter such as TAESD's scale) is swapped for a normal clone. On exit the original
+    list objects and tensors are put back, so nothing about the model, or the patchers sharing it,
+    changes.
+    """
+
+    def __init__(self, *modules):
+        self.modules = [m for m in modules if m is not None]
+        self.saved_functions, self.saved_tensors = [], []
+
+    def __enter__(self):
+        for root in self.modules:
+            for m in root.modules():
+                comfy_op = hasattr(m, "weight_function") and hasattr(m, "bias_function")
+                if comfy_op:
+                    self.saved_functions.append((m, m.weight_function, m.bias_function))
+                    m.weight_function = list(m.weight_function) + [_identity]
+                    m.bias_function = list(m.bias_function) + [_identity]
+                for store in (m._parameters, m._buffers):
+                    for key, t in list(store.items()):
+                        if t is None or not t.is_inference() or (comfy_op and key in ("weight", "bias")):
+                            continue
+                        self.saved_tensors.append((store, key, t))
+                        with torch.inference_mode(False):
+                            clone = t.clone()
+                        store[key] = torch.nn.Parameter(clone, requires_grad=False) if store is m._parameters else clone
+        return self
+
+    def __exit__(self, *exc):
+        for m, wf, bf in self.saved_functions:
+            m.weight_function, m.bias_function = wf, bf
+        for store, key, t in reversed(self.saved_tensors):
+            store[key] = t
+        self.saved_functions.clear()
+        self.saved_tensors.clear()
+        return False
+
+
+def interrupt_check() -> None:
+    mm.throw_exception_if_processing_interrupted()

@@ -90,10 +90,13 @@ class Comfy:
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
     def run_node(self, node_id, **inputs):
-        """Run one node's V3 execute as the executor does: class clone, inference mode."""
-        cls = self.node(node_id).PREPARE_CLASS_CLONE({})
+        """Run one node as the executor does, under inference mode: V3 through a class clone and
+        EXECUTE_NORMALIZED (returns a NodeOutput); V1 core nodes through FUNCTION (returns a tuple)."""
+        node = self.node(node_id)
         with torch.inference_mode():
-            return cls.EXECUTE_NORMALIZED(**inputs)
+            if hasattr(node, "PREPARE_CLASS_CLONE"):
+                return node.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**inputs)
+            return getattr(node(), node.FUNCTION)(**inputs)
 
     def run_prompt(self, prompt: dict):
         """Validate and execute an API-format graph with ComfyUI's executor."""
@@ -140,3 +143,46 @@ def tiny_ckpt(comfy):
     if not path.exists():
         latentclip.save(tiny_latent_clip(), path)
     return path.name
+
+
+def tiny_sdxl(seed=0):
+    """A ModelPatcher around a tiny SDXL-architecture UNet with initialised weights (comfy.ops skips init).
+
+    Real checkpoints need exact configs to be detected, so the model is built directly
+    (see ../shared/notes/comfyui-facts.md, 'Tiny diffusion models for tests').
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = comfy.supported_models.SDXL({
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 64,
+        "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256, "use_temporal_attention": False,
+        "use_temporal_resblock": False, "dtype": torch.float32})
+    cfg.unet_config["num_head_channels"] = 16
+    cfg.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():  # as CheckpointLoaderSimple runs: the weights are inference tensors
+        model = cfg.get_model({})
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim > 1:
+                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+                elif "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def tiny_conditioning(seed=0, batch=1):
+    """CONDITIONING for tiny_sdxl, built by hand: [[cross-attn context, {"pooled_output": ...}]]."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, 77, 64, generator=g), {"pooled_output": torch.randn(batch, 32, generator=g)}]]
+
+
+@pytest.fixture
+def sdxl(comfy):
+    return tiny_sdxl()

@@ -1,0 +1,67 @@
+"""Pixel CLIPs for the baseline reward: open_clip weight files read safely, model name inferred.
+
+open_clip publishes ``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors`` state dicts
+without their architecture name; the name is found by matching tensor shapes against open_clip's
+own model configs (``quickgelu`` variants share shapes: pass ``model_name`` to pick one).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+
+from .checkpoints import read_state_dict
+from .errors import CheckpointError
+
+
+def _signature_from_state_dict(sd: dict) -> dict | None:
+    conv = sd.get("visual.conv1.weight")
+    if conv is None or "visual.positional_embedding" not in sd or "token_embedding.weight" not in sd:
+        return None
+    grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+    layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    return {"channels": conv.shape[1], "width": conv.shape[0], "patch": conv.shape[2], "image": grid * conv.shape[2],
+            "layers": layers, "embed": sd["visual.proj"].shape[1], "text_width": sd["token_embedding.weight"].shape[1],
+            "text_layers": text_layers, "context": sd["positional_embedding"].shape[0]}
+
+
+def _signature_from_config(cfg: dict) -> dict | None:
+    v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if "timm_model_name" in v or "hf_model_name" in t or not isinstance(v.get("layers"), int):
+        return None
+    patch = v.get("patch_size", 16)
+    return {"channels": 3, "width": v.get("width", 768), "patch": patch, "image": v.get("image_size", 224),
+            "layers": v["layers"], "embed": cfg["embed_dim"], "text_width": t.get("width", 512),
+            "text_layers": t.get("layers", 12), "context": t.get("context_length", 77)}
+
+
+def infer_model_name(sd: dict) -> str:
+    """The open_clip architecture whose shapes match ``sd`` (plain names preferred over -quickgelu)."""
+    want = _signature_from_state_dict(sd)
+    if want is None:
+        raise CheckpointError("the file is not an open_clip ViT CLIP (no visual.conv1 / token_embedding weights)")
+    if want["channels"] != 3:
+        raise CheckpointError(f"the file's image tower reads {want['channels']} channels: it is a Latent-CLIP, not a pixel CLIP")
+    names = sorted(open_clip.list_models(), key=lambda n: ("quickgelu" in n, len(n), n))
+    for name in names:
+        if _signature_from_config(open_clip.get_model_config(name) or {}) == want:
+            return name
+    raise CheckpointError(f"no open_clip architecture matches the file's shapes {want}; pass the model name")
+
+
+def load_pixel_clip(path, model_name: str | None = None, device="cpu", dtype=torch.float32):
+    """(model, tokenizer, model_name) from an open_clip weight file, read without unpickling code."""
+    path = Path(path)
+    raw, _ = read_state_dict(path)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+    name = model_name or infer_model_name(sd)
+    with torch.inference_mode(False):  # rewards backpropagate through it
+        model = open_clip.create_model(name, pretrained=None)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"'{path.name}' does not fit open_clip model {name}: {str(e).splitlines()[0]}") from None
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, open_clip.get_tokenizer(name), name

@@ -1,0 +1,240 @@
+"""ReNO: optimise the initial noise of a (one-step) generator by gradient descent on reward losses.
+
+As in ExplainableML/ReNO (Eyring et al., 2024), generalised to batches: ``noise`` [B, ...] holds B
+independent noises; each item's gradient is clipped on its own, each item keeps its own best
+latent, and the chi-norm regulariser is per item. ``generator`` is any differentiable callable
+``noise -> raw latents [B, C, H, W]`` that treats batch items independently (a ComfyUI node wraps
+the UNet's one-step x0 in it). Per iteration::
+
+    x0 = generator(z); L_i = reward_i(x0)              # keep x0_i with the lowest L_i seen
+    L_i += regularization * (0.5 r_i^2 - (d - 1) log r_i),  r_i = ||z_i||, d = numel(z_i)
+    unless last: grad per item, clip its norm to grad_clip, optimizer step
+
+The regulariser is the negative log density of the norm of a d-dimensional standard Gaussian
+(a chi distribution), minimal at r = sqrt(d - 1): it keeps the noise on the shell the generator
+was trained on.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+from .rewards import RewardSum
+
+OPTIMIZERS = ("sgd", "adam")
+#: Learning rate used when ``lr`` is None: ReNO's 5.0 for SGD; Adam moves every element by about
+#: ``lr`` per step whatever the gradient's size, so it needs a far smaller one.
+DEFAULT_LR = {"sgd": 5.0, "adam": 0.01}
+
+
+@dataclass
+class ReNOStep:
+    """What the callback sees after each iteration (all tensors detached)."""
+    iteration: int            # 0-based
+    iterations: int
+    latents: torch.Tensor     # this iteration's generator output
+    loss: list[float]         # reward loss per item (regulariser excluded)
+    best_latents: torch.Tensor
+    best_loss: list[float]
+    best_iteration: list[int]
+
+
+@dataclass
+class ReNOResult:
+    """Best latents and how the run went. ``history[key][iteration][item]`` is plain floats."""
+    latents: torch.Tensor             # best raw latents per item
+    initial_latents: torch.Tensor     # generator output for the un-optimised noise
+    noise: torch.Tensor               # the noise that produced ``latents``, per item
+    initial_noise: torch.Tensor
+    best_iteration: list[int]
+    best_loss: list[float]
+    initial_loss: list[float]
+    iterations_run: int
+    stopped_early: bool
+    seconds_per_iteration: float
+    history: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (no tensors)."""
+        return {"best_iteration": self.best_iteration, "best_loss": self.best_loss,
+                "initial_loss": self.initial_loss, "iterations_run": self.iterations_run,
+                "stopped_early": self.stopped_early, "seconds_per_iteration": self.seconds_per_iteration,
+                "history": self.history}
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def chi_regularizer(noise: torch.Tensor) -> torch.Tensor:
+    """Per-item ``0.5 r^2 - (d - 1) log r`` (negative log chi_d density up to a constant) [B]."""
+    d = noise[0].numel()
+    r = noise.flatten(1).float().norm(dim=1)
+    return 0.5 * r ** 2 - (d - 1) * torch.log(r)
+
+
+def _number(value, name: str, low: float, low_inclusive: bool, high: float | None = None) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    ok = math.isfinite(v) and (v >= low if low_inclusive else v > low) and (high is None or v < high)
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + ("" if high is None else f" and < {high}")
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def _validate(generator, noise, iterations, optimizer, callback):
+    if not callable(generator):
+        raise InputError(f"generator must be callable (noise -> raw latents), got {type(generator).__name__}")
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or noise.shape[0] < 1 or noise[0].numel() < 2:
+        shape = list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise InputError(f"noise must be a tensor [batch, ...] with at least one item of 2+ values, got {shape}")
+    if not noise.is_floating_point():
+        raise InputError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if not torch.isfinite(noise).all():
+        raise InputError("noise contains NaN or infinite values; expected finite Gaussian noise")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise InputError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
+
+
+def _clip_per_item(grad: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero non-finite item gradients, then scale each item's gradient to norm <= max_norm."""
+    norms = grad.flatten(1).float().norm(dim=1)
+    finite = torch.isfinite(norms)
+    grad = torch.where(finite.view(-1, *[1] * (grad.ndim - 1)), grad, torch.zeros_like(grad))
+    norms = torch.where(finite, norms, torch.zeros_like(norms))
+    if max_norm > 0:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        grad = grad * coef.view(-1, *[1] * (grad.ndim - 1)).to(grad.dtype)
+    return grad, norms
+
+
+@contextlib.contextmanager
+def _inference_tensor_hint():
+    """Turn autograd's inference-tensor RuntimeError into an InputError that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "nference tensor" in str(e):
+            raise InputError("the generator or a reward model uses weights created under "
+                             "torch.inference_mode, so gradients cannot flow through it; load or patch "
+                             "it for grad mode (clone its weights outside inference mode)") from e
+        raise
+
+
+def reno_optimize(generator: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor, reward,
+                  iterations: int = 50, lr: float | None = None, optimizer: str = "sgd",
+                  momentum: float = 0.9, nesterov: bool = True, grad_clip: float = 0.1,
+                  regularization: float = 0.01, callback: Callable[[ReNOStep], object] | None = None,
+                  seed: int | None = None) -> ReNOResult:
+    """Optimise ``noise`` [B, ...] so ``generator(noise)`` lowers ``reward``'s per-item loss.
+
+    reward: a ``RewardSum``, one ``RewardTerm`` or a list of terms. lr: None gives
+    ``DEFAULT_LR[optimizer]``. grad_clip: per-item gradient norm bound (0 disables).
+    regularization: weight of the chi-norm regulariser (0 disables). callback(step: ReNOStep) runs
+    after every iteration; returning ``False`` stops early, raising propagates (interrupts).
+    seed: if given, the torch RNG is seeded inside a forked RNG state for the loop, so a
+    stochastic generator is reproducible and the caller's RNG is untouched. Works under an outer
+    ``torch.inference_mode()``; the input noise is never modified; everything returned is detached.
+    """
+    _validate(generator, noise, iterations, optimizer, callback)
+    reward = RewardSum(reward)
+    lr = _number(DEFAULT_LR[optimizer] if lr is None else lr, "lr", 0.0, False)
+    momentum = _number(momentum, "momentum", 0.0, True, 1.0)
+    grad_clip = _number(grad_clip, "grad_clip", 0.0, True)
+    regularization = _number(regularization, "regularization", 0.0, True)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InputError(f"seed must be an integer or None, got {seed!r}")
+
+    # fork every initialised CUDA device too: the generator may run on one the noise is not on
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov,
+                    grad_clip, regularization, callback)
+
+
+def _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov, grad_clip,
+         regularization, callback) -> ReNOResult:
+    initial_noise = noise.detach().clone()
+    z = initial_noise.to(torch.float32).clone().requires_grad_(True)  # optimise in float32
+    if optimizer == "sgd":
+        opt = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    else:
+        opt = torch.optim.Adam([z], lr=lr)
+    batch = z.shape[0]
+    history: dict[str, list[list[float]]] = {}
+    best_latents = best_noise = initial_latents = None
+    best_loss = torch.full((batch,), math.inf)
+    best_iter = torch.zeros(batch, dtype=torch.long)
+    initial_loss: list[float] = []
+    stopped, run, started = False, 0, time.perf_counter()
+
+    for it in range(iterations):
+        with _inference_tensor_hint():
+            x0 = generator(z)
+        if not isinstance(x0, torch.Tensor) or x0.ndim < 1 or x0.shape[0] != batch:
+            got = list(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+            raise InputError(f"generator must return raw latents with batch {batch}, got {got}")
+        if not x0.requires_grad:
+            raise InputError("generator output does not depend differentiably on the noise; "
+                             "it must be built from torch operations on its input (no detach, no inference mode)")
+        with _inference_tensor_hint():
+            total, values = reward.evaluate(x0)
+        reg = chi_regularizer(z).to(total.device)
+        objective = (total + regularization * reg).sum()
+
+        loss_now = total.detach().float().cpu()
+        norm_now = z.detach().flatten(1).float().norm(dim=1).cpu()
+        x0d = x0.detach()
+        if it == 0:
+            initial_latents, initial_loss = x0d.clone(), loss_now.tolist()
+            best_latents, best_noise = x0d.clone(), z.detach().clone()
+        improved = loss_now < best_loss                      # NaN never improves
+        if improved.any():
+            m = improved.to(x0d.device).view(-1, *[1] * (x0d.ndim - 1))
+            best_latents = torch.where(m, x0d, best_latents)
+            best_noise = torch.where(m.to(z.device).view(-1, *[1] * (z.ndim - 1)), z.detach(), best_noise)
+            best_loss = torch.where(improved, loss_now, best_loss)
+            best_iter = torch.where(improved, torch.full_like(best_iter, it), best_iter)
+
+        grad_norm = torch.zeros(batch)
+        if it < iterations - 1:
+            with _inference_tensor_hint():
+                (grad,) = torch.autograd.grad(objective, [z])   # no .grad left on model weights
+            grad, grad_norm = _clip_per_item(grad, grad_clip)
+            z.grad = grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        record = {"total": loss_now, "regularizer": reg.detach().float().cpu(),
+                  "noise_norm": norm_now,
+                  "grad_norm": grad_norm.cpu(), **{k: v.float().cpu() for k, v in values.items()}}
+        for k, v in record.items():
+            history.setdefault(k, []).append([float(x) for x in v])
+        run = it + 1
+        if callback is not None:
+            step = ReNOStep(it, iterations, x0d, loss_now.tolist(), best_latents, best_loss.tolist(),
+                            best_iter.tolist())
+            if callback(step) is False:
+                stopped = it < iterations - 1
+                break
+
+    return ReNOResult(latents=best_latents, initial_latents=initial_latents, noise=best_noise.to(noise.dtype),
+                      initial_noise=initial_noise, best_iteration=best_iter.tolist(),
+                      best_loss=best_loss.tolist(), initial_loss=initial_loss, iterations_run=run,
+                      stopped_early=stopped, seconds_per_iteration=(time.perf_counter() - started) / run,
+                      history=history)

@@ -1,0 +1,259 @@
+"""ReNO nodes: reward terms, a ReNO SAMPLER for SamplerCustom, and an all-in-one node.
+
+ReNO optimises the initial noise of a one-step (or few-step) model by gradient descent on rewards.
+The UNet's weights are inference tensors (loaded under the executor's inference mode): during the
+loop ``grad_through_comfy_ops`` makes comfy.ops copy them in grad mode; the input tensors are
+cloned out of inference mode by ``reno_optimize``; x0 goes through ``process_latent_out`` (raw
+latent space) before any reward sees it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import folder_paths
+import latent_preview
+from comfy_api.latest import io, ui
+
+from latentclip import LatentAvoid, LatentMatch, PixelCLIPMatch, reno_optimize
+from latentclip.errors import InputError
+from latentclip.pixel_clip import load_pixel_clip
+from latentclip.plotting import plot_reno_history
+
+from .comfy_bridge import OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check, text_lines
+from .loaders import LatentCLIPType
+
+LatentRewardType = io.Custom("LATENT_REWARD")
+CATEGORY = "latent_clip/reno"
+
+
+@dataclass(frozen=True)
+class LatentTermSpec:
+    """A Latent-CLIP reward term as chosen in the graph; built into a core term when sampling."""
+    handle: object
+    texts: tuple
+    mode: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class PixelTermSpec:
+    """A pixel-CLIP reward term (decode with the VAE, score with an open_clip model)."""
+    clip_name: str
+    model_name: str
+    vae: object
+    texts: tuple
+    weight: float
+
+
+_pixel_cache: dict = {}
+
+
+def _pixel_clip(clip_name: str, model_name: str, device):
+    path = folder_paths.get_full_path(OPEN_CLIP_FOLDER, clip_name)
+    if path is None:
+        raise InputError(f"clip_name {clip_name!r} is not a file in models/{OPEN_CLIP_FOLDER}")
+    key = (path, model_name, str(device))
+    if key not in _pixel_cache:
+        _pixel_cache.clear()  # one pixel CLIP at a time: they are large
+        _pixel_cache[key] = load_pixel_clip(path, model_name or None, device=device)
+    return _pixel_cache[key]
+
+
+def build_reward(specs, base_model, batch: int):
+    """Core reward terms for ``specs`` on the device the UNet runs on; the modules needing grad."""
+    terms, grad_modules = [], []
+    device = mm.get_torch_device()
+    for spec in specs:
+        texts = list(spec.texts)
+        if len(texts) not in (1, batch) and not (isinstance(spec, LatentTermSpec) and spec.mode == "avoid"):
+            raise InputError(f"reward text has {len(texts)} lines but the batch has {batch} latents; expected 1 line or {batch}")
+        if isinstance(spec, LatentTermSpec):
+            check_vae_family(spec.handle, base_model)
+            model = spec.handle.load_for_grad()
+            cls = LatentMatch if spec.mode == "match" else LatentAvoid
+            terms.append(cls(model, texts, weight=spec.weight, name=f"{spec.mode}{len(terms)}"))
+        else:
+            clip, tokenizer, _ = _pixel_clip(spec.clip_name, spec.model_name, device)
+            mm.load_models_gpu([spec.vae.patcher])
+            fsm = spec.vae.first_stage_model
+            vae_dtype = spec.vae.vae_dtype
+            terms.append(PixelCLIPMatch(clip, lambda z, fsm=fsm, dt=vae_dtype: fsm.decode(z.to(dt)).float(), texts,
+                                        weight=spec.weight, tokenizer=tokenizer, name=f"pixel{len(terms)}"))
+            grad_modules.append(fsm)
+    if not terms:
+        raise InputError("reward has no terms; connect a Latent-CLIP Reward or Pixel-CLIP Reward node")
+    return terms, grad_modules
+
+
+class ReNOSampler(comfy.samplers.Sampler):
+    """A SAMPLER that runs ReNO: its result is the best x0 found, in the sampler's scaled space."""
+
+    def __init__(self, reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed):
+        self.reward, self.iterations, self.learning_rate = tuple(reward), iterations, learning_rate
+        self.optimizer, self.grad_clip, self.regularization, self.seed = optimizer, grad_clip, regularization, seed
+        self.last_result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        base = model_wrap.inner_model
+        ms = base.model_sampling
+        max_denoise = self.max_denoise(model_wrap, sigmas)
+        terms, grad_modules = build_reward(self.reward, base, noise.shape[0])
+        with torch.inference_mode(False):
+            sig = sigmas.detach().clone()
+            start = (latent_image if latent_image is not None else torch.zeros_like(noise)).detach().clone()
+
+        def generator(z):
+            x = ms.noise_scaling(sig[0], z, start, max_denoise)
+            for i in range(len(sig) - 1):
+                x0 = model_wrap(x, sig[i] * x.new_ones(x.shape[0]), **extra_args)
+                x = x0 if sig[i + 1] == 0 else x0 + (x - x0) * (sig[i + 1] / sig[i])  # deterministic Euler
+            return base.process_latent_out(ms.inverse_noise_scaling(sig[-1], x))
+
+        def on_step(step):
+            interrupt_check()
+            if callback is not None:
+                best = base.process_latent_in(step.best_latents.to(noise.device))
+                callback(step.iteration, best, best, step.iterations)
+
+        with grad_through_comfy_ops(base.diffusion_model, *grad_modules):
+            self.last_result = reno_optimize(
+                generator, noise, terms, iterations=self.iterations, lr=self.learning_rate,
+                optimizer=self.optimizer, grad_clip=self.grad_clip, regularization=self.regularization,
+                callback=on_step, seed=self.seed)
+        return base.process_latent_in(self.last_result.latents.to(device=noise.device, dtype=noise.dtype))
+
+
+def _reward_inputs():
+    return [io.Float.Input("weight", default=0.01, min=-100.0, max=100.0, step=0.001,
+                           tooltip="Multiplies this term's loss; 0.01 is ReNO's weight for its CLIP loss 100 - exp(logit_scale)*cos"),
+            LatentRewardType.Input("reward", optional=True, tooltip="Chain: terms are added")]
+
+
+class LatentCLIPReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LatentCLIPReward", display_name="Latent-CLIP Reward", category=CATEGORY,
+            description="A reward term on the raw latent, no decode. match: loss 100 - exp(logit_scale)*cos to the "
+                        "prompt; avoid: loss exp(logit_scale)*cos to the concepts (pushes away).",
+            inputs=[LatentCLIPType.Input("latent_clip"),
+                    io.String.Input("text", multiline=True, default="a photo of a cat",
+                                    tooltip="match: one prompt, or one line per batch item; avoid: one concept per line"),
+                    io.Combo.Input("mode", options=["match", "avoid"], default="match"), *_reward_inputs()],
+            outputs=[LatentRewardType.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, latent_clip, text, mode="match", weight=0.01, reward=None) -> io.NodeOutput:
+        spec = LatentTermSpec(latent_clip, tuple(text_lines(text, "text")), mode, float(weight))
+        return io.NodeOutput(tuple(reward or ()) + (spec,))
+
+
+class PixelCLIPReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PixelCLIPReward", display_name="Pixel-CLIP Reward (baseline)", category=CATEGORY,
+            description="ReNO's pixel CLIP reward: decode with the VAE, resize to the CLIP input, score with an "
+                        "open_clip model from models/open_clip. Costs a VAE decode per iteration.",
+            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list(OPEN_CLIP_FOLDER)),
+                    io.String.Input("model_name", default="", tooltip="open_clip architecture, e.g. ViT-H-14; empty: inferred"),
+                    io.Vae.Input("vae"),
+                    io.String.Input("text", multiline=True, default="a photo of a cat"), *_reward_inputs()],
+            outputs=[LatentRewardType.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
+        spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
+        return io.NodeOutput(tuple(reward or ()) + (spec,))
+
+
+def _loop_inputs():
+    return [io.Int.Input("iterations", default=50, min=1, max=1000),
+            io.Float.Input("learning_rate", default=5.0, min=1e-6, max=1000.0, step=0.01,
+                           tooltip="ReNO: 5.0 with sgd; use ~0.01 with adam"),
+            io.Combo.Input("optimizer", options=["sgd", "adam"], default="sgd"),
+            io.Float.Input("grad_clip", default=0.1, min=0.0, max=100.0, step=0.01, tooltip="Per-item gradient norm bound; 0 = off"),
+            io.Float.Input("regularization", default=0.01, min=0.0, max=10.0, step=0.001,
+                           tooltip="Weight of the chi-norm prior that keeps the noise Gaussian-like")]
+
+
+class LatentCLIPReNOSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LatentCLIPReNOSampler", display_name="ReNO Sampler (Latent-CLIP)", category=CATEGORY,
+            description="A SAMPLER for SamplerCustom/SamplerCustomAdvanced with SDTurboScheduler sigmas: optimises the "
+                        "initial noise for the reward, returns the best x0. Needs add_noise on.",
+            inputs=[LatentRewardType.Input("reward"), io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                                                                   tooltip="Seeds stochastic parts of the loop"),
+                    *_loop_inputs()],
+            outputs=[io.Sampler.Output()])
+
+    @classmethod
+    def execute(cls, reward, seed, iterations, learning_rate, optimizer, grad_clip, regularization) -> io.NodeOutput:
+        return io.NodeOutput(ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed))
+
+
+def turbo_sigmas(model, steps: int) -> torch.Tensor:
+    """SDTurboScheduler's sigmas: timesteps 999, 899, ... for ``steps`` steps, then 0."""
+    timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[:steps]
+    sigmas = model.get_model_object("model_sampling").sigma(timesteps)
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def _image_tensor(pil) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+class LatentCLIPReNO(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LatentCLIPReNO", display_name="ReNO (reward-based noise optimisation)", category=CATEGORY,
+            description="Optimises the initial noise of a one-step model (SDXL-Turbo, SD-Turbo) for the reward. "
+                        "Returns the best latent, the un-optimised one, and the reward history.",
+            inputs=[io.Model.Input("model"), io.Conditioning.Input("positive"), io.Conditioning.Input("negative"),
+                    io.Latent.Input("latent_image"), LatentRewardType.Input("reward"),
+                    io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                    *_loop_inputs(),
+                    io.Int.Input("steps", default=1, min=1, max=4, tooltip="1 for SDXL-Turbo; gradients flow through every step"),
+                    io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="1.0 for Turbo models (no uncond pass)")],
+            outputs=[io.Latent.Output(display_name="best"), io.Latent.Output(display_name="initial"),
+                     io.String.Output(display_name="history"), io.Image.Output(display_name="plot")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, reward, seed, iterations, learning_rate, optimizer,
+                grad_clip, regularization, steps=1, cfg=1.0) -> io.NodeOutput:
+        samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
+            raise InputError("latent_image must be a LATENT with samples [batch, channels, height, width]")
+        samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        sampler = ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        callback = latent_preview.prepare_callback(model, iterations)
+        best = guider.sample(noise, samples, sampler, turbo_sigmas(model, steps), denoise_mask=latent_image.get("noise_mask"),
+                             callback=callback, seed=seed)
+        result = sampler.last_result
+        out_device = mm.intermediate_device()
+        best_latent = {**latent_image, "samples": best.detach().to(out_device)}
+        initial_latent = {**latent_image, "samples": result.initial_latents.to(device=out_device, dtype=best.dtype)}
+        summary = result.to_dict()
+        text = json.dumps(summary)
+        plot = _image_tensor(plot_reno_history(summary["history"]))
+        report = ("best iteration per item: " + ", ".join(map(str, result.best_iteration)) +
+                  "\nloss initial -> best: " + ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(result.initial_loss, result.best_loss)) +
+                  f"\n{result.seconds_per_iteration:.3f} s per iteration")
+        return io.NodeOutput(best_latent, initial_latent, text, plot, ui=ui.PreviewText(report))
+
+
+NODES = [LatentCLIPReward, PixelCLIPReward, LatentCLIPReNOSampler, LatentCLIPReNO]
