@@ -1,0 +1,466 @@
+"""Headless runner: drives a ComfyUI server over its HTTP API with an API-format workflow.
+
+    python -m latentclip.api run WORKFLOW_API.json --server http://127.0.0.1:8188 \\
+        [--set 3.text="a cat" ...] [--out DIR] [--timeout 600]
+
+It submits the graph with a client id, shows progress from the websocket (each node as it starts,
+ProgressBar steps), fetches ``/history/{id}`` when the prompt is done, saves every output into DIR
+(files through ``/view``, ``text`` entries as .txt, other UI entries as .json) and prints one line
+per output. Failures print the server's own message and exit non-zero:
+2 bad workflow file or --set, 3 prompt refused by validation (HTTP 400), 4 execution error,
+5 interrupted, 6 server unreachable or timed out.
+
+ComfyUI-free: only the standard library, plus aiohttp (shipped with ComfyUI) for the websocket;
+without aiohttp the runner polls ``/history`` instead.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+EXIT_USAGE, EXIT_INVALID, EXIT_EXECUTION, EXIT_INTERRUPTED, EXIT_SERVER = 2, 3, 4, 5, 6
+UI_FORMAT_MESSAGE = ("{path} is a UI (save) workflow, not the API format; in ComfyUI use Workflow > "
+                     "Export (API) (older front ends: enable dev mode, then Save (API Format)) and run that file")
+_HTTP_TIMEOUT = 30.0  # one request; the whole run is bounded by ``timeout``
+_POLL_INTERVAL = 0.25
+
+
+class RunError(Exception):
+    """A failed run: ``str(e)`` is the message for the user, ``exit_code`` the CLI status."""
+
+    exit_code = EXIT_SERVER
+
+    def __init__(self, message: str, details=None, result: "RunResult | None" = None):
+        super().__init__(message)
+        self.details = details
+        self.result = result
+
+
+class WorkflowError(RunError):
+    """The workflow file or a --set is unusable (nothing was submitted)."""
+    exit_code = EXIT_USAGE
+
+
+class PromptRejected(RunError):
+    """The server's validation refused the prompt (HTTP 400)."""
+    exit_code = EXIT_INVALID
+
+
+class ExecutionFailed(RunError):
+    """A node raised while the prompt ran (``execution_error``)."""
+    exit_code = EXIT_EXECUTION
+
+
+class Interrupted(RunError):
+    """Someone posted /interrupt while the prompt ran (``execution_interrupted``)."""
+    exit_code = EXIT_INTERRUPTED
+
+
+@dataclass
+class SavedOutput:
+    node_id: str
+    class_type: str
+    kind: str          # ui key: "images", "latents", "text", ...
+    summary: str       # short human-readable description
+    path: Path | None  # where it was saved (None without out_dir)
+
+    def line(self) -> str:
+        where = f" -> {self.path}" if self.path else ""
+        return f"node {self.node_id} ({self.class_type}) {self.kind}: {self.summary}{where}"
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str                      # "success", "error" or "interrupted"
+    outputs: list = field(default_factory=list)   # SavedOutput
+    history: dict = field(default_factory=dict)   # the server's /history entry
+    seconds: float = 0.0
+
+
+# -- workflow files -----------------------------------------------------------------------------
+def is_ui_format(data) -> bool:
+    """True for the front end's save format (a ``nodes`` list and ``links``), which the API cannot run."""
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+def check_api_graph(data, path="the workflow") -> dict:
+    """Return the API graph in ``data`` (also accepts a saved POST body ``{"prompt": graph}``)."""
+    if is_ui_format(data):
+        raise WorkflowError(UI_FORMAT_MESSAGE.format(path=path))
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:
+        data = data["prompt"]
+    if not isinstance(data, dict) or not data:
+        raise WorkflowError(f"{path} must be a JSON object of nodes keyed by id (ComfyUI API format)")
+    for node_id, node in data.items():
+        if not isinstance(node, dict) or "class_type" not in node or not isinstance(node.get("inputs", {}), dict):
+            raise WorkflowError(f"{path}: node {node_id!r} has no class_type/inputs; expected the ComfyUI API format")
+    return data
+
+
+def load_workflow(path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WorkflowError(f"cannot read {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise WorkflowError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return check_api_graph(data, str(path))
+
+
+def parse_set(expr: str) -> tuple[str, str, object]:
+    """``ID.INPUT=VALUE`` -> (id, input, value); VALUE is JSON when it parses, else the raw string."""
+    key, sep, raw = expr.partition("=")
+    node_id, dot, name = key.strip().rpartition(".")
+    if not sep or not dot or not node_id or not name:
+        raise WorkflowError(f"--set {expr!r} must look like ID.INPUT=VALUE, e.g. --set 3.text=\"a cat\"")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return node_id, name, value
+
+
+def apply_sets(graph: dict, sets, warn: Callable[[str], None] | None = None) -> dict:
+    """A copy of ``graph`` with each (id, input, value) set; an unknown node id is an error."""
+    graph = copy.deepcopy(graph)
+    for node_id, name, value in sets:
+        if node_id not in graph:
+            ids = ", ".join(sorted(graph, key=lambda k: (len(k), k)))
+            raise WorkflowError(f"--set {node_id}.{name}: the workflow has no node {node_id!r} (its nodes: {ids})")
+        inputs = graph[node_id].setdefault("inputs", {})
+        old = inputs.get(name)
+        if name not in inputs and warn:
+            warn(f"note: node {node_id} ({graph[node_id]['class_type']}) had no input {name!r}; adding it")
+        if isinstance(old, str) and not isinstance(value, (str, list, dict)):
+            value = json.dumps(value)  # keep text text: --set 3.text=42 stays "42"
+        inputs[name] = value
+    return graph
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+class Client:
+    """The few ComfyUI endpoints the runner needs, over urllib, each bounded by a timeout."""
+
+    def __init__(self, server: str, client_id: str | None = None):
+        if "://" not in server:
+            server = "http://" + server
+        self.base = server.rstrip("/")
+        self.client_id = client_id or uuid.uuid4().hex
+
+    def _open(self, path: str, body=None, timeout=_HTTP_TIMEOUT):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RunError(f"cannot reach the ComfyUI server at {self.base}: {reason}") from None
+
+    def get_json(self, path: str, timeout=_HTTP_TIMEOUT):
+        status, raw = self._open(path, timeout=timeout)
+        if status != 200:
+            raise RunError(f"GET {path} answered HTTP {status}: {raw[:200].decode(errors='replace')}")
+        return json.loads(raw)
+
+    def submit(self, graph: dict) -> str:
+        status, raw = self._open("/prompt", {"prompt": graph, "client_id": self.client_id})
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {"error": {"message": raw[:300].decode(errors="replace")}}
+        if status != 200 or "prompt_id" not in body:
+            raise PromptRejected(format_validation_error(body, graph), details=body)
+        return body["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+
+    def view(self, item: dict) -> bytes:
+        query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+        status, raw = self._open(f"/view?{query}", timeout=120)
+        if status != 200:
+            raise RunError(f"GET /view for {item.get('filename')!r} answered HTTP {status}")
+        return raw
+
+    def ws_url(self) -> str:
+        scheme = "wss" if self.base.startswith("https") else "ws"
+        return f"{scheme}{self.base[self.base.index(':'):]}/ws?clientId={self.client_id}"
+
+
+# -- messages -----------------------------------------------------------------------------------
+def _node_label(graph: dict, node_id) -> str:
+    node = graph.get(str(node_id), {})
+    return f"node {node_id} ({node.get('class_type', '?')})"
+
+
+def format_validation_error(body: dict, graph: dict) -> str:
+    """The server's own words for a refused prompt: the error and each node's errors."""
+    err = body.get("error") or {}
+    head = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    if isinstance(err, dict) and err.get("details"):
+        head += f": {err['details']}"
+    lines = [f"prompt refused: {head}"]
+    for node_id, info in (body.get("node_errors") or {}).items():
+        for e in info.get("errors", []):
+            detail = f" ({e['details']})" if e.get("details") else ""
+            lines.append(f"  {_node_label(graph, node_id)}: {e.get('message', e)}{detail}")
+    return "\n".join(lines)
+
+
+def format_execution_error(data: dict) -> str:
+    node = data.get("node_id", "?")
+    return (f"execution failed at node {node} ({data.get('node_type', '?')}): "
+            f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
+
+
+class ProgressPrinter:
+    """Default ``on_event``: one line per node as it starts, ProgressBar steps at most every 10%."""
+
+    def __init__(self, graph: dict, stream=None):
+        self.graph, self.stream, self._last = graph, stream or sys.stderr, {}
+        self.started = 0
+
+    def __call__(self, event: str, data: dict):
+        if event == "execution_cached" and data.get("nodes"):
+            self._print(f"cached: {', '.join(map(str, data['nodes']))}")
+        elif event == "executing" and data.get("node") is not None:
+            self.started += 1
+            self._print(f"[{self.started}/{len(self.graph)}] {_node_label(self.graph, data['node'])}")
+        elif event == "progress":
+            value, total = int(data.get("value", 0)), max(int(data.get("max", 1)), 1)
+            decile = value * 10 // total
+            key = data.get("node")
+            if value == total or decile > self._last.get(key, -1):
+                self._last[key] = decile
+                self._print(f"    step {value}/{total}")
+
+    def _print(self, text: str):
+        print(text, file=self.stream, flush=True)
+
+
+# -- waiting for the prompt ---------------------------------------------------------------------
+_TERMINAL = {"execution_success", "execution_error", "execution_interrupted"}
+
+
+async def _watch_ws(ws, prompt_id: str, on_event, deadline: float) -> bool:
+    """Forward our prompt's JSON events until it ends; False if the socket closed first."""
+    import aiohttp
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True  # the caller's history poll reports the timeout
+        try:
+            msg = await ws.receive(timeout=left)
+        except asyncio.TimeoutError:
+            return True
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            continue  # preview frames and progress text
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return False
+        try:
+            event = json.loads(msg.data)
+        except ValueError:
+            continue
+        kind, data = event.get("type"), event.get("data") or {}
+        if data.get("prompt_id") != prompt_id:
+            continue
+        if on_event:
+            on_event(kind, data)
+        if kind in _TERMINAL or (kind == "executing" and data.get("node") is None):
+            return True
+
+
+async def _submit_and_watch(client: Client, graph: dict, on_event, deadline: float) -> str:
+    try:
+        import aiohttp
+    except ImportError:
+        return client.submit(graph)
+    prompt_id = None
+    timeout = aiohttp.ClientTimeout(total=None, connect=min(_HTTP_TIMEOUT, max(deadline - time.monotonic(), 1)))
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.ws_connect(client.ws_url(), heartbeat=30, max_msg_size=0) as ws:
+                prompt_id = client.submit(graph)  # after connecting, so no event is missed
+                await _watch_ws(ws, prompt_id, on_event, deadline)
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        pass  # no (or a broken) websocket: the history poll still finishes the run
+    return prompt_id if prompt_id is not None else client.submit(graph)
+
+
+def _wait_history(client: Client, prompt_id: str, deadline: float, timeout: float) -> dict:
+    while True:
+        entry = client.history(prompt_id)
+        if entry:  # the server adds the entry once the prompt has finished
+            return entry
+        if time.monotonic() >= deadline:
+            raise RunError(f"timed out after {timeout:g} s waiting for prompt {prompt_id}; it may still be "
+                           f"running on the server (POST /interrupt stops it)")
+        time.sleep(_POLL_INTERVAL)
+
+
+# -- outputs ------------------------------------------------------------------------------------
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(*parts) -> str:
+    """A file name built from untrusted parts: no separators, no leading dots."""
+    name = "-".join(_SAFE.sub("_", str(p)) for p in parts if str(p))
+    return name.lstrip(".") or "output"
+
+
+def _unique(path: Path) -> Path:
+    stem, suffix, n = path.stem, path.suffix, 1
+    while path.exists():
+        path, n = path.with_name(f"{stem}_{n}{suffix}"), n + 1
+    return path
+
+
+def _short(text: str, limit: int = 80) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    more = text.strip().count("\n")
+    cut = first if len(first) <= limit else first[:limit - 3] + "..."
+    return repr(cut) + (f" (+{more} lines)" if more else "")
+
+
+def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir) -> list:
+    """Save every UI output of a history entry; returns one SavedOutput per output."""
+    out_dir = Path(out_dir) if out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for node_id, ui in outputs.items():
+        class_type = graph.get(str(node_id), {}).get("class_type", "?")
+        other = {}
+        for kind, items in (ui or {}).items():
+            items = items if isinstance(items, list) else [items]
+            files = [i for i in items if isinstance(i, dict) and "filename" in i]
+            for item in files:
+                path = None
+                if out_dir and client:
+                    data = client.view(item)
+                    path = _unique(out_dir / safe_name(item.get("subfolder", ""), item["filename"]))
+                    path.write_bytes(data)
+                summary = f"{item['filename']} ({item.get('type', 'output')}" + (f", {len(data)} bytes)" if path else ")")
+                saved.append(SavedOutput(str(node_id), class_type, kind, summary, path))
+            rest = [i for i in items if not (isinstance(i, dict) and "filename" in i)]
+            if kind == "text" and rest:
+                text = "\n".join(str(t) for t in rest)
+                path = None
+                if out_dir:
+                    path = out_dir / f"{safe_name(node_id, class_type)}.txt"
+                    path.write_text(text, encoding="utf-8")
+                saved.append(SavedOutput(str(node_id), class_type, kind, _short(text), path))
+            elif rest:
+                other[kind] = rest if isinstance(ui[kind], list) else ui[kind]
+        if other:
+            path = None
+            if out_dir:
+                path = out_dir / f"{safe_name(node_id, class_type)}.json"
+                path.write_text(json.dumps(other, indent=1, default=str), encoding="utf-8")
+            saved.append(SavedOutput(str(node_id), class_type, "ui", _short(json.dumps(other, default=str)), path))
+    return saved
+
+
+# -- the run ------------------------------------------------------------------------------------
+def run_workflow(graph: dict, server: str, out_dir=None, on_event=None, timeout: float = 600.0) -> RunResult:
+    """Run an API-format graph on a ComfyUI server; save its outputs into ``out_dir`` (if given).
+
+    ``on_event(type, data)`` receives this prompt's websocket events. Raises ``PromptRejected``,
+    ``ExecutionFailed`` or ``Interrupted`` (each with the server's message; the last two carry the
+    partial ``result``), or ``RunError`` for an unreachable server or a timeout.
+    """
+    graph = check_api_graph(graph)
+    client = Client(server)
+    start = time.monotonic()
+    deadline = start + timeout
+    prompt_id = asyncio.run(_submit_and_watch(client, graph, on_event, deadline))
+    entry = _wait_history(client, prompt_id, deadline, timeout)
+    result = RunResult(prompt_id, (entry.get("status") or {}).get("status_str", "success"), history=entry)
+    result.outputs = save_outputs(client, graph, entry.get("outputs") or {}, out_dir)
+    result.seconds = time.monotonic() - start
+    raise_for_status(result, graph)
+    return result
+
+
+def raise_for_status(result: RunResult, graph: dict) -> None:
+    """Raise the server's own error for a finished prompt that failed or was interrupted."""
+    for kind, data in (result.history.get("status") or {}).get("messages") or []:
+        if kind == "execution_error":
+            result.status = "error"
+            raise ExecutionFailed(format_execution_error(data), details=data, result=result)
+        if kind == "execution_interrupted":
+            result.status = "interrupted"
+            where = _node_label(graph, data["node_id"]) if data.get("node_id") else "the prompt"
+            raise Interrupted(f"interrupted: {where} was stopped (POST /interrupt)", details=data, result=result)
+    if result.status == "error":
+        raise ExecutionFailed(f"prompt {result.prompt_id} ended with status 'error'", details=result.history,
+                              result=result)
+
+
+def _run_command(args) -> int:
+    graph = load_workflow(args.workflow)
+    warn = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    graph = apply_sets(graph, [parse_set(s) for s in args.set], warn)
+    try:
+        result = run_workflow(graph, args.server, args.out, ProgressPrinter(graph), args.timeout)
+    except RunError as e:
+        for out in (e.result.outputs if e.result else []):
+            print(out.line())
+        raise
+    for out in result.outputs:
+        print(out.line())
+    print(f"done: prompt {result.prompt_id}, {len(result.outputs)} outputs in {result.seconds:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m latentclip.api",
+                                     description="Run an API-format ComfyUI workflow on a ComfyUI server.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="submit a workflow, show progress, save its outputs")
+    run.add_argument("workflow", help="workflow in API format (Workflow > Export (API) in ComfyUI)")
+    run.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI URL (default %(default)s)")
+    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE",
+                     help="set an input before submitting; VALUE is JSON when it parses, else text (repeatable)")
+    run.add_argument("--out", default=None, metavar="DIR", help="save outputs here (default: only print them)")
+    run.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    run.set_defaults(func=_run_command)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "timeout", 1) <= 0:
+        print("error: --timeout must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped waiting (the prompt may still run on the server)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
