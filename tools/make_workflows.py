@@ -15,6 +15,7 @@ from pathlib import Path
 
 TURBO = "sd_xl_turbo_1.0_fp16.safetensors"
 LCLIP = "latent-clip-b-8-512.safetensors"
+PIXEL_CLIP = "open_clip_pytorch_model.bin"
 WHERE = (f"Model files:\n- models/checkpoints/{TURBO} (stabilityai/sdxl-turbo)\n"
          f"- models/latent_clip/{LCLIP}: an SDXL-VAE Latent-CLIP, e.g. wendlerc/latent-clip-b-8-512-34b-80k "
          "checkpoints/epoch_34.pt, converted with `python -m latentclip convert epoch_34.pt "
@@ -77,7 +78,84 @@ def safety_filter():
     return g
 
 
+def reno(pixel=False):
+    """SDXL-Turbo + ReNO: the paper's headline use; pixel=True is ReNO's own pixel-CLIP baseline."""
+    prompt = "a green bench to the left of a red bicycle"
+    g = turbo_front(prompt, batch=1, seed=0)
+    del g["5"], g["6"], g["7"]
+    if pixel:
+        g["8"] = node("PixelCLIPReward", "Pixel-CLIP reward (decodes every iteration)", clip_name=PIXEL_CLIP,
+                      model_name="ViT-H-14", vae=["1", 2], text=prompt, weight=0.01)
+    else:
+        g["9"] = node("LatentCLIPReward", "Latent-CLIP reward (no decode)", latent_clip=["8", 0], text=prompt,
+                      mode="match", weight=0.01)
+    reward = ["8", 0] if pixel else ["9", 0]
+    g.update({
+        "10": node("LatentCLIPReNO", "ReNO: optimise the initial noise", model=["1", 0], positive=["2", 0],
+                   negative=["3", 0], latent_image=["4", 0], reward=reward, seed=0, iterations=50,
+                   learning_rate=5.0, optimizer="sgd", grad_clip=0.1, regularization=0.01, steps=1, cfg=1.0),
+        "11": node("VAEDecode", "Decode best", samples=["10", 0], vae=["1", 2]),
+        "12": node("SaveImage", images=["11", 0], filename_prefix="reno_pixel_best" if pixel else "reno_latent_best"),
+        "13": node("VAEDecode", "Decode initial (un-optimised)", samples=["10", 1], vae=["1", 2]),
+        "14": node("SaveImage", images=["13", 0], filename_prefix="reno_initial"),
+        "15": node("PreviewImage", "Reward history", images=["10", 3]),
+        "16": node("PreviewAny", "History (JSON)", source=["10", 2]),
+    })
+    return g
+
+
+def reno_sampler_custom():
+    """The same optimisation as a SAMPLER inside SamplerCustom."""
+    prompt = "three yellow balloons above a blue car"
+    g = turbo_front(prompt, batch=1, seed=1)
+    g["9"] = node("LatentCLIPReward", "Latent-CLIP reward", latent_clip=["8", 0], text=prompt, mode="match", weight=0.01)
+    g["5"] = node("LatentCLIPReNOSampler", "ReNO sampler", reward=["9", 0], seed=0, iterations=50, learning_rate=5.0,
+                  optimizer="sgd", grad_clip=0.1, regularization=0.01)
+    g["10"] = node("VAEDecode", samples=["7", 0], vae=["1", 2])
+    g["11"] = node("SaveImage", images=["10", 0], filename_prefix="reno_sampler")
+    return g
+
+
+def safety_guidance():
+    """Guidance patch in front of a standard KSampler, and ReNO with a match plus an avoid reward."""
+    prompt = "a crowded street festival at night"
+    g = turbo_front(prompt, batch=2, seed=11)
+    del g["5"], g["6"], g["7"]
+    g.update({
+        "9": node("LatentCLIPSafetyGuidance", "Steer away from concepts (every step)", model=["1", 0],
+                  latent_clip=["8", 0], concepts="nudity\nblood", anchors="a fully clothed person", scale=0.05,
+                  start_percent=0.0, end_percent=0.8, threshold=0.0),
+        "10": node("KSampler", "Any sampler, any steps", model=["9", 0], seed=11, steps=4, cfg=1.0,
+                   sampler_name="euler_ancestral", scheduler="sgm_uniform", positive=["2", 0], negative=["3", 0],
+                   latent_image=["4", 0], denoise=1.0),
+        "11": node("LatentCLIPGuidanceReport", "How often guidance fired", model=["9", 0], samples=["10", 0]),
+        "12": node("PreviewAny", "Guidance report", source=["11", 0]),
+        "13": node("VAEDecode", samples=["10", 0], vae=["1", 2]),
+        "14": node("SaveImage", images=["13", 0], filename_prefix="safety_guided"),
+        "15": node("LatentCLIPReward", "Match the prompt", latent_clip=["8", 0], text=prompt, mode="match", weight=0.01),
+        "16": node("LatentCLIPReward", "Avoid the concepts", latent_clip=["8", 0], text="nudity\nblood", mode="avoid",
+                   weight=0.01, reward=["15", 0]),
+        "17": node("LatentCLIPReNO", "SDXL-Turbo ReNO: match + avoid", model=["1", 0], positive=["2", 0],
+                   negative=["3", 0], latent_image=["4", 0], reward=["16", 0], seed=0, iterations=30,
+                   learning_rate=5.0, optimizer="sgd", grad_clip=0.1, regularization=0.01, steps=1, cfg=1.0),
+        "18": node("VAEDecode", samples=["17", 0], vae=["1", 2]),
+        "19": node("SaveImage", images=["18", 0], filename_prefix="safety_reno"),
+    })
+    return g
+
+
 WORKFLOWS = {
+    "latent_clip_reno_sdxl_turbo": (lambda: reno(False), "ReNO on SDXL-Turbo with a Latent-CLIP reward: 50 iterations "
+                                    "of noise optimisation, no VAE decode inside the loop. Compare with the pixel "
+                                    "baseline workflow on the same seed."),
+    "latent_clip_reno_pixel_baseline_sdxl_turbo": (lambda: reno(True), "ReNO's pixel-CLIP baseline: the same graph, "
+                                                   "but every iteration decodes with the VAE and scores with an "
+                                                   f"open_clip ViT-H-14 from models/open_clip/{PIXEL_CLIP}."),
+    "latent_clip_reno_sampler_custom": (reno_sampler_custom, "ReNO as a SAMPLER for SamplerCustom with "
+                                        "SDTurboScheduler sigmas (add_noise must stay on)."),
+    "latent_clip_safety_guidance": (safety_guidance, "Two ways to steer away from concepts without decoding: a "
+                                    "MODEL patch in front of KSampler (with a report), and SDXL-Turbo ReNO with a match "
+                                    "reward plus an avoid reward."),
     "latent_clip_best_of_n_sdxl_turbo": (best_of_n, "Best-of-N without decoding: SDXL-Turbo makes 4 candidates, "
                                          "Latent-CLIP scores the latents and only the best is decoded."),
     "latent_clip_zero_shot": (zero_shot, "Zero-shot classification of latents straight from the sampler."),
