@@ -16,7 +16,7 @@ import comfy.model_patcher
 import folder_paths
 
 import latentclip
-from latentclip.errors import InputError
+from latentclip.errors import CheckpointError, InputError
 
 LATENT_CLIP_FOLDER = "latent_clip"
 OPEN_CLIP_FOLDER = "open_clip"
@@ -95,6 +95,13 @@ def model_file_path(folder: str, input_name: str, name) -> str:
     return folder_paths.get_full_path(folder, name)
 
 
+def naming_the_input(error: CheckpointError, input_name: str, value: str) -> CheckpointError:
+    """The same error with the input it came from in front ("ckpt_name 'x.pt' was refused: ...")."""
+    text = str(error)
+    return CheckpointError(f"{input_name} {text}" if text.startswith(f"{os.path.basename(value)!r}")
+                           else f"{input_name} {value!r}: {text}")
+
+
 def load_latent_clip(ckpt_name: str, device: str = "default", dtype: str = "auto") -> LatentCLIPHandle:
     """Load (or reuse) a Latent-CLIP from the registered folder; weights built outside inference mode."""
     path = model_file_path(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name)
@@ -109,8 +116,11 @@ def load_latent_clip(ckpt_name: str, device: str = "default", dtype: str = "auto
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    with torch.inference_mode(False):  # inference tensors could never take part in backward later
-        model = latentclip.load(path, device=offload_device, dtype=torch_dtype)
+    try:
+        with torch.inference_mode(False):  # inference tensors could never take part in backward later
+            model = latentclip.load(path, device=offload_device, dtype=torch_dtype)
+    except CheckpointError as e:
+        raise naming_the_input(e, "ckpt_name", ckpt_name) from None
     handle = LatentCLIPHandle(model, load_device, offload_device, ckpt_name)
     with _cache_lock:
         _cache[key] = handle

@@ -2,7 +2,7 @@
 import folder_paths
 from comfy_api.latest import io
 
-from .comfy_bridge import LATENT_CLIP_FOLDER, load_latent_clip
+from .comfy_bridge import LATENT_CLIP_FOLDER, load_latent_clip, model_file_problem
 
 LatentCLIPType = io.Custom("LATENT_CLIP")
 
@@ -24,6 +24,12 @@ class LatentCLIPLoader(io.ComfyNode):
             ],
             outputs=[LatentCLIPType.Output(display_name="latent_clip")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name):
+        """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
+        A linked input arrives as None here and is checked when the node runs."""
+        return ckpt_name is None or model_file_problem(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name) or True
 
     @classmethod
     def execute(cls, ckpt_name, device="default", dtype="auto") -> io.NodeOutput:

@@ -21,11 +21,12 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from latentclip import LatentAvoid, LatentMatch, PixelCLIPMatch, reno_optimize
-from latentclip.errors import InputError
+from latentclip.errors import CheckpointError, InputError
 from latentclip.pixel_clip import load_pixel_clip
 from latentclip.plotting import plot_reno_history
 
-from .comfy_bridge import OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check, text_lines
+from .comfy_bridge import (OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check,
+                           model_file_path, model_file_problem, naming_the_input, text_lines)
 from .loaders import LatentCLIPType
 
 LatentRewardType = io.Custom("LATENT_REWARD")
@@ -55,13 +56,14 @@ _pixel_cache: dict = {}
 
 
 def _pixel_clip(clip_name: str, model_name: str, device):
-    path = folder_paths.get_full_path(OPEN_CLIP_FOLDER, clip_name)
-    if path is None:
-        raise InputError(f"clip_name {clip_name!r} is not a file in models/{OPEN_CLIP_FOLDER}")
+    path = model_file_path(OPEN_CLIP_FOLDER, "clip_name", clip_name)
     key = (path, model_name, str(device))
     if key not in _pixel_cache:
         _pixel_cache.clear()  # one pixel CLIP at a time: they are large
-        _pixel_cache[key] = load_pixel_clip(path, model_name or None, device=device)
+        try:
+            _pixel_cache[key] = load_pixel_clip(path, model_name or None, device=device)
+        except CheckpointError as e:
+            raise naming_the_input(e, "clip_name", clip_name) from None
     return _pixel_cache[key]
 
 
@@ -91,6 +93,24 @@ def build_reward(specs, base_model, batch: int):
     return terms, grad_modules
 
 
+def check_reno_latent(x, base_model, specs, name: str) -> None:
+    """Refuse a latent the UNet or a Latent-CLIP reward cannot take, in one sentence naming ``name``."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] == 0:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{name} must be a LATENT with samples [batch, channels, height, width] and at least "
+                         f"one item, got {got}")
+    channels = base_model.latent_format.latent_channels
+    if x.shape[1] != channels:
+        raise InputError(f"{name} has {x.shape[1]} channels but the model makes {channels}-channel latents; "
+                         "use a latent made for this model (e.g. EmptyLatentImage)")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or infinite values; expected finite latents")
+    sides = [s.handle.patcher.model.min_latent_side() for s in specs if isinstance(s, LatentTermSpec)]
+    if sides and min(x.shape[-2:]) < max(sides):
+        raise InputError(f"{name} is {x.shape[-2]}x{x.shape[-1]}, smaller than the {max(sides)}x{max(sides)} "
+                         "minimum the Latent-CLIP reward can read")
+
+
 class ReNOSampler(comfy.samplers.Sampler):
     """A SAMPLER that runs ReNO: its result is the best x0 found, in the sampler's scaled space."""
 
@@ -104,6 +124,9 @@ class ReNOSampler(comfy.samplers.Sampler):
         base = model_wrap.inner_model
         ms = base.model_sampling
         max_denoise = self.max_denoise(model_wrap, sigmas)
+        check_reno_latent(noise, base, self.reward, "noise")
+        if latent_image is not None:
+            check_reno_latent(latent_image, base, self.reward, "latent_image")
         terms, grad_modules = build_reward(self.reward, base, noise.shape[0])
         with torch.inference_mode(False):
             sig = sigmas.detach().clone()
@@ -169,6 +192,12 @@ class PixelCLIPReward(io.ComfyNode):
             outputs=[LatentRewardType.Output(display_name="reward")])
 
     @classmethod
+    def validate_inputs(cls, clip_name):
+        """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
+        A linked input arrives as None here and is checked when the node runs."""
+        return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name) or True
+
+    @classmethod
     def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
         spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
         return io.NodeOutput(tuple(reward or ()) + (spec,))
@@ -232,9 +261,9 @@ class LatentCLIPReNO(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, reward, seed, iterations, learning_rate, optimizer,
                 grad_clip, regularization, steps=1, cfg=1.0) -> io.NodeOutput:
         samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
-        if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
-            raise InputError("latent_image must be a LATENT with samples [batch, channels, height, width]")
-        samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[0] > 0:
+            samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        check_reno_latent(samples, model.model, reward, "latent_image")
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
         sampler = ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed)
         guider = comfy.samplers.CFGGuider(model)

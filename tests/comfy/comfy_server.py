@@ -56,7 +56,7 @@ class ServerError(AssertionError):
 class ComfyServer:
     """``with ComfyServer(comfy_root) as srv:`` starts ``main.py --cpu`` and stops it on exit."""
 
-    def __init__(self, comfy_root, workdir=None, extra_args=()):
+    def __init__(self, comfy_root, workdir=None, extra_args=(), extra_packs=()):
         self.root = Path(comfy_root)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lc-server-"))
         self.extra_args = list(extra_args)
@@ -68,6 +68,10 @@ class ComfyServer:
         link = self.workdir / "custom_nodes" / PACK_NAME
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
+        for pack in extra_packs:   # e.g. a test-only node pack: custom_nodes/<folder name> -> pack
+            extra = self.workdir / "custom_nodes" / Path(pack).name
+            if not extra.exists():
+                extra.symlink_to(Path(pack).resolve(), target_is_directory=True)
 
     # paths
     @property
