@@ -139,7 +139,9 @@ class LatentCLIP(nn.Module):
             if h >= s and w >= s:
                 x = F.adaptive_avg_pool2d(x, (s, s))
             else:
-                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                # float32: antialiased bilinear has no bf16 kernel on CPU
+                x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=False,
+                                  antialias=True).to(self.dtype)
         elif policy == "native" and (h % self.patch_size or w % self.patch_size):
             raise InputError(f"latents of {h}x{w} are not a multiple of the patch size {self.patch_size}; use policy 'resize'")
         return x

@@ -95,6 +95,7 @@ def test_half_precision_close_to_fp32(model, dtype):
         low.load_open_clip_state_dict(model.open_clip_state_dict())
         low = low.to(dtype)
         got = low.encode_latents(x).float()
+        assert low.encode_latents(torch.randn(1, 4, 32, 48)).shape == (1, 32)  # upsampled in float32
         got_t = low.encode_text(["a cat"]).float()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
     assert ((got_t - ref_t).norm() / ref_t.norm()).item() < 1e-2

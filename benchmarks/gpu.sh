@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run the benchmarks on one CUDA GPU in one go; JSON, log and plot land in $OUT (default ./bench_out, git-ignored).
+#
+# Sized for one H200 (bf16, SDXL UNet at 512 and 1024, every reward step at 256..1024 px): about
+# 2-3 minutes of work, hard-stopped at 7.5 minutes so the machine's 8-minute slot always returns
+# the log. The device machine has torch but neither open_clip nor ComfyUI, so first, on a machine
+# with internet (once), bring both along in the ignored folder .bench/:
+#     bash benchmarks/prepare_gpu.sh          # copies $COMFYUI_PATH/comfy, downloads wheels
+# then run this script there with .bench carried, e.g. run(command="bash benchmarks/gpu.sh",
+# carry=[".bench"]). Anything else is passed on: bash benchmarks/gpu.sh --repeats 20
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench_out}"
+mkdir -p "$OUT"
+
+if compgen -G ".bench/whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/bench_site .bench/whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ -z "${COMFYUI_PATH:-}" ] && [ -d .bench/ComfyUI/comfy ]; then
+    export COMFYUI_PATH="$PWD/.bench/ComfyUI"
+fi
+python3 -c "import open_clip, torch; assert torch.cuda.is_available(), 'no CUDA device'" || {
+    echo "gpu.sh: needs torch with CUDA and open_clip (run benchmarks/prepare_gpu.sh and carry .bench)"; exit 1; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
+export PYTHONUNBUFFERED=1
+timeout 450 python3 -m benchmarks.run --device cuda --json "$OUT/benchmarks_cuda.json" \
+    --plot "$OUT/benchmarks_cuda.png" "$@" 2>&1 | tee "$OUT/benchmarks_cuda.log"
+exit "${PIPESTATUS[0]}"
