@@ -1,0 +1,47 @@
+"""The weights manifest: for each shipped file its sha256, what it is, how it was trained, its scores."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+DESCRIPTIONS = {
+    "mini-vae.safetensors": "mini VAE: 64x64x3 images <-> 8x8x4 raw latents (KL-regularised, factor 8); "
+                            "read with latentclip.miniworld.vae.load_vae",
+    "mini-latent-clip.safetensors": "mini Latent-CLIP on raw mini-VAE latents (VAE family 'mini'); "
+                                    "read with latentclip.load",
+    "mini-pixel-clip.safetensors": "mini pixel CLIP (open_clip ViT on 64x64 RGB), the reference and pixel reward; "
+                                   "read with latentclip.miniworld.clips.load_pixel_clip",
+}
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory, seed: int, recipe: dict, info: dict, scores: dict | None) -> Path:
+    directory = Path(directory)
+    files = []
+    for name, what in DESCRIPTIONS.items():
+        p = directory / name
+        if p.is_file():
+            files.append({"file": name, "sha256": sha256(p), "bytes": p.stat().st_size, "what": what})
+    manifest = {
+        "files": files,
+        "trained_with": {"command": f"python -m latentclip.miniworld train --seed {seed}", "seed": seed,
+                         "recipe": recipe, "torch": torch.__version__, "python": platform.python_version(),
+                         "machine": f"{platform.machine()} CPU, {recipe['threads_per_worker']} torch thread per worker, "
+                                    "2 workers (VAE then Latent-CLIP | pixel CLIP)",
+                         "timings": info},
+        "scores": scores,
+    }
+    path = directory / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

@@ -1,0 +1,241 @@
+"""Training the mini-world models: the mini VAE, then a pixel CLIP and a Latent-CLIP on one stream.
+
+``train_all`` runs two worker processes of one torch thread each (the machine has two cores):
+worker A trains the VAE and then the Latent-CLIP on its latents; worker B trains the pixel CLIP
+meanwhile. Step counts are fixed per recipe (so a seed gives the same weights), chosen so that both
+CLIPs get the same wall time on this machine; each run also records the wall time it really took
+and a copy of the Latent-CLIP at the pixel CLIP's step count (the equal-steps comparison).
+Everything is written to a fresh directory that is moved into place at the end; existing files are
+never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import clips as _clips
+from . import scenes as S
+from .vae import MiniVAE, images_to_tensor, save_vae
+
+#: The recipe of the shipped weights. ``latent_steps`` is ``pixel_steps`` times the measured
+#: per-step cost ratio (pixel / latent) so that both CLIPs train for the same wall time.
+RECIPE = {
+    "vae": {"steps": 1000, "batch": 64, "lr": 1e-3, "kl_weight": 1e-3, "edge_weight": 4.0, "channels": [32, 64, 96]},
+    "clip": {"batch": 128, "lr": 1e-3, "warmup": 60, "weight_decay": 0.1, "pool": 50000,
+             "pixel_steps": 900, "latent_steps": 2250, "relation_negatives": True},
+    "threads_per_worker": 1,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# -- VAE -----------------------------------------------------------------------------------------
+def train_vae(seed: int, recipe: dict, progress_every: int = 50) -> tuple[MiniVAE, dict]:
+    _seed_all(seed)
+    r = recipe["vae"]
+    vae = MiniVAE(tuple(r["channels"]))
+    opt = torch.optim.Adam(vae.parameters(), lr=r["lr"])
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(r["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, r["steps"], r["lr"], 20)
+        x = images_to_tensor(S.make_batch(seed * 1_000_003 + step, r["batch"]).images)
+        loss, mse, kl = vae.loss(x, r["kl_weight"], r.get("edge_weight", 0.0), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0 * r["batch"])
+        opt.step()
+        if step % progress_every == 0 or step == r["steps"] - 1:
+            psnr = 10 * math.log10(1.0 / (mse.item() / (3 * 64 * 64)))
+            log(f"vae step {step + 1}/{r['steps']} loss {loss.item():.1f} psnr {psnr:.2f} dB kl {kl.item():.1f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        lat = vae.encode(images_to_tensor(S.make_batch(seed + 77, 1024).images))
+    vae.set_latent_stats(lat)
+    return vae, {"seconds": round(time.time() - t0, 1), "steps": r["steps"]}
+
+
+def encode_pool(vae: MiniVAE, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.encode(images_to_tensor(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+
+
+# -- CLIPs ---------------------------------------------------------------------------------------
+def make_pool(seed: int, n: int):
+    """The shared training stream's scenes: images, one caption each, and each scene's true captions."""
+    batch = S.make_batch(seed * 7919 + 1, n)
+    return batch.images, batch.captions, [set(S.true_captions(s)) for s in batch.scenes]
+
+
+def batch_order(seed: int, pool: int, steps: int, batch: int) -> np.ndarray:
+    """Pool indices for every step: the same stream for both CLIPs (epochs of shuffles)."""
+    rng = np.random.default_rng(seed * 31 + 5)
+    need = steps * batch
+    perms = [rng.permutation(pool) for _ in range(need // pool + 1)]
+    return np.concatenate(perms)[:need].reshape(steps, batch)
+
+
+def train_clip(kind: str, seed: int, recipe: dict, inputs, captions, truesets, steps: int,
+               snapshot_at: int | None = None, progress_every: int = 100):
+    """Contrastive training of one CLIP; returns the model, info and an optional snapshot state."""
+    _seed_all(seed + (1 if kind == "latent" else 2))
+    r = recipe["clip"]
+    model = _clips.build(kind)
+    clip = _clips.open_clip_model(model)
+    decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}], lr=r["lr"], betas=(0.9, 0.98), eps=1e-6)
+    order = batch_order(seed, len(captions), steps, r["batch"])
+    tokenizer = _clips.tokenizer()
+    vocab = sorted(set(captions) | {c for t in truesets for c in t})
+    tokens = dict(zip(vocab, tokenizer(vocab)))
+    neg_rng = np.random.default_rng(seed * 13 + 3)
+    snapshot, t0, ema = None, time.time(), None
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, steps, r["lr"], r["warmup"])
+        idx = order[step]
+        x = _clips.prepare_inputs(kind, inputs, idx)
+        caps = [captions[i] for i in idx]
+        extra = [relation_negative(c, neg_rng) for c in caps if " of " in c or " above " in c or " below " in c] \
+            if r.get("relation_negatives") else []
+        texts = caps + extra
+        truth = torch.tensor([[c in truesets[i] for c in texts] for i in idx], dtype=torch.float32)
+        img = torch.nn.functional.normalize(_clips.encode_image(model, kind, x), dim=-1)
+        txt = torch.nn.functional.normalize(clip.encode_text(torch.stack([_tok(tokens, tokenizer, c) for c in texts])), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T
+        b = len(caps)  # texts past the batch (relation negatives) only act as extra negatives
+        loss = 0.5 * (_soft_ce(logits, truth) + _soft_ce(logits[:, :b].T, truth[:, :b].T))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if snapshot_at is not None and step + 1 == snapshot_at:
+            snapshot = {k: v.detach().clone() for k, v in clip.state_dict().items()}
+        if step % progress_every == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(f"{kind} clip step {step + 1}/{steps} loss {ema:.3f} ({el / (step + 1):.3f} s/step, {el / 60:.1f} min)")
+    model.eval().requires_grad_(False)
+    return model, {"seconds": round(time.time() - t0, 1), "steps": steps, "final_loss": round(ema, 4)}, snapshot
+
+
+def relation_negative(caption: str, rng: np.random.Generator) -> str:
+    """The same two objects in another relation: false for the scene the caption describes."""
+    spec = S.parse(caption)
+    others = [r for r in S.RELATIONS if r != spec.relation]
+    return S.caption(S.Spec("relation", spec.color, spec.shape, 2, others[int(rng.integers(3))], spec.color2, spec.shape2))
+
+
+def _tok(cache: dict, tokenizer, text: str) -> torch.Tensor:
+    if text not in cache:
+        cache[text] = tokenizer([text])[0]
+    return cache[text]
+
+
+def _soft_ce(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a uniform target over every true pair (no false negatives)."""
+    target = truth / truth.sum(1, keepdim=True)
+    return -(target * logits.log_softmax(1)).sum(1).mean()
+
+
+# -- orchestration -------------------------------------------------------------------------------
+def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
+    torch.set_num_threads(recipe["threads_per_worker"])
+    try:
+        out = Path(out)
+        images, captions, truesets = make_pool(seed, recipe["clip"]["pool"])
+        info = {}
+        if which == "latent":
+            vae, info["vae"] = train_vae(seed, recipe)
+            save_vae(vae, out / "mini-vae.safetensors", {"seed": str(seed)})
+            t = time.time()
+            latents = encode_pool(vae, images)
+            info["encode_pool_seconds"] = round(time.time() - t, 1)
+            del images
+            c = recipe["clip"]
+            model, info["latent"], snap = train_clip("latent", seed, recipe, latents, captions, truesets,
+                                                     c["latent_steps"], snapshot_at=c["pixel_steps"])
+            _clips.save_clip(model, "latent", out / "mini-latent-clip.safetensors")
+            if snap is not None:
+                torch.save(snap, out / "latent-equal-steps.pt")
+        else:
+            model, info["pixel"], _ = train_clip("pixel", seed, recipe, images, captions, truesets,
+                                                 recipe["clip"]["pixel_steps"])
+            _clips.save_clip(model, "pixel", out / "mini-pixel-clip.safetensors")
+        queue.put((which, info, None))
+    except BaseException as e:  # report, do not hang the parent
+        import traceback
+        queue.put((which, None, traceback.format_exc()))
+        raise SystemExit(1) from e
+
+
+def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, evaluate: bool = True) -> Path:
+    """Train every mini-world model into a fresh directory, evaluate, then move it to ``out``."""
+    recipe = recipe or RECIPE
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new --out)")
+    tmp = out.parent / f".{out.name}.training-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    log(f"training the mini-world into {tmp} (seed {seed}, 2 workers x {recipe['threads_per_worker']} thread)")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(w, seed, recipe, str(tmp), queue)) for w in ("latent", "pixel")]
+    for p in procs:
+        p.start()
+    info, errors = {}, []
+    for _ in procs:
+        which, part, err = queue.get()
+        if err:
+            errors.append(f"{which} worker failed:\n{err}")
+        else:
+            info.update(part)
+    for p in procs:
+        p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors) + f"\npartial outputs left in {tmp}")
+    info["train_seconds"] = round(time.time() - t0, 1)
+    log(f"training done in {info['train_seconds'] / 60:.1f} min")
+    scores = None
+    if evaluate:
+        from .eval import evaluate_dir
+        torch.set_num_threads(2)
+        scores = evaluate_dir(tmp, equal_steps=tmp / "latent-equal-steps.pt")
+    eq = tmp / "latent-equal-steps.pt"
+    if eq.exists():
+        eq.unlink()
+    from .manifest import write_manifest
+    write_manifest(tmp, seed=seed, recipe=recipe, info=info, scores=scores)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    shutil.move(str(tmp), str(out))
+    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
+    return out

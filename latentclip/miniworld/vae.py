@@ -1,0 +1,144 @@
+"""The mini VAE: 64x64x3 images <-> 8x8x4 raw latents (factor 8, 4 channels, as SDXL's VAE).
+
+Its raw latents (the posterior mean) are the mini-world's latent space: the Latent-CLIP reads them
+as they are. ``scale_factor`` (1 / std of raw latents over the training stream, like SDXL's 0.13025)
+is only for generators that want unit-variance latents; ``latent_mean``/``latent_std`` give the
+per-channel statistics as well. Decoding is differentiable (ReNO's pixel reward backpropagates
+through it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from ..errors import CheckpointError, InputError
+
+LATENT_CHANNELS = 4
+FACTOR = 8
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class MiniVAE(nn.Module):
+    """KL-regularised conv autoencoder; images are NCHW floats in [0, 1]."""
+
+    def __init__(self, channels=(32, 64, 96)):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.channels = tuple(channels)
+        self.encoder = nn.Sequential(
+            nn.PixelUnshuffle(2), nn.Conv2d(12, c1, 3, padding=1), ResBlock(c1),      # 32x32
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), ResBlock(c2),                   # 16x16
+            nn.Conv2d(c2, c3, 4, stride=2, padding=1), ResBlock(c3), nn.SiLU(),        # 8x8
+            nn.Conv2d(c3, 2 * LATENT_CHANNELS, 3, padding=1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(LATENT_CHANNELS, c3, 3, padding=1), ResBlock(c3),
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c3, c2, 3, padding=1), ResBlock(c2),
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, c1, 3, padding=1), ResBlock(c1), nn.SiLU(),
+            nn.Conv2d(c1, 12, 3, padding=1), nn.PixelShuffle(2))
+        self.register_buffer("latent_mean", torch.zeros(LATENT_CHANNELS))
+        self.register_buffer("latent_std", torch.ones(LATENT_CHANNELS))
+        self.register_buffer("scale", torch.ones(()))
+
+    @property
+    def scale_factor(self) -> float:
+        """Multiply raw latents by this for unit variance (what SDXL calls 0.13025)."""
+        return float(self.scale)
+
+    def _check_images(self, images):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1:] != (3, 64, 64):
+            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputError(f"images must be a tensor [batch, 3, 64, 64] with values in [0, 1], got {shape}")
+
+    def posterior(self, images: torch.Tensor):
+        """Mean and log-variance [B, 4, 8, 8] of q(z | image)."""
+        self._check_images(images)
+        h = self.encoder(images.to(self.scale.dtype) * 2 - 1)
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-12, 6)
+
+    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Raw latents [B, 4, 8, 8]: the posterior mean, or a sample when ``sample``."""
+        mean, logvar = self.posterior(images)
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + noise * (0.5 * logvar).exp()
+
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Images [B, 3, 64, 64] in [0, 1] from raw latents; differentiable."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
+            shape = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise InputError(f"latents must be a tensor [batch, 4, 8, 8] of raw mini-VAE latents, got {shape}")
+        x = (self.decoder(latents) + 1) / 2
+        return x.clamp(0, 1) if clamp else x
+
+    def loss(self, images: torch.Tensor, kl_weight: float, edge_weight: float = 0.0, generator=None):
+        """Per-image summed squared error + ``kl_weight`` * KL, averaged over the batch.
+
+        ``edge_weight`` adds that much weight on pixels at object outlines: corners and edges are
+        few pixels but carry the shape (a square's corners are what tell it from a circle).
+        Returns (loss, plain summed squared error, KL).
+        """
+        mean, logvar = self.posterior(images)
+        z = mean + torch.randn(mean.shape, generator=generator, dtype=mean.dtype) * (0.5 * logvar).exp()
+        rec = self.decode(z, clamp=False)
+        err = (rec - images) ** 2
+        mse = err.flatten(1).sum(1).mean()
+        weighted = mse
+        if edge_weight:
+            with torch.no_grad():
+                obj = ((images.amax(1, keepdim=True) - images.amin(1, keepdim=True)) > 0.3).float()
+                edge = F.max_pool2d(obj, 3, 1, 1) - (-F.max_pool2d(-obj, 3, 1, 1))
+            weighted = (err * (1 + edge_weight * edge)).flatten(1).sum(1).mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+        return weighted + kl_weight * kl, mse, kl
+
+    @torch.no_grad()
+    def set_latent_stats(self, latents: torch.Tensor) -> None:
+        self.latent_mean.copy_(latents.mean(dim=(0, 2, 3)))
+        self.latent_std.copy_(latents.std(dim=(0, 2, 3)))
+        self.scale.copy_(1.0 / latents.std())
+
+
+def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    meta = {"format": "latentclip-mini-vae", "channels": json.dumps(list(vae.channels)),
+            "scale_factor": repr(vae.scale_factor), **(extra or {})}
+    save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+def load_vae(path, device="cpu") -> MiniVAE:
+    """Read a mini VAE written by ``save_vae``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"mini VAE file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "latentclip-mini-vae":
+        raise CheckpointError(f"'{path.name}' is not a mini VAE file (format {meta.get('format')!r}); expected 'latentclip-mini-vae'")
+    vae = MiniVAE(tuple(json.loads(meta["channels"])))
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """uint8 [N, 64, 64, 3] numpy images -> float NCHW in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)

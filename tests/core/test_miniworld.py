@@ -1,0 +1,139 @@
+"""Mini-world: renderer, grammar, judge, VAE shapes and training pieces (no shipped weights needed)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from latentclip.errors import InputError
+from latentclip.miniworld import judge as J
+from latentclip.miniworld import scenes as S
+from latentclip.miniworld.vae import MiniVAE, images_to_tensor
+
+
+def test_renderer_is_deterministic_per_seed():
+    a, b, c = S.make_batch(5, 16), S.make_batch(5, 16), S.make_batch(6, 16)
+    assert a.images.dtype == np.uint8 and a.images.shape == (16, 64, 64, 3)
+    assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_every_caption_round_trips_through_the_parser():
+    caps = S.all_captions()
+    assert len(caps) == len(set(caps)) > 500
+    for c in caps:
+        assert S.caption(S.parse(c)) == c
+    assert S.parse("Two  Blue squares.") == S.Spec("count", "blue", "square", 2)
+    assert S.parse("a red object") == S.Spec("single", color="red")
+
+
+@pytest.mark.parametrize("bad", ["a purple circle", "four red squares", "a red circle near a blue square", ""])
+def test_parser_rejects_prompts_outside_the_grammar(bad):
+    with pytest.raises(InputError, match="grammar"):
+        S.parse(bad)
+
+
+def test_rendered_scenes_satisfy_their_captions_and_nothing_contradictory():
+    batch = S.make_batch(1, 200)
+    for sc, cap in zip(batch.scenes, batch.captions):
+        assert S.holds(sc, S.parse(cap))
+        for t in S.true_captions(sc):
+            assert S.holds(sc, S.parse(t))
+        if sc.relation is not None:  # exactly one of the four relations holds for an ordered pair
+            a, rel, b = sc.relation
+            oa, ob = sc.objects[a], sc.objects[b]
+            specs = [S.Spec("relation", oa.color, oa.shape, 2, r, ob.color, ob.shape) for r in S.RELATIONS]
+            assert [S.holds(sc, s) for s in specs].count(True) == 1
+
+
+def test_render_prompts_draws_what_the_prompt_says():
+    prompts = ["a green triangle to the left of a yellow circle", "three blue squares", "a red object"]
+    batch = S.render_prompts(prompts, seed=3, per_prompt=4)
+    assert batch.captions == [p for p in prompts for _ in range(4)]
+    for sc, p in zip(batch.scenes, batch.captions):
+        assert S.holds(sc, S.parse(p))
+
+
+def _scene(*objs, relation=None):
+    return S.Scene([S.Obj(*o) for o in objs], (235, 235, 240), "relation" if relation else "single", relation)
+
+
+def test_judge_on_fixed_scenes():
+    img = S.draw(_scene(("circle", "red", 16, 30, 9), ("square", "blue", 46, 34, 8), relation=(0, "to the left of", 1)))
+    assert J.check(img, "a red circle to the left of a blue square")["ok"]
+    r = J.check(img, "a red circle to the right of a blue square")
+    assert r["object"] and r["count"] and not r["relation"] and not r["ok"]
+    r = J.check(img, "a blue circle to the left of a red square")  # colours swapped: binding fails
+    assert r["color"] and r["shape"] and not r["object"]
+    tri = S.draw(_scene(("triangle", "yellow", 32, 32, 12)))
+    assert J.check(tri, "a yellow triangle")["ok"] and J.check(tri, "a yellow object")["ok"]
+    assert not J.check(tri, "a yellow square")["ok"] and not J.check(tri, "a green triangle")["ok"]
+    three = S.draw(S.Scene([S.Obj("square", "green", x, 20, 7) for x in (12, 32, 52)], (240, 240, 240), "count"))
+    assert J.check(three, "three green squares")["ok"]
+    assert not J.check(three, "two green squares")["count"]
+    assert J.check(np.full((64, 64, 3), 240, np.uint8), "a red circle")["ok"] is False
+
+
+def test_judge_accepts_float_tensors_and_is_exact_on_renders():
+    batch = S.make_batch(11, 60)
+    x = images_to_tensor(batch.images)
+    for img, sc, cap in zip(x, batch.scenes, batch.captions):
+        assert J.check(img, cap)["ok"]
+        assert all(all(v) for v in J.score_against_truth(J.detect(img), sc).values())
+
+
+def test_vae_shapes_and_differentiable_decode():
+    torch.manual_seed(0)
+    vae = MiniVAE()
+    x = images_to_tensor(S.make_batch(0, 2).images)
+    x0 = x.clone()
+    z = vae.encode(x)
+    assert z.shape == (2, 4, 8, 8) and torch.equal(x, x0)
+    z = z.detach().requires_grad_(True)
+    vae.decode(z).mean().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(InputError, match="64, 64"):
+        vae.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_latent_config_file_matches_the_code():
+    from latentclip.configs import CONFIG_DIR
+    from latentclip.miniworld.clips import LATENT_CFG, PIXEL_CFG
+    assert json.loads((CONFIG_DIR / "mini-latent.json").read_text()) == LATENT_CFG
+    assert PIXEL_CFG["text_cfg"] == LATENT_CFG["text_cfg"]
+
+
+def test_clip_training_step_lowers_the_loss_and_saved_latent_clip_loads(tmp_path):
+    import latentclip
+    from latentclip.miniworld import clips as C, train as T
+    torch.manual_seed(0)
+    recipe = json.loads(json.dumps(T.RECIPE))
+    recipe["clip"].update(batch=16, warmup=1, lr=2e-3)
+    imgs, caps, ts = T.make_pool(0, 64)
+    lat = torch.randn(64, 4, 8, 8)
+    model, info, snap = T.train_clip("latent", 0, recipe, lat, caps, ts, steps=3, snapshot_at=2, progress_every=10)
+    assert info["steps"] == 3 and snap is not None and np.isfinite(info["final_loss"])
+    path = C.save_clip(model, "latent", tmp_path / "m.safetensors")
+    loaded = latentclip.load(path)
+    assert loaded.vae_family == "mini" and loaded.latent_size == 8
+    with torch.no_grad():
+        a = loaded.encode_latents(lat[:2])
+        b = model.encode_latents(lat[:2])
+    assert torch.allclose(a, b, atol=2e-2)  # fp16 storage
+
+
+def test_training_is_deterministic_for_a_seed():
+    from latentclip.miniworld import train as T
+    recipe = json.loads(json.dumps(T.RECIPE))
+    recipe["vae"].update(steps=2, batch=4)
+    a, _ = T.train_vae(3, recipe, progress_every=10)
+    b, _ = T.train_vae(3, recipe, progress_every=10)
+    c, _ = T.train_vae(4, recipe, progress_every=10)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    recipe["clip"].update(batch=8, warmup=1)
+    imgs, caps, ts = T.make_pool(0, 32)
+    runs = [T.train_clip("pixel", 1, recipe, imgs, caps, ts, steps=2, progress_every=10)[0] for _ in range(2)]
+    s1, s2 = runs[0].clip.state_dict(), runs[1].clip.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
