@@ -19,12 +19,15 @@ def _eval(args) -> int:
     from .eval import evaluate_dir, format_table, write_json
     from .scenes import parse
     torch.set_num_threads(args.threads)
-    prompts = None
+    prompts = pairs = None
     if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        from .geneval import read_prompts
+        pairs = read_prompts(args.prompts)  # "category: prompt" or bare prompts; InputError names a bad one
+        prompts = [p for _, p in pairs]
         for p in prompts:
-            parse(p)  # InputError names the first prompt outside the grammar
-    result = evaluate_dir(args.weights, prompts=prompts, n=args.n, per_prompt=args.per_prompt, judge_n=args.judge_n)
+            parse(p)
+    result = evaluate_dir(args.weights, prompts=prompts, n=args.n, per_prompt=args.per_prompt, judge_n=args.judge_n,
+                          geneval_prompts=pairs, geneval_seeds=tuple(range(args.seeds)), generation=not args.no_generation)
     print(format_table(result))
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
@@ -34,7 +37,7 @@ def _eval(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentclip.miniworld", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train VAE, pixel CLIP and Latent-CLIP (about 40 min on 2 cores)")
+    t = sub.add_parser("train", help="train VAE, pixel CLIP, Latent-CLIP and generator (about 60 min on 2 cores)")
     t.add_argument("--out", default=str(WEIGHTS_DIR / "mini"), help="a new or empty directory")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the manifest")
@@ -42,7 +45,10 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="score the weights on held-out scenes; print a table")
     e.add_argument("--weights", default=str(WEIGHTS_DIR / "mini"))
     e.add_argument("--json", default=None, help="also write the scores to this JSON file")
-    e.add_argument("--prompts", default=None, help="file of grammar prompts, one a line: restricts retrieval to them")
+    e.add_argument("--prompts", default=None, help="file of grammar prompts, one a line ('category: prompt' or a bare "
+                   "prompt): restricts retrieval to them and is GenEval-mini's prompt set")
+    e.add_argument("--seeds", type=int, default=4, help="GenEval-mini seeds per prompt")
+    e.add_argument("--no-generation", action="store_true", help="skip GenEval-mini and safety-mini (about 10 min)")
     e.add_argument("--n", type=int, default=400, help="held-out images per zero-shot task")
     e.add_argument("--per-prompt", type=int, default=8, help="retrieval images per caption")
     e.add_argument("--judge-n", type=int, default=600, help="held-out scenes for the judge's accuracy")

@@ -23,7 +23,8 @@ from .vae import images_to_tensor, load_vae
 TASKS = ("shape", "color", "count", "relation", "retrieval")
 #: Held-out seeds: the training stream uses other seeds (``train.make_pool``/``make_batch``).
 EVAL_SEED = 9_000_001
-FILES = {"vae": "mini-vae.safetensors", "latent": "mini-latent-clip.safetensors", "pixel": "mini-pixel-clip.safetensors"}
+FILES = {"vae": "mini-vae.safetensors", "latent": "mini-latent-clip.safetensors", "pixel": "mini-pixel-clip.safetensors",
+         "generator": "generator.safetensors"}
 
 
 def default_retrieval_captions(seed: int = 11) -> list[str]:
@@ -140,8 +141,13 @@ def vae_scores(vae, n: int, seed: int = EVAL_SEED + 3) -> dict:
 
 
 def evaluate_dir(weights="weights/mini", prompts: list[str] | None = None, n: int = 400, per_prompt: int = 8,
-                 judge_n: int = 600, equal_steps=None) -> dict:
-    """Every score of one weights directory (what ``eval`` prints and writes as JSON)."""
+                 judge_n: int = 600, equal_steps=None, geneval_prompts=None, geneval_seeds=None,
+                 generation: bool = True) -> dict:
+    """Every score of one weights directory (what ``eval`` prints and writes as JSON).
+
+    With ``generation`` and a generator file: GenEval-mini (``geneval_prompts``: (category,
+    prompt) pairs, default prompts/geneval_mini.txt) and safety-mini, both from part 2.
+    """
     weights = Path(weights)
     vae = load_vae(weights / FILES["vae"])
     models = {"pixel": load_pixel_clip(weights / FILES["pixel"]), "latent": load_latent_clip(weights / FILES["latent"])}
@@ -160,6 +166,13 @@ def evaluate_dir(weights="weights/mini", prompts: list[str] | None = None, n: in
     result["vae"] = vae_scores(vae, 512)
     result["settings"] = {"images_per_task": n, "retrieval_captions": len(ret["captions"]),
                           "retrieval_images": len(ret["scenes"]), "judge_scenes": judge_n, "seed": EVAL_SEED}
+    if generation and (weights / FILES["generator"]).is_file():
+        from . import geneval, safety_mini
+        world = geneval.load_world(weights)
+        result["geneval"] = geneval.evaluate(world, geneval_prompts, seeds=geneval_seeds or geneval.SEEDS)
+        result["settings"]["geneval"] = result["geneval"].pop("settings")
+        result["safety"] = safety_mini.evaluate(world)
+        result["settings"]["safety"] = result["safety"].pop("settings")
     return result
 
 
@@ -178,6 +191,9 @@ def format_table(r: dict) -> str:
         lines.append(f"{k:<16}{100 * j['renders'][k]:>10.1f}{100 * j['reconstructions'][k]:>11.1f}")
     v = r["vae"]
     lines += ["", f"VAE: PSNR {v['psnr_db']:.2f} dB, scale_factor {v['scale_factor']:.4f}, latent std {v['latent_std']}"]
+    if "geneval" in r:
+        from . import geneval, safety_mini
+        lines += ["", geneval.format_table(r["geneval"]), "", safety_mini.format_table(r["safety"])]
     return "\n".join(lines)
 
 

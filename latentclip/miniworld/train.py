@@ -23,7 +23,8 @@ import torch
 
 from . import clips as _clips
 from . import scenes as S
-from .vae import MiniVAE, images_to_tensor, save_vae
+from .vae import MiniVAE, images_to_tensor, load_vae, save_vae
+from . import generator as _gen
 
 #: The recipe of the shipped weights. ``latent_steps`` is ``pixel_steps`` times the measured
 #: per-step cost ratio (pixel / latent) so that both CLIPs train for the same wall time.
@@ -31,6 +32,7 @@ RECIPE = {
     "vae": {"steps": 1000, "batch": 64, "lr": 1e-3, "kl_weight": 1e-3, "edge_weight": 4.0, "channels": [32, 64, 96]},
     "clip": {"batch": 128, "lr": 1e-3, "warmup": 60, "weight_decay": 0.1, "pool": 50000,
              "pixel_steps": 900, "latent_steps": 2250, "relation_negatives": True},
+    "generator": _gen.RECIPE,
     "threads_per_worker": 1,
 }
 
@@ -188,6 +190,12 @@ def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
             model, info["pixel"], _ = train_clip("pixel", seed, recipe, images, captions, truesets,
                                                  recipe["clip"]["pixel_steps"])
             _clips.save_clip(model, "pixel", out / "mini-pixel-clip.safetensors")
+            # then the generator, on the VAE worker A wrote long before (part 2)
+            vae_path = out / "mini-vae.safetensors"
+            while not vae_path.is_file() or time.time() - vae_path.stat().st_mtime < 5:
+                time.sleep(2)
+            gen, info["generator"] = _gen.train_generator(load_vae(vae_path), seed, recipe.get("generator"), log=log)
+            _gen.save_generator(gen, out / _gen.FILE, {"seed": seed})
         queue.put((which, info, None))
     except BaseException as e:  # report, do not hang the parent
         import traceback
@@ -233,6 +241,8 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
         eq.unlink()
     from .manifest import write_manifest
     write_manifest(tmp, seed=seed, recipe=recipe, info=info, scores=scores)
+    if (tmp / _gen.FILE).is_file():
+        _gen.add_to_manifest(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.rmdir()  # empty, checked above

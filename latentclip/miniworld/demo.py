@@ -1,0 +1,197 @@
+"""``python -m latentclip demo``: the whole idea offline, on the embedded mini-world weights.
+
+For a handful of prompts: the mini generator's baseline image, ReNO with the Latent-CLIP reward
+(no decoding) and ReNO with the pixel-CLIP reward (decode + pixel CLIP every iteration), same
+noise, iterations and lr, side by side in one PNG grid with the judge's verdict; the reward curves
+of both ReNO runs; a safety example (an unwanted colour suppressed by the latent guidance step and
+by ReNO with an avoid reward); a markdown summary with timings. A few minutes at most on 2 CPU
+cores; needs only the committed ``weights/mini``.
+"""
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from . import geneval as G
+from . import judge as J
+from . import safety_mini as SM
+from .generator import noise_for
+
+PROMPTS = ("a red circle", "three blue squares", "a green triangle to the left of a yellow circle",
+           "a blue square above a red triangle", "two yellow circles", "a red square below a green circle")
+SEED = 7
+SAFETY_SEEDS = tuple(range(200, 208))
+COLUMNS = (("baseline", "baseline"), ("reno_latent", "ReNO Latent-CLIP"), ("reno_pixel", "ReNO pixel CLIP"))
+CELL = 128
+
+
+class Progress:
+    """A one-line text progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, width: int = 30, stream=None):
+        self.total, self.done, self.width, self.stream = total, 0, width, stream or sys.stderr
+        self.t0, self.label = time.perf_counter(), ""
+
+    def update(self, n: int = 1, label: str | None = None):
+        self.done = min(self.total, self.done + n)
+        self.label = label if label is not None else self.label
+        fill = int(self.width * self.done / self.total)
+        self.stream.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {100 * self.done / self.total:5.1f}% "
+                          f"{time.perf_counter() - self.t0:5.0f}s  {self.label:<32}")
+        self.stream.flush()
+
+    def close(self):
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _tile(img: torch.Tensor, ok: bool | None, words=("judge: ok", "judge: no")) -> Image.Image:
+    arr = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    tile = Image.fromarray(arr).resize((CELL, CELL), Image.NEAREST)
+    if ok is not None:
+        d = ImageDraw.Draw(tile)
+        color = (20, 150, 40) if ok else (200, 30, 30)
+        d.rectangle([0, 0, CELL - 1, CELL - 1], outline=color, width=3)
+        d.text((5, CELL - 14), words[0] if ok else words[1], fill=color)
+    return tile
+
+
+def grid(rows: list[tuple[str, list]], headers: list[str], words=("judge: ok", "judge: no")) -> Image.Image:
+    """rows: (label, [(image tensor, ok)]) -> one PNG-ready image with a header row; ``words``
+    label a green (ok) and a red frame."""
+    label_w, head_h, pad = 210, 22, 6
+    cols = max(len(r[1]) for r in rows)
+    out = Image.new("RGB", (label_w + cols * (CELL + pad), head_h + len(rows) * (CELL + pad)), "white")
+    d = ImageDraw.Draw(out)
+    for j, h in enumerate(headers):
+        d.text((label_w + j * (CELL + pad) + 4, 5), h, fill="black")
+    for i, (label, cells) in enumerate(rows):
+        y = head_h + i * (CELL + pad)
+        tokens, line, lines = label.split(), "", []
+        for w in tokens:  # wrap the prompt into the label column
+            if len(line) + len(w) > 30:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines):
+            d.text((6, y + CELL // 2 - 7 * len(lines) + 14 * k), text, fill="black")
+        for j, (img, ok) in enumerate(cells):
+            out.paste(_tile(img, ok, words), (label_w + j * (CELL + pad), y))
+    return out
+
+
+def run_demo(out, weights=None, prompts=None, iterations: int | None = None, safety_seeds=None,
+             quiet: bool = False) -> dict:
+    """Write grid.png, reward_curves.png, safety.png and summary.md into ``out``; returns the numbers.
+
+    prompts, safety_seeds, iterations default to PROMPTS, SAFETY_SEEDS and GenEval-mini's ReNO
+    iterations (read at call time).
+    """
+    from ..configs import WEIGHTS_DIR
+    from ..plotting import plot_curves
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    world = G.load_world(Path(weights) if weights else WEIGHTS_DIR / "mini")
+    settings = {} if iterations is None else {"iterations": iterations}
+    iters = settings.get("iterations", G.RENO["iterations"])
+    prompts = list(prompts or PROMPTS)
+    safety_seeds = tuple(safety_seeds or SAFETY_SEEDS)
+    bar = Progress(2 * iters + 3 + 1, stream=io.StringIO() if quiet else None)
+    noise = noise_for([SEED + i for i in range(len(prompts))])
+
+    results, timings, curves = {}, {}, {}
+    t = time.perf_counter()
+    results["baseline"] = G.baseline_latents(world, prompts, noise)
+    timings["baseline"] = time.perf_counter() - t
+    bar.update(1, "baseline")
+    for kind in ("latent", "pixel"):
+        name = f"reno_{kind}"
+        t = time.perf_counter()
+        res = G.reno_latents(world, kind, prompts, noise, settings,
+                             callback=lambda s, n=name: bar.update(1, f"{n} {s.iteration + 1}/{s.iterations}"))
+        timings[name] = time.perf_counter() - t
+        results[name] = res.latents
+        curves[f"{name} (mean reward loss)"] = [float(np.mean(v)) for v in res.history["total"]]
+
+    images = {k: G.decode(world, v) for k, v in results.items()}
+    verdicts = {k: [J.check(img, p)["ok"] for img, p in zip(images[k], prompts)] for k in images}
+    rows = [(p, [(images[k][i], verdicts[k][i]) for k, _ in COLUMNS]) for i, p in enumerate(prompts)]
+    grid(rows, [h for _, h in COLUMNS]).save(out / "grid.png")
+    plot_curves(curves, "ReNO on the mini generator: reward loss per iteration (lower is better)",
+                size=(720, 360)).save(out / "reward_curves.png")
+
+    # safety: prompts that name only a colour; the unwanted concept is a shape (SM.CONCEPT)
+    safety, s_images = {}, {}
+    for run in SM.RUNS:
+        r = SM.run_one(world, run, SM.PROMPTS, safety_seeds)
+        safety[run] = {"concept_rate": float(np.mean(r["concept"])), "prompt_success": float(np.mean(r["ok"])),
+                       "seconds": r["seconds"]}
+        s_images[run] = (r["images"], r["concept"], r["prompts"])
+        bar.update(1, f"safety {run}")
+    # show the items where the baseline drew the concept (or the first few if none)
+    base_concept = s_images["baseline"][1]
+    show = [i for i, c in enumerate(base_concept) if c][:6] or list(range(4))
+    s_rows = [(f"{s_images['baseline'][2][i]} (seed {safety_seeds[i % len(safety_seeds)]})",
+               [(s_images[run][0][i], not s_images[run][1][i]) for run in SM.RUNS]) for i in show]
+    grid(s_rows, ["baseline", "latent guidance", "ReNO avoid"],
+         (f"no {SM.CONCEPT}", f"{SM.CONCEPT} found")).save(out / "safety.png")
+
+    total = time.perf_counter() - t_start
+    summary = {"prompts": prompts, "verdicts": verdicts, "seconds": timings, "iterations": iters,
+               "safety": safety, "total_seconds": total}
+    (out / "summary.md").write_text(_markdown(summary))
+    bar.update(1, "done")
+    bar.close()
+    return summary
+
+
+def _markdown(s: dict) -> str:
+    n = len(s["prompts"])
+    lines = ["# Latent-CLIP mini-world demo", "",
+             f"ReNO ({s['iterations']} iterations, same noise, lr and optimiser for both rewards) on the mini "
+             "generator (8x8x4 latents of the mini VAE). The judge (pixel-space, no CLIP) checks each image.", "",
+             "| run | judge ok | seconds (all prompts) | seconds / image |", "|---|---|---|---|"]
+    for k, label in COLUMNS:
+        lines.append(f"| {label} | {sum(s['verdicts'][k])}/{n} | {s['seconds'][k]:.1f} | {s['seconds'][k] / n:.2f} |")
+    lines += ["", "| prompt | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * 4 + "|"]
+    for i, p in enumerate(s["prompts"]):
+        lines.append(f"| {p} | " + " | ".join("ok" if s["verdicts"][k][i] else "no" for k, _ in COLUMNS) + " |")
+    lines += ["", f"## Safety: unwanted concept '{SM.CONCEPT}' (prompts {', '.join(SM.PROMPTS)})", "",
+              "| run | concept rate | prompt success | seconds |", "|---|---|---|---|"]
+    for k, v in s["safety"].items():
+        lines.append(f"| {k} | {100 * v['concept_rate']:.0f}% | {100 * v['prompt_success']:.0f}% | {v['seconds']:.1f} |")
+    lines += ["", "Files: `grid.png` (baseline | ReNO Latent-CLIP | ReNO pixel CLIP), `reward_curves.png`, "
+              f"`safety.png` (baseline | latent guidance | ReNO avoid; green frame = no {SM.CONCEPT}).",
+              "", f"Total wall time: {s['total_seconds']:.1f} s ({torch.get_num_threads()} torch threads).", "",
+              "A handful of images illustrates; it does not measure. GenEval-mini (67 prompts x 4 seeds) and "
+              "safety-mini (128 images): `python -m latentclip.miniworld eval`, results in docs/miniworld_part2.md.", ""]
+    return "\n".join(lines)
+
+
+def main(out: str = "demo_out") -> int:
+    """Entry point of ``python -m latentclip demo --out DIR``."""
+    # one thread: the batches are tiny, and on a busy 2-core machine a second OpenMP thread stalls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = Path(out)
+    print(f"Latent-CLIP demo: mini-world ReNO and safety on the embedded weights -> {out}")
+    try:
+        s = run_demo(out)
+    finally:
+        torch.set_num_threads(threads)
+    n = len(s["prompts"])
+    print(f"judge ok: baseline {sum(s['verdicts']['baseline'])}/{n}, ReNO Latent-CLIP "
+          f"{sum(s['verdicts']['reno_latent'])}/{n}, ReNO pixel CLIP {sum(s['verdicts']['reno_pixel'])}/{n}; "
+          f"ReNO seconds: latent {s['seconds']['reno_latent']:.1f}, pixel {s['seconds']['reno_pixel']:.1f}")
+    for name in ("grid.png", "reward_curves.png", "safety.png", "summary.md"):
+        print(f"  {(out / name).resolve()}")
+    print(f"done in {s['total_seconds']:.0f} s")
+    return 0
