@@ -16,10 +16,10 @@ import open_clip
 import torch
 from torch import nn
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import checkpoints as _ckpt
+from .files import read_tagged
 from ..errors import CheckpointError, InputError
 from ..model import LatentCLIP
 
@@ -110,18 +110,12 @@ def save_clip(model, kind: str, path, dtype: str = "fp16") -> Path:
 
 
 def load_pixel_clip(path, device="cpu") -> PixelCLIP:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"pixel CLIP file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != _PIXEL_FORMAT:
-        raise CheckpointError(f"'{path.name}' is not a mini-world pixel CLIP (format {meta.get('format')!r}); expected {_PIXEL_FORMAT!r}")
+    sd, meta = read_tagged(path, _PIXEL_FORMAT, "mini-world pixel CLIP")
     model = PixelCLIP(json.loads(meta["config"]))
-    missing, unexpected = model.clip.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=False)
+    missing, unexpected = model.clip.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
-        raise CheckpointError(f"'{path.name}' does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"'{Path(path).name}' does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval().requires_grad_(False)
 
 

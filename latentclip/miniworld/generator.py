@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import scenes as S
-from ..errors import CheckpointError, InputError
+from .files import read_tagged
+from ..errors import InputError
 
 FORMAT = "latentclip-mini-generator"
 FILE = "generator.safetensors"
@@ -290,20 +290,14 @@ def save_generator(model: MiniGenerator, path, extra: dict | None = None) -> Pat
 
 def load_generator(path, device="cpu") -> MiniGenerator:
     """Read a generator written by ``save_generator`` (eval mode, no parameter gradients)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"mini generator file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{path.name}' is not a mini generator file (format {meta.get('format')!r}); expected {FORMAT!r}")
+    sd, meta = read_tagged(path, FORMAT, "mini generator")
     model = MiniGenerator(json.loads(meta["config"]))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    model.load_state_dict(sd)
     return model.to(device).eval().requires_grad_(False)
 
 
 DESCRIPTION = ("mini generator: text -> 8x8x4 mini-VAE latents, a rectified flow sampled in 4 Euler steps "
-               "(cfg 3); read with latentclip.miniworld.generator.load_generator")
+               "(no guidance, cfg 1); read with latentclip.miniworld.generator.load_generator")
 
 
 def add_to_manifest(directory, info: dict | None = None) -> Path:

@@ -10,7 +10,6 @@ never overwritten.
 """
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os

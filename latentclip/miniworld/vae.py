@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
+from .files import read_tagged
 
 LATENT_CHANNELS = 4
 FACTOR = 8
@@ -127,15 +127,9 @@ def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
 
 def load_vae(path, device="cpu") -> MiniVAE:
     """Read a mini VAE written by ``save_vae``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"mini VAE file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "latentclip-mini-vae":
-        raise CheckpointError(f"'{path.name}' is not a mini VAE file (format {meta.get('format')!r}); expected 'latentclip-mini-vae'")
+    sd, meta = read_tagged(path, "latentclip-mini-vae", "mini VAE")
     vae = MiniVAE(tuple(json.loads(meta["channels"])))
-    vae.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    vae.load_state_dict(sd)
     return vae.to(device).eval().requires_grad_(False)
 
 
