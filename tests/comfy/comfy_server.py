@@ -239,10 +239,15 @@ def comfy_server():
     shutil.rmtree(srv.workdir, ignore_errors=True)
 
 
-@pytest.fixture(autouse=False)
-def server_log_on_failure(request, comfy_server):
-    """Prints the server log's tail after a failed test (pytest shows it under 'Captured stdout teardown')."""
+def log_tail_on_failure(request, server):
+    """Generator body for a fixture: prints ``server``'s log tail after a failed test
+    (pytest shows it under 'Captured stdout teardown')."""
     failed = request.session.testsfailed
     yield
     if request.session.testsfailed > failed:
-        print(f"--- tail of {comfy_server.log_path} ---\n{comfy_server.log_tail()}")
+        print(f"--- tail of {server.log_path} ---\n{server.log_tail()}")
+
+
+@pytest.fixture(autouse=False)
+def server_log_on_failure(request, comfy_server):
+    yield from log_tail_on_failure(request, comfy_server)

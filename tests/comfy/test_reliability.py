@@ -89,10 +89,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def _log_on_failure(request, server):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed:
-        print(f"--- tail of {server.log_path} ---\n{server.log_tail()}")
+    yield from _srv.log_tail_on_failure(request, server)
 
 
 # -- graphs ----------------------------------------------------------------------------------------
