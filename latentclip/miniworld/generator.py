@@ -302,11 +302,11 @@ DESCRIPTION = ("mini generator: text -> 8x8x4 mini-VAE latents, a rectified flow
 
 def add_to_manifest(directory, info: dict | None = None) -> Path:
     """Add (or refresh) the generator's entry in ``directory/manifest.json`` (part 1's format)."""
-    from .manifest import sha256
+    from .manifest import file_entry
     directory = Path(directory)
     path, gen = directory / "manifest.json", directory / FILE
     manifest = json.loads(path.read_text()) if path.is_file() else {"files": []}
-    entry = {"file": FILE, "sha256": sha256(gen), "bytes": gen.stat().st_size, "what": DESCRIPTION}
+    entry = file_entry(gen, DESCRIPTION)
     manifest["files"] = [f for f in manifest["files"] if f["file"] != FILE] + [entry]
     if info is not None:
         manifest.setdefault("trained_with", {}).setdefault("timings", {})["generator"] = info

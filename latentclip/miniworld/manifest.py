@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import struct
 from pathlib import Path
 
 import torch
@@ -26,19 +27,36 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def content_sha256(path) -> str:
+    """sha256 of a safetensors file's header (keys sorted) and tensor bytes.
+
+    safetensors writes its metadata map in hash order, so two runs of one seed give files whose bytes
+    differ while every tensor and metadata value is identical; this hash tells the two cases apart.
+    """
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = hashlib.sha256(json.dumps(json.loads(f.read(n)), sort_keys=True).encode())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path, what: str) -> dict:
+    """One ``files`` row of the manifest."""
+    path = Path(path)
+    return {"file": path.name, "sha256": sha256(path), "content_sha256": content_sha256(path),
+            "bytes": path.stat().st_size, "what": what}
+
+
 def write_manifest(directory, seed: int, recipe: dict, info: dict, scores: dict | None) -> Path:
     directory = Path(directory)
-    files = []
-    for name, what in DESCRIPTIONS.items():
-        p = directory / name
-        if p.is_file():
-            files.append({"file": name, "sha256": sha256(p), "bytes": p.stat().st_size, "what": what})
+    files = [file_entry(directory / name, what) for name, what in DESCRIPTIONS.items() if (directory / name).is_file()]
     manifest = {
         "files": files,
         "trained_with": {"command": f"python -m latentclip.miniworld train --seed {seed}", "seed": seed,
                          "recipe": recipe, "torch": torch.__version__, "python": platform.python_version(),
                          "machine": f"{platform.machine()} CPU, {recipe['threads_per_worker']} torch thread per worker, "
-                                    "2 workers (VAE then Latent-CLIP | pixel CLIP)",
+                                    "2 workers (VAE, then Latent-CLIP | pixel CLIP, then generator)",
                          "timings": info},
         "scores": scores,
     }

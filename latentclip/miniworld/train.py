@@ -210,7 +210,7 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
         raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new --out)")
     tmp = out.parent / f".{out.name}.training-{os.getpid()}"
     tmp.mkdir(parents=True)
-    t0 = time.time()
+    t0, load_start = time.time(), os.getloadavg()
     log(f"training the mini-world into {tmp} (seed {seed}, 2 workers x {recipe['threads_per_worker']} thread)")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -229,6 +229,9 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
     if errors:
         raise RuntimeError("\n".join(errors) + f"\npartial outputs left in {tmp}")
     info["train_seconds"] = round(time.time() - t0, 1)
+    # the two workers alone make ~2; more means other work shared the cores and timings are slower
+    info["load_average_1_5_15_min"] = {"start": [round(x, 2) for x in load_start],
+                                       "end": [round(x, 2) for x in os.getloadavg()]}
     log(f"training done in {info['train_seconds'] / 60:.1f} min")
     scores = None
     if evaluate:

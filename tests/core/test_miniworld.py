@@ -137,3 +137,27 @@ def test_training_is_deterministic_for_a_seed():
     runs = [T.train_clip("pixel", 1, recipe, imgs, caps, ts, steps=2, progress_every=10)[0] for _ in range(2)]
     s1, s2 = runs[0].clip.state_dict(), runs[1].clip.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_train_all_with_a_tiny_recipe_writes_a_manifest_and_refuses_to_overwrite(tmp_path):
+    """The whole `train` command path (two spawned workers, manifest, atomic move) on a few steps."""
+    from latentclip.miniworld import generator as G, train as T
+    from latentclip.miniworld.manifest import content_sha256
+    recipe = json.loads(json.dumps(T.RECIPE))
+    recipe["vae"].update(steps=2, batch=4)
+    recipe["clip"].update(batch=8, warmup=1, pool=64, pixel_steps=2, latent_steps=3)
+    recipe["generator"].update(steps=2, batch=8, warmup=1, pool=500)
+    out = T.train_all(tmp_path / "mini", seed=5, recipe=recipe, evaluate=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = {f["file"]: f for f in manifest["files"]}
+    assert set(rows) == {"mini-vae.safetensors", "mini-latent-clip.safetensors", "mini-pixel-clip.safetensors", G.FILE}
+    assert all(content_sha256(out / name) == row["content_sha256"] for name, row in rows.items())
+    timings = manifest["trained_with"]["timings"]
+    assert timings["pixel"]["steps"] == 2 and timings["latent"]["steps"] == 3 and timings["generator"]["steps"] == 2
+    assert len(timings["load_average_1_5_15_min"]["start"]) == 3
+    assert not (out / "latent-equal-steps.pt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["mini"]  # no leftover work directory
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        T.train_all(out, seed=5, recipe=recipe, evaluate=False)
+    assert (out / "manifest.json").read_bytes() == before

@@ -1,16 +1,18 @@
 """The shipped mini-world weights (weights/mini): manifest, loading through latentclip.load, one eval batch."""
 import json
+import struct
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import latentclip
 from latentclip.configs import WEIGHTS_DIR
 from latentclip.miniworld import eval as E
 from latentclip.miniworld import scenes as S
 from latentclip.miniworld.clips import load_pixel_clip
-from latentclip.miniworld.manifest import sha256
+from latentclip.miniworld.manifest import content_sha256, sha256
 from latentclip.miniworld.vae import images_to_tensor, load_vae
 
 MINI = WEIGHTS_DIR / "mini"
@@ -30,10 +32,32 @@ def test_manifest_matches_the_files_and_the_size_budget():
     for f in manifest["files"]:
         p = MINI / f["file"]
         assert sha256(p) == f["sha256"], f"{f['file']} changed since the manifest was written"
+        assert content_sha256(p) == f["content_sha256"]
         total += p.stat().st_size
     assert total <= 40 * 2**20
     zs = manifest["scores"]["zero_shot"]
     assert set(zs) == {"pixel", "latent"} and all(0 <= v <= 1 for m in zs.values() for v in m.values())
+
+
+def test_content_hash_ignores_header_key_order_but_not_values(tmp_path):
+    a = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(a), metadata={"seed": "0", "format": "x", "steps": "9"})
+    raw = a.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+
+    def write(path, head):
+        text = json.dumps(dict(reversed(list(head.items())))).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+    b, c = tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    write(b, header)
+    write(c, {**header, "__metadata__": {**header["__metadata__"], "seed": "1"}})
+    assert sha256(a) != sha256(b) and content_sha256(a) == content_sha256(b)
+    assert content_sha256(a) != content_sha256(c)
+    assert torch.equal(load_file(str(b))["w"], load_file(str(a))["w"])
 
 
 def test_latent_clip_loads_through_the_public_loader(models):
