@@ -220,6 +220,32 @@ def load(path, config=None, device="cpu", dtype=torch.float32) -> LatentCLIP:
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _umask() -> int:
+    try:  # Linux: read it without setting it (os.umask changes it, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(tensors: dict, path, metadata: dict) -> Path:
+    """Write a .safetensors atomically (temp file, then rename) with the usual file mode.
+
+    safetensors creates its files 0600; a checkpoint copied into a ComfyUI served by another user
+    (a container, a shared models folder) would then be unreadable, so the umask's mode is applied.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return path
+
+
 def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False) -> Path:
     """Write the weights needed to score latents, with config and VAE family in the metadata."""
     out = Path(out)
@@ -230,10 +256,7 @@ def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False) 
     tensors = {k: (v.to(target) if target and v.is_floating_point() and k != "logit_scale" else v).detach().contiguous().cpu()
                for k, v in sd.items() if k != "attn_mask"}
     meta = {"format": _FORMAT_NAME, "config": json.dumps(model.config), "vae_family": model.vae_family}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
-    return out
+    return write_safetensors(tensors, out, meta)
 
 
 def convert(src, out, dtype: str | None = None, force: bool = False, config=None) -> Path:

@@ -16,7 +16,6 @@ import open_clip
 import torch
 from torch import nn
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from safetensors.torch import save_file
 
 from .. import checkpoints as _ckpt
 from .files import read_tagged
@@ -105,7 +104,7 @@ def save_clip(model, kind: str, path, dtype: str = "fp16") -> Path:
     target = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
     sd = {k: (v.to(target) if v.is_floating_point() and k != "logit_scale" else v).detach().contiguous().cpu()
           for k, v in model.clip.state_dict().items() if k != "attn_mask"}
-    save_file(sd, str(path), metadata={"format": _PIXEL_FORMAT, "config": json.dumps(model.config)})
+    _ckpt.write_safetensors(sd, path, {"format": _PIXEL_FORMAT, "config": json.dumps(model.config)})
     return path
 
 

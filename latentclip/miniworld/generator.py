@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from . import scenes as S
+from ..checkpoints import write_safetensors
 from .files import read_tagged
 from ..errors import InputError
 
@@ -284,7 +284,7 @@ def save_generator(model: MiniGenerator, path, extra: dict | None = None) -> Pat
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     meta = {"format": FORMAT, "config": json.dumps(model.config), "steps": str(STEPS), "cfg": str(CFG),
             **{k: str(v) for k, v in (extra or {}).items()}}
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    write_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path, meta)
     return path
 
 

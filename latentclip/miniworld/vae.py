@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
+from ..checkpoints import write_safetensors
 from ..errors import InputError
 from .files import read_tagged
 
@@ -121,7 +121,7 @@ def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     meta = {"format": "latentclip-mini-vae", "channels": json.dumps(list(vae.channels)),
             "scale_factor": repr(vae.scale_factor), **(extra or {})}
-    save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(path), metadata=meta)
+    write_safetensors({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, path, meta)
     return path
 
 

@@ -126,8 +126,10 @@ def test_file_name_does_not_matter(tmp_path, small_ckpt, small_ref):
 def test_convert_round_trip_and_no_overwrite(tmp_path, small_ckpt, small_ref):
     out = tmp_path / "small.safetensors"
     r = subprocess.run([sys.executable, "-m", "latentclip", "convert", str(small_ckpt), str(out)],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, preexec_fn=lambda: os.umask(0o027))
     assert r.returncode == 0, r.stderr
+    assert out.stat().st_mode & 0o777 == 0o640  # the umask's mode, not safetensors' private 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["small.safetensors"]  # no temp file left
     from safetensors import safe_open
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
