@@ -191,8 +191,8 @@ def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
             _clips.save_clip(model, "pixel", out / "mini-pixel-clip.safetensors")
             # then the generator, on the VAE worker A wrote long before (part 2)
             vae_path = out / "mini-vae.safetensors"
-            while not vae_path.is_file() or time.time() - vae_path.stat().st_mtime < 5:
-                time.sleep(2)
+            while not vae_path.is_file():  # written atomically; if worker A fails, the parent stops this one
+                time.sleep(1)
             gen, info["generator"] = _gen.train_generator(load_vae(vae_path), seed, recipe.get("generator"), log=log)
             _gen.save_generator(gen, out / _gen.FILE, {"seed": seed})
         queue.put((which, info, None))
@@ -222,9 +222,11 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
         which, part, err = queue.get()
         if err:
             errors.append(f"{which} worker failed:\n{err}")
-        else:
-            info.update(part)
+            break  # the other worker may be waiting for this one's output: stop it below
+        info.update(part)
     for p in procs:
+        if errors and p.is_alive():
+            p.terminate()
         p.join()
     if errors:
         raise RuntimeError("\n".join(errors) + f"\npartial outputs left in {tmp}")

@@ -161,3 +161,14 @@ def test_train_all_with_a_tiny_recipe_writes_a_manifest_and_refuses_to_overwrite
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         T.train_all(out, seed=5, recipe=recipe, evaluate=False)
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_train_all_stops_the_other_worker_when_one_fails(tmp_path):
+    """Worker B waits for worker A's VAE; if A fails, train raises instead of waiting forever."""
+    from latentclip.miniworld import train as T
+    recipe = json.loads(json.dumps(T.RECIPE))
+    recipe["vae"].update(steps=2, batch=4, lr="not a number")
+    recipe["clip"].update(batch=8, warmup=1, pool=64, pixel_steps=2, latent_steps=3)
+    with pytest.raises(RuntimeError, match="latent worker failed"):
+        T.train_all(tmp_path / "mini", seed=5, recipe=recipe, evaluate=False)
+    assert not (tmp_path / "mini").exists()
