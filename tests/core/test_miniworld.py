@@ -139,14 +139,21 @@ def test_training_is_deterministic_for_a_seed():
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
-def test_train_all_with_a_tiny_recipe_writes_a_manifest_and_refuses_to_overwrite(tmp_path):
-    """The whole `train` command path (two spawned workers, manifest, atomic move) on a few steps."""
-    from latentclip.miniworld import generator as G, train as T
-    from latentclip.miniworld.manifest import content_sha256
+def _tiny_recipe() -> dict:
+    """train.RECIPE cut to a few steps and small pools: the whole `train` path in seconds."""
+    from latentclip.miniworld import train as T
     recipe = json.loads(json.dumps(T.RECIPE))
     recipe["vae"].update(steps=2, batch=4)
     recipe["clip"].update(batch=8, warmup=1, pool=64, pixel_steps=2, latent_steps=3)
     recipe["generator"].update(steps=2, batch=8, warmup=1, pool=500)
+    return recipe
+
+
+def test_train_all_with_a_tiny_recipe_writes_a_manifest_and_refuses_to_overwrite(tmp_path):
+    """The whole `train` command path (two spawned workers, manifest, atomic move) on a few steps."""
+    from latentclip.miniworld import generator as G, train as T
+    from latentclip.miniworld.manifest import content_sha256
+    recipe = _tiny_recipe()
     out = T.train_all(tmp_path / "mini", seed=5, recipe=recipe, evaluate=False)
     manifest = json.loads((out / "manifest.json").read_text())
     rows = {f["file"]: f for f in manifest["files"]}
@@ -166,9 +173,8 @@ def test_train_all_with_a_tiny_recipe_writes_a_manifest_and_refuses_to_overwrite
 def test_train_all_stops_the_other_worker_when_one_fails(tmp_path):
     """Worker B waits for worker A's VAE; if A fails, train raises instead of waiting forever."""
     from latentclip.miniworld import train as T
-    recipe = json.loads(json.dumps(T.RECIPE))
-    recipe["vae"].update(steps=2, batch=4, lr="not a number")
-    recipe["clip"].update(batch=8, warmup=1, pool=64, pixel_steps=2, latent_steps=3)
+    recipe = _tiny_recipe()
+    recipe["vae"]["lr"] = "not a number"
     with pytest.raises(RuntimeError, match="latent worker failed"):
         T.train_all(tmp_path / "mini", seed=5, recipe=recipe, evaluate=False)
     assert not (tmp_path / "mini").exists()
