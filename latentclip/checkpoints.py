@@ -26,13 +26,20 @@ from safetensors.torch import save_file
 
 from . import configs as _configs
 from .errors import CheckpointError
-from .model import LatentCLIP
+from .model import LatentCLIP, build_open_clip
 
 #: Key prefixes that are not needed to score latents and are dropped on load.
 _DROPPED_PREFIXES = ("visual.vae_encoder.", "visual.vae_quant_conv.", "visual.vae.")
+#: Wrapper prefixes (DDP, torch.compile, the pack's own module) removed from every key.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "clip.")
 _AUTHORS_VISUAL = "visual.latent_vit."
 _FORMAT_NAME = "latentclip"
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+_MAX_HEADER_BYTES = 100 * 2**20
+_MAX_DIMS = 8
 
 
 def _numpy_safe_globals():
@@ -49,44 +56,82 @@ def _describe(path: Path) -> str:
 
 
 # -- reading raw tensors -------------------------------------------------------------------------
+def _check_header_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
+    """(start, end) of one tensor entry whose dtype, shape and offsets agree with each other and the file."""
+    where = f"{_describe(path)} is truncated or corrupt: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} points outside the file's {data_len} data bytes")
+    offsets, dtype, shape = info.get("data_offsets"), info.get("dtype"), info.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len):
+        raise CheckpointError(f"{where} points outside the file's {data_len} data bytes")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{_describe(path)} has tensor {name!r} of dtype {str(dtype)[:20]!r}; "
+                              f"expected one of {', '.join(_SAFETENSORS_DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(type(n) is int and n >= 0 for n in shape)):
+        raise CheckpointError(f"{where} has shape {str(shape)[:40]}; expected a list of at most {_MAX_DIMS} sizes")
+    nbytes = _SAFETENSORS_DTYPES[dtype].itemsize
+    for n in shape:
+        nbytes *= n
+    if nbytes != offsets[1] - offsets[0]:
+        raise CheckpointError(f"{where} declares shape {shape} of {dtype} ({nbytes} bytes) but holds "
+                              f"{offsets[1] - offsets[0]} bytes")
+    return offsets[0], offsets[1]
+
+
 def read_safetensors_header(path: Path) -> dict:
-    """Parse and validate a safetensors header (sizes, offsets, dtypes) without reading tensors."""
+    """Parse and validate a safetensors header (sizes, offsets, dtypes, shapes, metadata) without reading tensors."""
+    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{_describe(path)} is too short to be a safetensors file ({size} bytes)")
         n = struct.unpack("<Q", head)[0]
-        if n <= 1 or n > min(size - 8, 100 * 2**20):
+        if n <= 1 or n > min(size - 8, _MAX_HEADER_BYTES):
             raise CheckpointError(f"{_describe(path)} has a corrupt safetensors header (declares {n} header bytes in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise CheckpointError(f"{_describe(path)} has a safetensors header that is not valid JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{_describe(path)} has a safetensors header that is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{_describe(path)} has safetensors metadata that is not a map of text to text")
     data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            ok = info["dtype"] in _SAFETENSORS_DTYPES and 0 <= start <= end <= data_len
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{_describe(path)} is truncated or corrupt: tensor {name!r} points outside the file's {data_len} data bytes")
+    spans = sorted(_check_header_entry(path, name, info, data_len) for name, info in header.items()
+                   if name != "__metadata__")
+    end = 0
+    for start, stop in spans:
+        if start != end:
+            raise CheckpointError(f"{_describe(path)} is truncated or corrupt: its tensors overlap or leave gaps "
+                                  f"(a tensor starts at byte {start}, expected {end})")
+        end = stop
+    if end != data_len:
+        raise CheckpointError(f"{_describe(path)} is truncated or corrupt: its tensors hold {end} bytes but the "
+                              f"file has {data_len} data bytes")
     return header
+
+
+def _shapes_from_header(header: dict) -> dict:
+    """Meta tensors (shape and dtype, no data) for every tensor a validated header lists."""
+    return {name: torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device="meta")
+            for name, info in header.items() if name != "__metadata__"}
+
+
+def _read_safetensors_tensors(path: Path, names) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except Exception as e:  # noqa: BLE001 - any failure inside the reader is a broken file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{_describe(path)} is truncated or corrupt and could not be read as safetensors ({first})") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
     header = read_safetensors_header(path)
-    meta = header.get("__metadata__") or {}
-    sd = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            sd[k] = f.get_tensor(k)
-    return sd, dict(meta)
+    return _read_safetensors_tensors(path, [k for k in header if k != "__metadata__"]), dict(header.get("__metadata__", {}))
 
 
 def _read_pickle(path: Path):
@@ -106,20 +151,18 @@ def _read_pickle(path: Path):
                 "expected plain tensors (convert trusted files to .safetensors)") from None
         last = [line for line in msg.splitlines() if line.strip()][-2:][0][:160] if msg.strip() else "unreadable pickle"
         raise CheckpointError(f"{_describe(path)} is truncated or corrupt and could not be read as a PyTorch checkpoint ({last})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - torch.load fails on a damaged file in many ways (EOF, zip, struct, ...)
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise CheckpointError(f"{_describe(path)} is truncated or corrupt and could not be read as a PyTorch checkpoint ({first})") from None
 
 
-def read_state_dict(path) -> tuple[dict, dict]:
-    """Raw tensors and metadata from any supported file, keys untouched."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
-    if path.suffix == ".safetensors" or head[8:9] == b"{":  # 8-byte header length, then JSON
-        return _read_safetensors(path)
+    return path.suffix == ".safetensors" or head[8:9] == b"{"  # 8-byte header length, then JSON
+
+
+def _pickled_tensors(path: Path) -> tuple[dict, dict]:
     obj = _read_pickle(path)
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -127,7 +170,26 @@ def read_state_dict(path) -> tuple[dict, dict]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{_describe(path)} holds no state dict of tensors; expected a Latent-CLIP checkpoint")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, meta
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    odd = next((k for k in tensors if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{_describe(path)} holds a tensor under the key {str(odd)[:40]!r}; expected text keys")
+    return tensors, meta
+
+
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    return path
+
+
+def read_state_dict(path) -> tuple[dict, dict]:
+    """Raw tensors and metadata from any supported file, keys untouched."""
+    path = _existing_file(path)
+    if _is_safetensors(path):
+        return _read_safetensors(path)
+    return _pickled_tensors(path)
 
 
 # -- layouts -------------------------------------------------------------------------------------
@@ -150,19 +212,41 @@ def describe_foreign(sd: dict) -> str | None:
     return None
 
 
-def normalize_state_dict(sd: dict) -> dict:
-    """Map any supported key layout onto open_clip's, dropping the frozen VAE encoder."""
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod.", "clip."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if k.startswith(_DROPPED_PREFIXES):
+def normalized_key(key: str) -> str | None:
+    """``key`` in open_clip's layout, or None for a weight that is dropped (the frozen VAE encoder)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    if key.startswith(_DROPPED_PREFIXES):
+        return None
+    if key.startswith(_AUTHORS_VISUAL):
+        key = "visual." + key[len(_AUTHORS_VISUAL):]
+    return key
+
+
+def _key_map(keys, source: str = "the state dict") -> dict:
+    """open_clip key -> the file's key; two file keys naming one weight are refused, naming both."""
+    mapping = {}
+    for key in keys:
+        new = normalized_key(key)
+        if new is None:
             continue
-        if k.startswith(_AUTHORS_VISUAL):
-            k = "visual." + k[len(_AUTHORS_VISUAL):]
-        out[k] = v
-    return out
+        if new in mapping:
+            raise CheckpointError(
+                f"{source} holds both {mapping[new]!r} and {key!r}, which name the same weight {new!r} once the "
+                f"{'/'.join(_WRAPPER_PREFIXES)} prefixes are removed; expected one copy of each weight")
+        mapping[new] = key
+    return mapping
+
+
+def normalize_state_dict(sd: dict, source: str = "the state dict") -> dict:
+    """Map any supported key layout onto open_clip's, dropping the frozen VAE encoder.
+
+    Keys that collide once wrapper prefixes are removed raise CheckpointError naming both."""
+    return {new: sd[old] for new, old in _key_map(sd, source).items()}
 
 
 def _check_latent_clip(sd: dict, path: Path) -> None:
@@ -174,15 +258,78 @@ def _check_latent_clip(sd: dict, path: Path) -> None:
         looks = foreign or f"a file without Latent-CLIP weights (missing {', '.join(missing[:3])})"
         raise CheckpointError(f"{_describe(path)} looks like {looks}; expected a Latent-CLIP checkpoint "
                               "(an image tower on VAE latents plus an open_clip text tower)")
+    odd = next((k for k, v in sd.items() if not v.dtype.is_floating_point), None)
+    if odd is not None:
+        raise CheckpointError(f"{_describe(path)} stores {odd!r} as {str(sd[odd].dtype).replace('torch.', '')}; "
+                              "expected floating-point weights")
+
+
+def _expected_shapes(cfg: dict) -> dict:
+    """Every weight's shape for ``cfg``, from a model built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        reference = build_open_clip(cfg)
+    return {k: tuple(v.shape) for k, v in reference.state_dict().items() if k != "attn_mask"}
+
+
+def _check_fits(sd: dict, cfg: dict, path: Path) -> None:
+    want = _expected_shapes(cfg)
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want and k != "attn_mask"]
+    if missing or unexpected:
+        raise CheckpointError(f"{_describe(path)} does not fit the architecture of its config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{_describe(path)} stores {k!r} with shape {list(sd[k].shape)}; its config "
+                                  f"needs {list(shape)}")
+
+
+def _resolve_config(sd: dict, meta: dict, config, path: Path) -> dict:
+    """The validated config for ``sd``: ``config`` checked against the tensors, else inferred."""
+    try:
+        if config is None:
+            return _configs.infer_config(sd, meta)
+        cfg = _configs.validate_config(_configs.get_config(config))
+        if "vae_family" in meta and "vae_family" not in (config if isinstance(config, dict) else {}):
+            cfg["vae_family"] = meta["vae_family"]
+        _configs.check_config(cfg, sd)
+        return cfg
+    except _configs.ConfigError as e:
+        where = ("the config" if config is not None else "its metadata config" if "config" in meta
+                 else "the config inferred from its tensors")
+        raise CheckpointError(f"{_describe(path)} cannot be loaded with {where}: {e}") from None
 
 
 # -- public --------------------------------------------------------------------------------------
-def load_state_dict(path) -> tuple[dict, dict]:
-    """Open_clip-layout Latent-CLIP weights and file metadata, validated."""
-    path = Path(path)
-    raw, meta = read_state_dict(path)
-    sd = normalize_state_dict(raw)
+def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
+    """(open_clip-layout tensors, metadata, validated config), every check done before tensor data is read.
+
+    For a .safetensors file the layout, dtypes, shapes and config are checked on the header alone
+    (meta tensors); only then are the needed tensors read.
+    """
+    path = _existing_file(path)
+    if _is_safetensors(path):
+        header = read_safetensors_header(path)
+        raw, meta = _shapes_from_header(header), dict(header.get("__metadata__", {}))
+    else:
+        raw, meta = _pickled_tensors(path)
+    keys = _key_map(raw, _describe(path))
+    sd = {new: raw[old] for new, old in keys.items()}
     _check_latent_clip(sd, path)
+    cfg = _resolve_config(sd, meta, config, path)
+    _check_fits(sd, cfg, path)
+    if any(v.is_meta for v in sd.values()):
+        tensors = _read_safetensors_tensors(path, [keys[k] for k in sd])
+        sd = {new: tensors[keys[new]] for new in sd}
+    bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{_describe(path)} stores NaN or infinite values in {bad!r}; expected finite weights")
+    return sd, meta, cfg
+
+
+def load_state_dict(path) -> tuple[dict, dict]:
+    """Open_clip-layout Latent-CLIP weights and file metadata, validated (config included)."""
+    sd, meta, _ = _open_checked(path)
     return sd, meta
 
 
@@ -190,25 +337,16 @@ def load(path, config=None, device="cpu", dtype=torch.float32) -> LatentCLIP:
     """Load a Latent-CLIP from any supported file.
 
     ``config``: a config name, dict or .json path; inferred from the tensors (and metadata) when None,
-    checked against them when given.
+    checked against them when given. Every problem with the file is a CheckpointError naming it.
     """
     path = Path(path)
-    sd, meta = load_state_dict(path)
-    try:
-        if config is None:
-            cfg = _configs.infer_config(sd, meta)
-        else:
-            cfg = _configs.get_config(config)
-            if "vae_family" in meta and "vae_family" not in (config if isinstance(config, dict) else {}):
-                cfg["vae_family"] = meta["vae_family"]
-            _configs.check_config(cfg, sd)
-    except _configs.ConfigError as e:
-        raise CheckpointError(f"{_describe(path)} does not match the config: {e}") from None
-    except KeyError as e:
-        raise CheckpointError(f"{_describe(path)} lacks tensor {e} that every Latent-CLIP has") from None
+    sd, _, cfg = _open_checked(path, config)
     model = LatentCLIP(cfg)
-    missing, unexpected = model.load_open_clip_state_dict(
-        {k: v for k, v in sd.items() if k != "attn_mask"}, strict=False)
+    try:
+        missing, unexpected = model.load_open_clip_state_dict(
+            {k: v for k, v in sd.items() if k != "attn_mask"}, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{_describe(path)} does not fit its config ({str(e).splitlines()[0][:160]})") from None
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
         raise CheckpointError(f"{_describe(path)} does not fit the inferred architecture "
