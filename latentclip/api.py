@@ -5,10 +5,11 @@
 
 It submits the graph with a client id, shows progress from the websocket (each node as it starts,
 ProgressBar steps), fetches ``/history/{id}`` when the prompt is done, saves every output into DIR
-(files through ``/view``, ``text`` entries as .txt, other UI entries as .json) and prints one line
-per output. Failures print the server's own message and exit non-zero:
+(files through ``/view``, ``text`` entries as .txt, other UI entries as .json; an existing file is
+never overwritten, the new one gets ``_1``, ``_2``, ...) and prints one line per output. Failures
+print the server's own message (before anything is downloaded) and exit non-zero:
 2 bad workflow file or --set, 3 prompt refused by validation (HTTP 400), 4 execution error,
-5 interrupted, 6 server unreachable or timed out.
+5 interrupted, 6 server unreachable, not answering JSON like ComfyUI, or timed out.
 
 ComfyUI-free: only the standard library, plus aiohttp (shipped with ComfyUI) for the websocket;
 without aiohttp the runner polls ``/history`` instead.
@@ -174,24 +175,37 @@ class Client:
             reason = getattr(e, "reason", e)
             raise RunError(f"cannot reach the ComfyUI server at {self.base}: {reason}") from None
 
-    def get_json(self, path: str, timeout=_HTTP_TIMEOUT):
+    def _json_object(self, what: str, status: int, raw: bytes) -> dict:
+        """The reply as a JSON object, or a RunError saying the server is not answering like ComfyUI."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            start = raw[:80].decode(errors="replace").strip().replace("\n", " ")
+            raise RunError(f"{what} answered HTTP {status} with a reply that is not a JSON object "
+                           f"({start!r}); expected a ComfyUI server at {self.base}")
+        return body
+
+    def get_json(self, path: str, timeout=_HTTP_TIMEOUT) -> dict:
         status, raw = self._open(path, timeout=timeout)
         if status != 200:
             raise RunError(f"GET {path} answered HTTP {status}: {raw[:200].decode(errors='replace')}")
-        return json.loads(raw)
+        return self._json_object(f"GET {path}", status, raw)
 
     def submit(self, graph: dict) -> str:
         status, raw = self._open("/prompt", {"prompt": graph, "client_id": self.client_id})
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = {"error": {"message": raw[:300].decode(errors="replace")}}
-        if status != 200 or "prompt_id" not in body:
+        body = self._json_object("POST /prompt", status, raw)
+        if status != 200 or not isinstance(body.get("prompt_id"), str):
             raise PromptRejected(format_validation_error(body, graph), details=body)
         return body["prompt_id"]
 
     def history(self, prompt_id: str) -> dict | None:
-        return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+        entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+        if entry is not None and not isinstance(entry, dict):
+            raise RunError(f"GET /history/{prompt_id} answered an entry that is not a JSON object; "
+                           f"expected a ComfyUI server at {self.base}")
+        return entry
 
     def view(self, item: dict) -> bytes:
         query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
@@ -326,11 +340,19 @@ def safe_name(*parts) -> str:
     return name.lstrip(".") or "output"
 
 
-def _unique(path: Path) -> Path:
+def write_new_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path``, or to ``stem_1.ext``, ``stem_2.ext``, ... if that exists: never overwrites.
+
+    Exclusive creation (mode "x"), so a file that appears between the check and the write is kept too.
+    """
     stem, suffix, n = path.stem, path.suffix, 1
-    while path.exists():
-        path, n = path.with_name(f"{stem}_{n}{suffix}"), n + 1
-    return path
+    while True:
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return path
+        except FileExistsError:
+            path, n = path.with_name(f"{stem}_{n}{suffix}"), n + 1
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -346,8 +368,9 @@ def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir) -> 
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
-    for node_id, ui in outputs.items():
+    for node_id, ui in (outputs if isinstance(outputs, dict) else {}).items():
         class_type = graph.get(str(node_id), {}).get("class_type", "?")
+        ui = ui if isinstance(ui, dict) or ui is None else {"output": ui}
         other = {}
         for kind, items in (ui or {}).items():
             items = items if isinstance(items, list) else [items]
@@ -356,8 +379,7 @@ def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir) -> 
                 path = None
                 if out_dir and client:
                     data = client.view(item)
-                    path = _unique(out_dir / safe_name(item.get("subfolder", ""), item["filename"]))
-                    path.write_bytes(data)
+                    path = write_new_file(out_dir / safe_name(item.get("subfolder", ""), item["filename"]), data)
                 summary = f"{item['filename']} ({item.get('type', 'output')}" + (f", {len(data)} bytes)" if path else ")")
                 saved.append(SavedOutput(str(node_id), class_type, kind, summary, path))
             rest = [i for i in items if not (isinstance(i, dict) and "filename" in i)]
@@ -365,16 +387,15 @@ def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir) -> 
                 text = "\n".join(str(t) for t in rest)
                 path = None
                 if out_dir:
-                    path = out_dir / f"{safe_name(node_id, class_type)}.txt"
-                    path.write_text(text, encoding="utf-8")
+                    path = write_new_file(out_dir / f"{safe_name(node_id, class_type)}.txt", text.encode("utf-8"))
                 saved.append(SavedOutput(str(node_id), class_type, kind, _short(text), path))
             elif rest:
                 other[kind] = rest if isinstance(ui[kind], list) else ui[kind]
         if other:
             path = None
             if out_dir:
-                path = out_dir / f"{safe_name(node_id, class_type)}.json"
-                path.write_text(json.dumps(other, indent=1, default=str), encoding="utf-8")
+                path = write_new_file(out_dir / f"{safe_name(node_id, class_type)}.json",
+                                      json.dumps(other, indent=1, default=str).encode("utf-8"))
             saved.append(SavedOutput(str(node_id), class_type, "ui", _short(json.dumps(other, default=str)), path))
     return saved
 
@@ -385,24 +406,51 @@ def run_workflow(graph: dict, server: str, out_dir=None, on_event=None, timeout:
 
     ``on_event(type, data)`` receives this prompt's websocket events. Raises ``PromptRejected``,
     ``ExecutionFailed`` or ``Interrupted`` (each with the server's message; the last two carry the
-    partial ``result``), or ``RunError`` for an unreachable server or a timeout.
+    partial ``result``, whose outputs are listed but not downloaded: the server's error comes first),
+    or ``RunError`` for an unreachable server, a reply that is not ComfyUI's, or a timeout.
+
+    Blocking. Called from code that already runs an event loop (a notebook, an async app), the
+    websocket part runs on a private loop in a worker thread; from async code prefer
+    ``await asyncio.to_thread(run_workflow, ...)`` so the caller's loop keeps running.
     """
     graph = check_api_graph(graph)
     client = Client(server)
     start = time.monotonic()
     deadline = start + timeout
-    prompt_id = asyncio.run(_submit_and_watch(client, graph, on_event, deadline))
+    prompt_id = _run_coroutine(lambda: _submit_and_watch(client, graph, on_event, deadline))
     entry = _wait_history(client, prompt_id, deadline, timeout)
-    result = RunResult(prompt_id, (entry.get("status") or {}).get("status_str", "success"), history=entry)
+    status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+    result = RunResult(prompt_id, status.get("status_str") or "success", history=entry)
+    result.seconds = time.monotonic() - start
+    try:
+        raise_for_status(result, graph)
+    except RunError:
+        result.outputs = save_outputs(None, graph, entry.get("outputs") or {}, None)  # listed, not fetched
+        raise
     result.outputs = save_outputs(client, graph, entry.get("outputs") or {}, out_dir)
     result.seconds = time.monotonic() - start
-    raise_for_status(result, graph)
     return result
+
+
+def _run_coroutine(make):
+    """``asyncio.run(make())``, or the same in a worker thread when this thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentclip-api") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 def raise_for_status(result: RunResult, graph: dict) -> None:
     """Raise the server's own error for a finished prompt that failed or was interrupted."""
-    for kind, data in (result.history.get("status") or {}).get("messages") or []:
+    status = result.history.get("status") if isinstance(result.history.get("status"), dict) else {}
+    messages = status.get("messages") if isinstance(status.get("messages"), list) else []
+    for message in messages:
+        if not (isinstance(message, (list, tuple)) and len(message) == 2 and isinstance(message[1], dict)):
+            continue
+        kind, data = message
         if kind == "execution_error":
             result.status = "error"
             raise ExecutionFailed(format_execution_error(data), details=data, result=result)
