@@ -25,6 +25,11 @@ among concepts + alternatives (``alternatives`` default to the anchors; the Comf
 "an image of no {concept}" prompts when no anchors are given, as the authors' prototype did). An
 item is guided ("fired") only while that probability is above ``threshold``; threshold 0 always
 fires and needs no alternatives. ``scale == 0`` returns ``x0`` itself, untouched.
+
+Gradients: the step is computed on a detached copy and added to ``x0`` as a constant, so when
+``x0`` carries a graph (ReNO optimising noise through a guided MODEL) the result keeps it:
+d(new x0)/d(x0) is the identity, and the optimiser sees its reward gradient through every item,
+guided or not.
 """
 from __future__ import annotations
 
@@ -167,7 +172,10 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         direction = grad / g_norm.clamp_min(1e-30).view(-1, *[1] * (grad.ndim - 1))
         delta = -move.view(-1, *[1] * (grad.ndim - 1)) * torch.nan_to_num(direction)
         mask = fired.to(x0.device).view(-1, *[1] * (x0.ndim - 1))
-        new = torch.where(mask, (x.detach() + delta).to(x0.dtype), x0)
+        # x0 plus a constant step, so d(new)/d(x0) is the identity: an optimiser upstream (ReNO through
+        # a guided MODEL) keeps the gradient path of the items guidance moves.
+        moved = (x0.to(torch.float32) + delta.detach()).to(x0.dtype)
+        new = torch.where(mask, moved, x0)
 
         c_after = a_after = p_after = None
         if measure_after:
