@@ -5,38 +5,24 @@ what it moves, or ReNO through a guided MODEL would optimise nothing. The regula
 so without that path the noise would get no gradient at all and the loss could not fall.
 """
 import json
-import math
 import sys
 
-import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_sdxl
-
-
-@pytest.fixture(scope="module")
-def handle(comfy):
-    model = tiny_latent_clip(seed=3)
-    with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(100.0))
-    path = comfy.models / "latent_clip" / "tiny-guided-reno.safetensors"
-    if not path.exists():
-        latentclip.save(model, path)
-    return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
+from conftest import tiny_sdxl
+from test_reno_nodes import reno_handle, reward_of, run_reno  # noqa: F401  (reno_handle is a fixture)
 
 
 def reno(comfy, model, handle, iterations=4):
-    reward = comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=0.01).result[0]
-    out = comfy.run_node("LatentCLIPReNO", model=model, positive=tiny_conditioning(1, 1),
-                         negative=tiny_conditioning(2, 1), latent_image={"samples": torch.zeros(2, 4, 32, 32)},
-                         reward=reward, seed=5, iterations=iterations, learning_rate=5.0, optimizer="sgd",
-                         grad_clip=0.1, regularization=0.0, steps=1, cfg=1.0)
+    out = run_reno(comfy, model, reward_of(comfy, handle), {"samples": torch.zeros(2, 4, 32, 32)},
+                   iterations=iterations, regularization=0.0)
     best, initial, history, _ = out.result
     return best["samples"], initial["samples"], json.loads(history)
 
 
-def test_reno_through_a_guided_model_improves_the_reward(comfy, handle):
+def test_reno_through_a_guided_model_improves_the_reward(comfy, reno_handle):
+    handle = reno_handle
     unet = tiny_sdxl()
     guided = comfy.run_node("LatentCLIPSafetyGuidance", model=unet, latent_clip=handle, concepts="a dog",
                             anchors="", scale=0.1, start_percent=0.0, end_percent=1.0, threshold=0.0).result[0]
