@@ -54,7 +54,7 @@ _REQUIRED = {"": ("embed_dim", "vision_cfg", "text_cfg"), "vision_cfg.": ("image
 _WHY_REFUSED = {"hf_model_name": "would download a Hugging Face text model",
                 "hf_model_pretrained": "would download a Hugging Face text model",
                 "hf_tokenizer_name": "would download a Hugging Face tokenizer",
-                "timm_model_name": "would build (and may download) a timm image tower",
+                "timm_model_name": "would build a timm image tower, fetching its weights when asked",
                 "timm_model_pretrained": "would download timm weights",
                 "latent_n_decoding_layers": "the authors' partially decoded variants need VAE decoder layers "
                                             "this pack does not build"}
@@ -99,7 +99,7 @@ def validate_config(cfg) -> dict:
             continue  # a missing tower is reported below; a wrong type by the top-level rule
         for key, item in value.items():
             if key not in rules:
-                why = _WHY_REFUSED.get(key, "which a Latent-CLIP config never holds")
+                why = _WHY_REFUSED.get(key, "a Latent-CLIP config never holds it")
                 raise ConfigError(f"{prefix}{key} is not allowed ({why}); a config may hold only "
                                   f"{', '.join(prefix + k for k in rules)}")
             _check_value(prefix + key, item, rules[key])
