@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import comfy_server as _srv  # noqa: F401
+import comfy_server as _srv
 from comfy_server import comfy_server, server_log_on_failure  # noqa: F401  (fixtures)
 
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
@@ -18,6 +18,16 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (a
               pytest.mark.usefixtures("server_log_on_failure")]
 WORKFLOWS = sorted(p for p in (Path(__file__).resolve().parents[2] / "workflows").glob("*.json")
                    if not p.name.endswith(".api.json"))
+
+
+def close_dialogs(page):
+    """Close whatever dialog the front end opened on its own (first-run templates, missing models)."""
+    for _ in range(5):
+        if not page.locator(".p-dialog-mask").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    assert not page.locator(".p-dialog-mask").count(), "a dialog stays open"
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +62,37 @@ def test_ui_workflow_loads_with_the_api_graphs_values(page, path):
         for name, value in spec["inputs"].items():
             if not isinstance(value, list):  # a widget: the front end shows the API graph's value
                 assert n["widgets"][name] == value, (n["id"], name)
+
+
+def test_node_help_opens_the_packs_page_in_the_front_end(page, comfy_server):
+    """Select a node, click the selection toolbox's info button: the sidebar shows our help page."""
+    fetched = []
+    page.on("response", lambda r: fetched.append((r.url, r.status)) if "/docs/" in r.url else None)
+    page.evaluate("""async () => {
+        window.app.graph.clear();
+        const node = window.LiteGraph.createNode("LatentCLIPScore");
+        node.pos = [500, 400];
+        window.app.graph.add(node);
+        window.app.canvas.ds.offset = [0, 0];
+        window.app.canvas.ds.scale = 1;
+        window.app.canvas.setDirty(true, true);
+    }""")
+    close_dialogs(page)
+    canvas = page.locator("#graph-canvas").bounding_box()
+    info = page.locator('[data-testid="info-button"]').first
+    for _ in range(3):   # the canvas draws the new node on its next frame; click its title bar as a user does
+        page.wait_for_timeout(700)
+        page.mouse.click(canvas["x"] + 560, canvas["y"] + 385)
+        try:
+            info.wait_for(state="visible", timeout=10_000)
+            break
+        except playwright.Error:
+            continue
+    info.click(timeout=30_000)
+    page.get_by_text("What it does not do").first.wait_for(timeout=30_000)
+    sidebar = page.locator("text=What it does not do").first.locator("xpath=ancestor::*[.//table][1]")
+    text = sidebar.inner_text()
+    for name in ("latent_clip", "samples", "text", "scores", "report", "Minimal graph"):
+        assert name in text, name
+    assert any(url.endswith(f"/extensions/{_srv.PACK_NAME}/docs/LatentCLIPScore.md") and status == 200
+               for url, status in fetched), fetched
