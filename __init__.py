@@ -11,6 +11,8 @@ import os
 import sys
 
 _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
+# Served at /extensions/<pack folder>/: the front end's node help pages (docs/<NodeId>.md) and the icon.
+WEB_DIRECTORY = "./web"
 if importlib.util.find_spec("latentclip") is None:
     sys.path.append(_PACK_DIR)
 

@@ -1,6 +1,8 @@
 """Tables, derived ratios and the cost-growth plot from the benchmark results."""
 from __future__ import annotations
 
+import sys
+
 
 def _fmt_s(x):
     return "-" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
@@ -91,8 +93,14 @@ def plot(reward_step, path, title="", metric="median_s"):
     """Reward-step time vs resolution, one line per path+model, log-scaled time axis.
 
     ``metric="median_cpu_s"`` plots process-CPU time: on a shared CPU machine, wall-clock time
-    also holds the neighbours' load."""
-    import matplotlib
+    also holds the neighbours' load. The plot is optional: without matplotlib nothing is written,
+    a note goes to stderr and None is returned, so a finished run still keeps its tables and JSON."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"plot skipped ({path} not written): matplotlib is not installed (pip install matplotlib)",
+              file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     series = {}
@@ -120,7 +128,6 @@ def plot(reward_step, path, title="", metric="median_s"):
 if __name__ == "__main__":
     # python -m benchmarks.report RESULT.json [PLOT.png]: tables (and plot) again from a saved run
     import json
-    import sys
     with open(sys.argv[1]) as f:
         res = json.load(f)
     print(markdown(res))

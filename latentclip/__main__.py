@@ -1,4 +1,4 @@
-"""Command line: ``python -m latentclip convert IN OUT.safetensors`` and ``python -m latentclip demo``."""
+"""Command line: ``python -m latentclip convert IN OUT.safetensors``, ``download REPO_ID`` and ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,24 @@ def _convert(args) -> int:
     from .checkpoints import convert
     out = convert(args.src, args.out, dtype=args.dtype, force=args.force, config=args.config)
     print(f"wrote {out}")
+    return 0
+
+
+def _download(args) -> int:
+    from .hub import fetch
+
+    shown = [-1]
+
+    def progress(done, total):
+        pct = int(100 * done / total) if total else 0
+        if pct != shown[0]:
+            shown[0] = pct
+            print(f"\r{args.repo_id}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB", end="", file=sys.stderr, flush=True)
+
+    out = fetch(args.repo_id, args.out, progress=progress)
+    if shown[0] >= 0:
+        print(file=sys.stderr)
+    print(f"ready: {out}")
     return 0
 
 
@@ -32,6 +50,11 @@ def main(argv=None) -> int:
     c.add_argument("--config", default=None, help="config name or .json (default: inferred from the weights)")
     c.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     c.set_defaults(func=_convert)
+    w = sub.add_parser("download", help="fetch an authors' release from the Hugging Face Hub (HF_ENDPOINT, HF_HOME) "
+                       "and keep it as a compact fp16 .safetensors")
+    w.add_argument("repo_id", help="e.g. wendlerc/latent-clip-b-8-512-34b-80k")
+    w.add_argument("--out", default=".", help="folder for REPO_NAME.safetensors (e.g. ComfyUI/models/latent_clip)")
+    w.set_defaults(func=_download)
     d = sub.add_parser("demo", help="run the mini-world demo on the embedded default weights")
     d.add_argument("--out", default="demo_out")
     d.set_defaults(func=_demo)

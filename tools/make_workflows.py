@@ -1,10 +1,14 @@
-"""Writes the example workflows in both formats from one API-format definition each.
+"""Writes the example workflows from one API-format definition each, and a thumbnail per workflow.
 
-    python tools/make_workflows.py --server http://127.0.0.1:8188 [--out workflows]
+    python tools/make_workflows.py --server http://127.0.0.1:8188 [--out example_workflows]
 
-The UI (save) format is derived with the live server's /object_info (widget order, socket types), so
-the files a user drags into ComfyUI match the nodes as the server defines them. Existing files are
-replaced: they are generated artefacts of this script.
+For each entry of WORKFLOWS: ``<out>/<title>.json`` in UI (save) format, which ComfyUI's Templates browser
+lists as a card named by the file, with ``<out>/<title>.jpg`` as its picture; and ``<out>/api/<slug>.json``
+in API format for scripts (``python -m latentclip.api run``); the Templates browser does not look into
+subfolders. The UI format is derived with the live server's /object_info (widget order, socket types), so
+the files match the nodes as the server defines them. Nodes are laid out in columns by graph depth, each
+sized from its slot and widget counts no smaller than the front end draws it, so no node covers another.
+The folder's generated files are replaced: they are artefacts of this script.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import argparse
 import json
 import urllib.request
 from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
 
 TURBO = "sd_xl_turbo_1.0_fp16.safetensors"
 LCLIP = "latent-clip-b-8-512.safetensors"
@@ -163,6 +169,23 @@ WORKFLOWS = {
                                   "before decoding. A score, not a guarantee: see the README's safety section."),
 }
 
+# The Templates browser shows the UI file's name as the card title: readable names, one per slug.
+# A slug without a title here gets one made from the slug.
+TITLES = {
+    "latent_clip_best_of_n_sdxl_turbo": "Best of N without decoding - SDXL-Turbo",
+    "latent_clip_zero_shot": "Zero-shot classification of latents",
+    "latent_clip_safety_filter": "Safety filter on latents",
+    "latent_clip_reno_sdxl_turbo": "ReNO with a Latent-CLIP reward - SDXL-Turbo",
+    "latent_clip_reno_pixel_baseline_sdxl_turbo": "ReNO with the pixel-CLIP baseline reward - SDXL-Turbo",
+    "latent_clip_reno_sampler_custom": "ReNO as a SamplerCustom sampler",
+    "latent_clip_safety_guidance": "Safety guidance and ReNO avoid reward",
+}
+
+
+def title_of(slug: str) -> str:
+    return TITLES.get(slug) or slug.removeprefix("latent_clip_").replace("_", " ").capitalize()
+
+
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -186,18 +209,53 @@ def _order(graph):
     return depth
 
 
-def to_ui(graph: dict, info: dict, note: str) -> dict:
+# Front-end geometry (LiteGraph as ComfyUI's front end draws it): title bar, slot row, widget row, and
+# the extra height of a multiline text box. Sizes below are upper bounds of what the front end computes.
+TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H, PAD_H = 30, 20, 24, 56, 26
+COL_GAP, ROW_GAP, NOTE_W, NOTE_H = 60, 40, 420, 260
+FRONTEND_WIDGETS = {"PreviewAny": 1}   # widgets the front end adds (a multiline preview box)
+
+
+def node_size(ui_node: dict, info_node: dict) -> list:
+    """[width, height] of the node body, at least what the front end computes for it."""
+    rows = multiline = 0
+    for section in ("required", "optional"):
+        for name in info_node["input_order"].get(section, []):
+            spec = info_node["input"][section][name]
+            if not _is_widget(spec):
+                continue
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            rows += 1 + bool(opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+            multiline += bool(opts.get("multiline"))
+    extra = FRONTEND_WIDGETS.get(ui_node["type"], 0)
+    rows, multiline = rows + extra, multiline + extra
+    slots = max(len(ui_node["inputs"]), len(ui_node["outputs"]))
+    height = SLOT_H * slots + WIDGET_H * rows + MULTILINE_H * multiline + PAD_H
+    width = max(320, 7 * len(ui_node["title"]) + 70)
+    return [width, max(height, 60)]
+
+
+def layout(nodes: list, depth: dict) -> None:
+    """Columns by graph depth, right of the note; rows stacked by each node's drawn height (title included)."""
+    x = 40 + NOTE_W + COL_GAP
+    for d in sorted(set(depth.values())):
+        column = [n for n in nodes if depth[str(n["id"])] == d]
+        y = 40 + TITLE_H
+        for n in column:
+            n["pos"] = [x, y]
+            y += n["size"][1] + TITLE_H + ROW_GAP
+        x += max(n["size"][0] for n in column) + COL_GAP
+
+
+def to_ui(graph: dict, info: dict, note: str, api_path: str = "") -> dict:
     depth = _order(graph)
-    rows = {}
     nodes, links = [], []
     by_id = {}
     for nid in sorted(graph, key=lambda n: (depth[n], int(n))):
         spec = graph[nid]
         ni = info[spec["class_type"]]
-        row = rows.setdefault(depth[nid], 0)
-        rows[depth[nid]] += 1
-        ui_node = {"id": int(nid), "type": spec["class_type"], "pos": [40 + 360 * depth[nid], 40 + 260 * row],
-                   "size": [320, 200], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+        ui_node = {"id": int(nid), "type": spec["class_type"], "pos": [0, 0], "size": [0, 0], "flags": {},
+                   "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                    "title": spec["_meta"]["title"], "properties": {"Node name for S&R": spec["class_type"]},
                    "widgets_values": []}
         for section in ("required", "optional"):
@@ -215,8 +273,10 @@ def to_ui(graph: dict, info: dict, note: str) -> dict:
                     ui_node["inputs"].append({"name": name, "type": s[0], "link": None})
         for slot, (otype, oname) in enumerate(zip(ni["output"], ni["output_name"])):
             ui_node["outputs"].append({"name": oname, "type": otype, "links": [], "slot_index": slot})
+        ui_node["size"] = node_size(ui_node, ni)
         by_id[nid] = ui_node
         nodes.append(ui_node)
+    layout(nodes, depth)
     for nid, spec in graph.items():
         for name, value in spec["inputs"].items():
             if not isinstance(value, list):
@@ -228,30 +288,106 @@ def to_ui(graph: dict, info: dict, note: str) -> dict:
             by_id[src]["outputs"][slot]["links"].append(link_id)
             links.append([link_id, int(src), slot, int(nid), target, by_id[src]["outputs"][slot]["type"]])
     note_id = max(int(n) for n in graph) + 1
-    nodes.append({"id": note_id, "type": "Note", "pos": [40, 40 + 260 * max(rows.values())], "size": [420, 220],
+    nodes.append({"id": note_id, "type": "Note", "pos": [40, 40 + TITLE_H], "size": [NOTE_W, NOTE_H],
                   "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": "Read me",
                   "properties": {}, "widgets_values": [note + "\n\n" + WHERE]})
     return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]},
+                                                   "latentclip": {"api": api_path}}, "version": 0.4}
+
+
+# -- thumbnails -----------------------------------------------------------------------------------
+THUMB_W, THUMB_H, BANNER_H = 800, 600, 110
+_PACK_NODE = ("LatentCLIP", "PixelCLIP")
+
+
+def _font(size: int, bold: bool = False):
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list:
+    lines, line = [], ""
+    for word in text.split():
+        if line and draw.textlength(line + " " + word, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = (line + " " + word).strip()
+    return lines + ([line] if line else [])
+
+
+def thumbnail(ui: dict, title: str) -> Image.Image:
+    """The card picture: the workflow's title above a drawing of its graph (this pack's nodes in violet)."""
+    img = Image.new("RGB", (THUMB_W, THUMB_H), (30, 32, 38))
+    draw = ImageDraw.Draw(img)
+    font = _font(34, bold=True)
+    for i, line in enumerate(_wrap(draw, title, font, THUMB_W - 40)[:2]):
+        draw.text((20, 14 + 42 * i), line, fill=(238, 238, 242), font=font)
+    nodes = [n for n in ui["nodes"] if n["type"] != "Note"]
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] - TITLE_H for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = min((THUMB_W - 40) / (x1 - x0), (THUMB_H - BANNER_H - 20) / (y1 - y0))
+    ox = 20 + (THUMB_W - 40 - scale * (x1 - x0)) / 2
+    oy = BANNER_H + (THUMB_H - BANNER_H - 20 - scale * (y1 - y0)) / 2
+
+    def at(x, y):
+        return ox + scale * (x - x0), oy + scale * (y - y0)
+
+    by_id = {n["id"]: n for n in nodes}
+    for _, src, slot, dst, target, _t in ui["links"]:
+        a, b = by_id[src], by_id[dst]
+        p = at(a["pos"][0] + a["size"][0], a["pos"][1] + SLOT_H * (slot + 0.5))
+        q = at(b["pos"][0], b["pos"][1] + SLOT_H * (target + 0.5))
+        draw.line([p, ((p[0] + q[0]) / 2, p[1]), ((p[0] + q[0]) / 2, q[1]), q], fill=(120, 126, 140), width=2)
+    small = _font(max(10, min(16, int(15 * scale / 0.3))))
+    for n in nodes:
+        ours = n["type"].startswith(_PACK_NODE)
+        top = at(n["pos"][0], n["pos"][1] - TITLE_H)
+        bottom = at(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+        title_bottom = at(n["pos"][0], n["pos"][1])[1]
+        draw.rounded_rectangle([top, bottom], radius=4, fill=(52, 54, 62), outline=(150, 110, 230) if ours else (90, 94, 104),
+                               width=2)
+        draw.rectangle([top[0] + 2, top[1] + 2, bottom[0] - 2, title_bottom], fill=(96, 66, 160) if ours else (66, 70, 80))
+        label = n.get("title") or n["type"]
+        while label and draw.textlength(label, font=small) > bottom[0] - top[0] - 8:
+            label = label[:-2]
+        draw.text((top[0] + 4, top[1] + 3), label, fill=(240, 240, 245), font=small)
+    return img
+
+
+def _clear(folder: Path, patterns) -> None:
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            path.unlink()
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True, help="a running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "workflows"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "example_workflows"))
     args = parser.parse_args(argv)
     with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
         info = json.load(r)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, (build, note) in WORKFLOWS.items():
+    (out / "api").mkdir(parents=True, exist_ok=True)
+    _clear(out, ("*.json", "*.jpg"))
+    _clear(out / "api", ("*.json",))
+    for slug, (build, note) in WORKFLOWS.items():
         graph = build()
         missing = sorted({s["class_type"] for s in graph.values()} - set(info))
         if missing:
-            raise SystemExit(f"{name}: the server lacks nodes {missing}")
-        (out / f"{name}.api.json").write_text(json.dumps(graph, indent=2) + "\n")
-        (out / f"{name}.json").write_text(json.dumps(to_ui(graph, info, note), indent=2) + "\n")
-        print(f"wrote {out / name}.json and .api.json")
+            raise SystemExit(f"{slug}: the server lacks nodes {missing}")
+        title = title_of(slug)
+        (out / "api" / f"{slug}.json").write_text(json.dumps(graph, indent=2) + "\n")
+        ui = to_ui(graph, info, note, api_path=f"api/{slug}.json")
+        (out / f"{title}.json").write_text(json.dumps(ui, indent=2) + "\n")
+        thumbnail(ui, title).save(out / f"{title}.jpg", quality=88, optimize=True)
+        print(f"wrote {out / title}.json, .jpg and {out / 'api' / slug}.json")
     return 0
 
 

@@ -5,19 +5,30 @@ Skipped unless ComfyUI, Playwright and a Chromium binary are available.
 import json
 import os
 import shutil
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
-import comfy_server as _srv  # noqa: F401
+import comfy_server as _srv
 from comfy_server import comfy_server, server_log_on_failure  # noqa: F401  (fixtures)
 
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
               pytest.mark.usefixtures("server_log_on_failure")]
-WORKFLOWS = sorted(p for p in (Path(__file__).resolve().parents[2] / "workflows").glob("*.json")
-                   if not p.name.endswith(".api.json"))
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+WORKFLOWS = sorted(EXAMPLES.glob("*.json"))   # UI format: the Templates browser's cards
+
+
+def close_dialogs(page):
+    """Close whatever dialog the front end opened on its own (first-run templates, missing models)."""
+    for _ in range(5):
+        if not page.locator(".p-dialog-mask").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    assert not page.locator(".p-dialog-mask").count(), "a dialog stays open"
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +44,28 @@ def page(comfy_server):
         browser.close()
 
 
+def drawn_overlaps(boxes: list) -> list:
+    """Pairs of node boxes ([id, x, y, w, h], title bar included) that cover each other."""
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a[1] < b[1] + b[3] and b[1] < a[1] + a[3] and a[2] < b[2] + b[4] and b[2] < a[2] + a[4]]
+
+
+def test_overlap_check_sees_a_covered_node():
+    assert drawn_overlaps([[1, 0, 0, 100, 100], [2, 100, 0, 50, 50], [3, 0, 100, 10, 10]]) == []
+    assert drawn_overlaps([[1, 0, 0, 100, 100], [2, 90, 90, 50, 50]]) == [(1, 2)]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_ui_workflow_loads_with_the_api_graphs_values(page, path):
+def test_ui_workflow_loads_with_the_api_graphs_values_and_no_node_covers_another(page, path):
     ui = json.loads(path.read_text())
-    api = json.loads(path.with_suffix(".api.json").read_text())
+    api = json.loads((EXAMPLES / ui["extra"]["latentclip"]["api"]).read_text())
+    close_dialogs(page)
     nodes = page.evaluate("""async (wf) => {
         await window.app.loadGraphData(wf);
+        await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));   // drawn once
+        const title = window.LiteGraph.NODE_TITLE_HEIGHT;
         return window.app.graph._nodes.map(n => ({id: String(n.id), type: n.type, errors: !!n.has_errors,
+            box: [n.id, n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title],
             widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))}));
     }""", ui)
     assert len(nodes) == len(ui["nodes"])
@@ -52,3 +78,50 @@ def test_ui_workflow_loads_with_the_api_graphs_values(page, path):
         for name, value in spec["inputs"].items():
             if not isinstance(value, list):  # a widget: the front end shows the API graph's value
                 assert n["widgets"][name] == value, (n["id"], name)
+    assert drawn_overlaps([n["box"] for n in nodes]) == []
+    assert path.with_suffix(".jpg").is_file()
+
+
+def test_templates_browser_lists_only_ui_workflows_each_with_a_picture(page, comfy_server):
+    listed = comfy_server.get("/workflow_templates")[_srv.PACK_NAME]
+    assert sorted(listed) == sorted(p.stem for p in WORKFLOWS) and len(listed) >= 7
+    for name in listed:
+        quoted = urllib.parse.quote(name)
+        status, data = comfy_server.request("GET", f"/api/workflow_templates/{_srv.PACK_NAME}/{quoted}.json")
+        assert status == 200 and data["version"] and data["nodes"], name   # UI format, not an API graph
+        status, jpg = comfy_server.request("GET", f"/api/workflow_templates/{_srv.PACK_NAME}/{quoted}.jpg")
+        assert status == 200 and bytes(jpg)[:3] == b"\xff\xd8\xff", name
+
+
+def test_node_help_opens_the_packs_page_in_the_front_end(page, comfy_server):
+    """Select a node, click the selection toolbox's info button: the sidebar shows our help page."""
+    fetched = []
+    page.on("response", lambda r: fetched.append((r.url, r.status)) if "/docs/" in r.url else None)
+    page.evaluate("""async () => {
+        window.app.graph.clear();
+        const node = window.LiteGraph.createNode("LatentCLIPScore");
+        node.pos = [500, 400];
+        window.app.graph.add(node);
+        window.app.canvas.ds.offset = [0, 0];
+        window.app.canvas.ds.scale = 1;
+        window.app.canvas.setDirty(true, true);
+    }""")
+    close_dialogs(page)
+    canvas = page.locator("#graph-canvas").bounding_box()
+    info = page.locator('[data-testid="info-button"]').first
+    for _ in range(3):   # the canvas draws the new node on its next frame; click its title bar as a user does
+        page.wait_for_timeout(700)
+        page.mouse.click(canvas["x"] + 560, canvas["y"] + 385)
+        try:
+            info.wait_for(state="visible", timeout=10_000)
+            break
+        except playwright.Error:
+            continue
+    info.click(timeout=30_000)
+    page.get_by_text("What it does not do").first.wait_for(timeout=30_000)
+    sidebar = page.locator("text=What it does not do").first.locator("xpath=ancestor::*[.//table][1]")
+    text = sidebar.inner_text()
+    for name in ("latent_clip", "samples", "text", "scores", "report", "Minimal graph"):
+        assert name in text, name
+    assert any(url.endswith(f"/extensions/{_srv.PACK_NAME}/docs/LatentCLIPScore.md") and status == 200
+               for url, status in fetched), fetched

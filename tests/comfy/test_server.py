@@ -234,20 +234,22 @@ def ui_workflow_problems(data: dict, info: dict) -> list:
     return problems
 
 
-def _workflow_files(pattern):
-    return sorted((REPO / "workflows").glob(pattern)) if (REPO / "workflows").is_dir() else []
+EXAMPLES = REPO / "example_workflows"
 
 
 def test_shipped_workflows_use_known_nodes_and_wire_required_inputs(object_info):
-    api_files = _workflow_files("*.api.json")
-    ui_files = [p for p in _workflow_files("*.json") if not p.name.endswith(".api.json")]
+    api_files = sorted((EXAMPLES / "api").glob("*.json"))
+    ui_files = sorted(EXAMPLES.glob("*.json"))
+    assert len(api_files) == len(ui_files) >= 7
+    assert sorted(json.loads(p.read_text())["extra"]["latentclip"]["api"] for p in ui_files) == \
+        sorted(f"api/{p.name}" for p in api_files)
     problems = []
     for path in api_files:
         graph = api.check_api_graph(json.loads(path.read_text()), path.name)
         problems += [f"{path.name}: {p}" for p in api_workflow_problems(graph, object_info)]
     for path in ui_files:
         data = json.loads(path.read_text())
-        assert api.is_ui_format(data), f"{path.name} is not in UI format; API-format files end in .api.json"
+        assert api.is_ui_format(data), f"{path.name} is not in UI format; API-format files go in example_workflows/api/"
         problems += [f"{path.name}: {p}" for p in ui_workflow_problems(data, object_info)]
     assert not problems, "\n".join(problems)
 

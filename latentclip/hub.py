@@ -1,0 +1,151 @@
+"""The authors' released Latent-CLIPs, fetched from the Hugging Face Hub and kept as compact files.
+
+Their repos hold an open_clip training checkpoint (``checkpoints/epoch_*.pt``, up to 2.26 GB with the
+optimizer state). ``fetch`` downloads it once with ``huggingface_hub`` (which honours ``HF_ENDPOINT``,
+``HF_HOME`` and ``HF_HUB_OFFLINE``; the original stays in its cache), reads it with
+``torch.load(weights_only=True)`` and writes ``<repo name>.safetensors`` in fp16 into the target folder,
+holding only what scoring needs. From then on that file is used and nothing is downloaded again.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from .checkpoints import convert
+from .errors import CheckpointError
+
+RELEASED = (
+    "wendlerc/latent-clip-b-8-512-34b-80k",
+    "wendlerc/latent-clip-b-4-512-plus-34b-80k",
+    "wendlerc/latent-clip-b-8-512-34b-40k",
+    "wendlerc/latent-clip-b-4-512-plus-13b-80k",
+    "wendlerc/latent-clip-b-4-512-13b-80k",
+)
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_CHECKPOINT = re.compile(r"checkpoints/epoch_(\d+)\.pt")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+Progress = Callable[[int, int], None]   # (bytes so far, total bytes or 0 when unknown)
+
+
+class DownloadError(CheckpointError):
+    """A released checkpoint could not be fetched; the message names the repo and the manual steps."""
+
+
+def is_repo_id(name) -> bool:
+    """``owner/name`` (a Hub repo id) rather than a file name."""
+    return isinstance(name, str) and _REPO_ID.fullmatch(name) is not None and not name.endswith((".pt", ".pth",
+                                                                                                 ".safetensors", ".bin"))
+
+
+def local_name(repo_id: str) -> str:
+    """The converted file's name: the repo's name, e.g. ``latent-clip-b-8-512-34b-80k.safetensors``."""
+    return repo_id.rsplit("/", 1)[-1] + ".safetensors"
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+
+def cache_dir() -> str | None:
+    """huggingface_hub's cache as the environment says now (the library reads HF_HOME once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def manual_steps(repo_id: str, out_dir, filename: str = "checkpoints/epoch_*.pt") -> str:
+    target = Path(out_dir) / local_name(repo_id)
+    return (f"download {filename} from {endpoint()}/{repo_id}, then run "
+            f"`python -m latentclip convert {Path(filename).name} {target} --dtype fp16` "
+            f"(or put the .pt file itself into {Path(out_dir)})")
+
+
+def checkpoint_file(repo_id: str) -> str:
+    """The repo's last ``checkpoints/epoch_N.pt`` (highest N), from the Hub's file listing."""
+    from huggingface_hub import HfApi
+    files = HfApi(endpoint=endpoint()).list_repo_files(repo_id)
+    epochs = sorted((int(m.group(1)), f) for f in files if (m := _CHECKPOINT.fullmatch(f)))
+    if not epochs:
+        raise DownloadError(f"{repo_id} holds no checkpoints/epoch_*.pt (files: {sorted(files)[:8]}); "
+                            "it is not a Latent-CLIP release in the authors' layout")
+    return epochs[-1][1]
+
+
+def _reporting_tqdm(progress: Progress):
+    """A tqdm class that also reports bytes to ``progress`` (ComfyUI's bar, a CLI line); also when tqdm is
+    disabled. An exception from ``progress`` (ComfyUI's interrupt) stops the download."""
+    from tqdm.auto import tqdm
+
+    class ReportingTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)   # huggingface_hub's own bar name, unknown to plain tqdm
+            super().__init__(*args, **kwargs)
+            self._done = kwargs.get("initial", 0) or 0
+            self._total = kwargs.get("total") or 0
+            progress(self._done, self._total)
+
+        def update(self, n=1):
+            out = super().update(n)
+            self._done += n or 0
+            progress(self._done, self._total)
+            return out
+
+    return ReportingTqdm
+
+
+def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = "fp16") -> Path:
+    """The converted file for ``repo_id`` in ``out_dir``, downloading and converting it if absent.
+
+    Raises DownloadError (naming the repo and the manual steps) when the Hub cannot be reached, the repo
+    or its checkpoint is missing, or the download is refused; CheckpointError when the file is no Latent-CLIP.
+    """
+    if not is_repo_id(repo_id):
+        raise DownloadError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)")
+    out_dir = Path(out_dir)
+    target = out_dir / local_name(repo_id)
+    if target.exists():
+        return target
+    from huggingface_hub import hf_hub_download
+    filename = "checkpoints/epoch_*.pt"
+    try:
+        filename = checkpoint_file(repo_id)
+        pt = hf_hub_download(repo_id, filename, endpoint=endpoint(), cache_dir=cache_dir(),
+                             tqdm_class=_reporting_tqdm(progress) if progress else None)
+    except DownloadError as e:
+        raise DownloadError(f"{e}; {manual_steps(repo_id, out_dir)}") from None
+    except Exception as e:
+        if not _is_hub_failure(e):
+            raise   # e.g. ComfyUI's interrupt raised by the progress callback
+        raise DownloadError(f"Could not download {repo_id} ({filename}) from {endpoint()}: {_reason(e)}. "
+                            f"To install it by hand: {manual_steps(repo_id, out_dir, filename)}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return convert(pt, target, dtype=dtype)
+    except FileExistsError:   # another process converted it meanwhile
+        return target
+
+
+def _is_hub_failure(e: Exception) -> bool:
+    """Network, HTTP and offline-mode errors of huggingface_hub (and the HTTP client under it)."""
+    import huggingface_hub.errors as hub_errors
+    if isinstance(e, (OSError, hub_errors.HfHubHTTPError, hub_errors.OfflineModeIsEnabled)):
+        return True
+    return any(c.__name__ in ("HTTPError", "TransportError", "RequestError")
+               and c.__module__.split(".")[0] in ("httpx", "httpx2", "requests") for c in type(e).__mro__)
+
+
+def _reason(e: Exception) -> str:
+    import huggingface_hub.errors as hub_errors
+    if isinstance(e, hub_errors.RepositoryNotFoundError):
+        return "the repo does not exist there (or is private)"
+    if isinstance(e, hub_errors.OfflineModeIsEnabled) or "offline" in str(e).lower() and "HF_HUB_OFFLINE" in str(e):
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    if isinstance(e, hub_errors.LocalEntryNotFoundError):
+        return "the Hub could not be reached and the file is not in the local cache"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first[:200]
