@@ -177,7 +177,8 @@ def _pickled_tensors(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _existing_file(path) -> Path:
+def checkpoint_file(path) -> Path:
+    """``path`` as a Path if it is an existing file; every reader of checkpoint files starts here."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
@@ -186,7 +187,7 @@ def _existing_file(path) -> Path:
 
 def read_state_dict(path) -> tuple[dict, dict]:
     """Raw tensors and metadata from any supported file, keys untouched."""
-    path = _existing_file(path)
+    path = checkpoint_file(path)
     if _is_safetensors(path):
         return _read_safetensors(path)
     return _pickled_tensors(path)
@@ -307,7 +308,7 @@ def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
     For a .safetensors file the layout, dtypes, shapes and config are checked on the header alone
     (meta tensors); only then are the needed tensors read.
     """
-    path = _existing_file(path)
+    path = checkpoint_file(path)
     if _is_safetensors(path):
         header = read_safetensors_header(path)
         raw, meta = _shapes_from_header(header), dict(header.get("__metadata__", {}))
