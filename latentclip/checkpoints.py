@@ -40,6 +40,9 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "F8_E5M2": torch.float8_e5m2}
 _MAX_HEADER_BYTES = 100 * 2**20
 _MAX_DIMS = 8
+#: A Latent-CLIP has a few hundred tensors (the authors' files ~550 with the VAE encoder); open_clip's
+#: largest CLIPs under 1000. Far more is a hostile header, refused before any per-tensor work.
+_MAX_TENSORS = 20_000
 
 
 def _numpy_safe_globals():
@@ -99,6 +102,9 @@ def read_safetensors_header(path: Path) -> dict:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError(f"{_describe(path)} has safetensors metadata that is not a map of text to text")
+    count = len(header) - ("__metadata__" in header)
+    if count > _MAX_TENSORS:
+        raise CheckpointError(f"{_describe(path)} lists {count} tensors; expected at most {_MAX_TENSORS}")
     data_len = size - 8 - n
     spans = sorted(_check_header_entry(path, name, info, data_len) for name, info in header.items()
                    if name != "__metadata__")
