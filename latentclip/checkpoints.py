@@ -38,6 +38,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                        "F8_E5M2": torch.float8_e5m2}
+#: Dtypes torch.isfinite takes as they are (float8 ones are widened first).
+_FINITE_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEADER_BYTES = 100 * 2**20
 _MAX_DIMS = 8
 #: A Latent-CLIP has a few hundred tensors (the authors' files ~550 with the VAE encoder); open_clip's
@@ -328,7 +330,7 @@ def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
     if any(v.is_meta for v in sd.values()):
         tensors = _read_safetensors_tensors(path, [keys[k] for k in sd])
         sd = {new: tensors[keys[new]] for new in sd}
-    bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
+    bad = next((k for k, v in sd.items() if not torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float()).all()), None)
     if bad is not None:
         raise CheckpointError(f"{_describe(path)} stores NaN or infinite values in {bad!r}; expected finite weights")
     return sd, meta, cfg

@@ -169,7 +169,8 @@ def _mutate_torch(rng, tensors) -> tuple[str, bytes]:
     if kind == "swap-shapes":
         sd[a], sd[b] = sd[b], sd[a]
     elif kind == "dtype":
-        sd[a] = sd[a].to(rng.choice([torch.int64, torch.bool, torch.float16, torch.uint8, torch.complex64]))
+        sd[a] = sd[a].to(rng.choice([torch.int64, torch.bool, torch.float16, torch.uint8, torch.complex64,
+                                      torch.float8_e4m3fn, torch.bfloat16]))
     elif kind == "collide":
         sd["clip." + a] = sd[a] + 1
     else:

@@ -179,3 +179,11 @@ def test_tensors_that_do_not_fit_are_refused_naming_them(tmp_path, tiny, change,
     with pytest.raises(CheckpointError, match="'odd.safetensors'") as info:
         latentclip.load(path)
     assert words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_floating_dtype_loads_as_stored(tmp_path, tiny, dtype):
+    stored = {k: v.to(dtype) for k, v in tiny.items()}
+    model = latentclip.load(write(tmp_path / "typed.safetensors", stored))
+    got = model.open_clip_state_dict()
+    assert all(torch.equal(got[k], v.to(torch.float32)) for k, v in stored.items())
