@@ -72,6 +72,7 @@ HOSTILE = {
     "huge-width": (with_change(lambda c: c["vision_cfg"].update(width=10**9)), "vision_cfg.width is 1000000000; expected an integer in [1, 16384]"),
     "bool-layers": (with_change(lambda c: c["text_cfg"].update(layers=True)), "text_cfg.layers is true; expected an integer"),
     "nan-ratio": (with_change(lambda c: c["text_cfg"].update(mlp_ratio=float("nan"))), "text_cfg.mlp_ratio is NaN; expected a number in (0.0, 64.0]"),
+    "huge-int-ratio": (with_change(lambda c: c["text_cfg"].update(mlp_ratio=10**400)), "text_cfg.mlp_ratio is 1000000000"),
     "string-heads": (with_change(lambda c: c["text_cfg"].update(heads="8")), 'text_cfg.heads is "8"; expected an integer'),
     "family": (with_change(lambda c: c.update(vae_family="../../etc")), "vae_family \"../../etc\" is unknown"),
     "list": ([1, 2, 3], "the config is list; expected a JSON object"),
