@@ -128,6 +128,10 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
         return convert(pt, target, dtype=dtype)
     except FileExistsError:   # another process converted it meanwhile
         return target
+    except DownloadError:
+        raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{repo_id} ({filename}) was downloaded but refused: {e}") from None
 
 
 def _is_hub_failure(e: Exception) -> bool:
