@@ -4,7 +4,6 @@ and the server keeps serving. Own server: it needs HF_ENDPOINT/HF_HOME pointing 
 import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
