@@ -8,6 +8,7 @@ holding only what scoring needs. From then on that file is used and nothing is d
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -112,10 +113,12 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
         return target
     from huggingface_hub import hf_hub_download
     filename = "checkpoints/epoch_*.pt"
+    extra = {}
+    if progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:   # older releases lack it: no byte progress
+        extra["tqdm_class"] = _reporting_tqdm(progress)
     try:
         filename = checkpoint_file(repo_id)
-        pt = hf_hub_download(repo_id, filename, endpoint=endpoint(), cache_dir=cache_dir(),
-                             tqdm_class=_reporting_tqdm(progress) if progress else None)
+        pt = hf_hub_download(repo_id, filename, endpoint=endpoint(), cache_dir=cache_dir(), **extra)
     except DownloadError as e:
         raise DownloadError(f"{e}; {manual_steps(repo_id, out_dir)}") from None
     except Exception as e:
