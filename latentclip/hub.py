@@ -137,22 +137,33 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
         raise CheckpointError(f"{repo_id} ({filename}) was downloaded but refused: {e}") from None
 
 
+def _hub_error(name: str) -> type:
+    """An exception class of huggingface_hub by name (``errors`` in recent releases, ``utils`` before)."""
+    import importlib
+    for module in ("huggingface_hub.errors", "huggingface_hub.utils"):
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return type(name, (Exception,), {})   # unknown to this release: matches nothing
+
+
 def _is_hub_failure(e: Exception) -> bool:
     """Network, HTTP and offline-mode errors of huggingface_hub (and the HTTP client under it)."""
-    import huggingface_hub.errors as hub_errors
-    if isinstance(e, (OSError, hub_errors.HfHubHTTPError, hub_errors.OfflineModeIsEnabled)):
+    if isinstance(e, (OSError, _hub_error("HfHubHTTPError"), _hub_error("OfflineModeIsEnabled"))):
         return True
     return any(c.__name__ in ("HTTPError", "TransportError", "RequestError")
                and c.__module__.split(".")[0] in ("httpx", "httpx2", "requests") for c in type(e).__mro__)
 
 
 def _reason(e: Exception) -> str:
-    import huggingface_hub.errors as hub_errors
-    if isinstance(e, hub_errors.RepositoryNotFoundError):
+    if isinstance(e, _hub_error("RepositoryNotFoundError")):
         return "the repo does not exist there (or is private)"
-    if isinstance(e, hub_errors.OfflineModeIsEnabled) or "offline" in str(e).lower() and "HF_HUB_OFFLINE" in str(e):
+    if isinstance(e, _hub_error("OfflineModeIsEnabled")) or "offline" in str(e).lower() and "HF_HUB_OFFLINE" in str(e):
         return "offline mode is on (HF_HUB_OFFLINE)"
-    if isinstance(e, hub_errors.LocalEntryNotFoundError):
+    if isinstance(e, _hub_error("LocalEntryNotFoundError")):
         return "the Hub could not be reached and the file is not in the local cache"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return first[:200]
