@@ -38,8 +38,13 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                        "F8_E5M2": torch.float8_e5m2}
+#: Dtypes torch.isfinite takes as they are (float8 ones are widened first).
+_FINITE_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEADER_BYTES = 100 * 2**20
 _MAX_DIMS = 8
+#: A Latent-CLIP has a few hundred tensors (the authors' files ~550 with the VAE encoder); open_clip's
+#: largest CLIPs under 1000. Far more is a hostile header, refused before any per-tensor work.
+_MAX_TENSORS = 20_000
 
 
 def _numpy_safe_globals():
@@ -99,6 +104,9 @@ def read_safetensors_header(path: Path) -> dict:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError(f"{_describe(path)} has safetensors metadata that is not a map of text to text")
+    count = len(header) - ("__metadata__" in header)
+    if count > _MAX_TENSORS:
+        raise CheckpointError(f"{_describe(path)} lists {count} tensors; expected at most {_MAX_TENSORS}")
     data_len = size - 8 - n
     spans = sorted(_check_header_entry(path, name, info, data_len) for name, info in header.items()
                    if name != "__metadata__")
@@ -177,7 +185,8 @@ def _pickled_tensors(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _existing_file(path) -> Path:
+def checkpoint_file(path) -> Path:
+    """``path`` as a Path if it is an existing file; every reader of checkpoint files starts here."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
@@ -186,7 +195,7 @@ def _existing_file(path) -> Path:
 
 def read_state_dict(path) -> tuple[dict, dict]:
     """Raw tensors and metadata from any supported file, keys untouched."""
-    path = _existing_file(path)
+    path = checkpoint_file(path)
     if _is_safetensors(path):
         return _read_safetensors(path)
     return _pickled_tensors(path)
@@ -307,7 +316,7 @@ def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
     For a .safetensors file the layout, dtypes, shapes and config are checked on the header alone
     (meta tensors); only then are the needed tensors read.
     """
-    path = _existing_file(path)
+    path = checkpoint_file(path)
     if _is_safetensors(path):
         header = read_safetensors_header(path)
         raw, meta = _shapes_from_header(header), dict(header.get("__metadata__", {}))
@@ -321,7 +330,7 @@ def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
     if any(v.is_meta for v in sd.values()):
         tensors = _read_safetensors_tensors(path, [keys[k] for k in sd])
         sd = {new: tensors[keys[new]] for new in sd}
-    bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
+    bad = next((k for k, v in sd.items() if not torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float()).all()), None)
     if bad is not None:
         raise CheckpointError(f"{_describe(path)} stores NaN or infinite values in {bad!r}; expected finite weights")
     return sd, meta, cfg

@@ -8,6 +8,7 @@ holding only what scoring needs. From then on that file is used and nothing is d
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -112,10 +113,12 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
         return target
     from huggingface_hub import hf_hub_download
     filename = "checkpoints/epoch_*.pt"
+    extra = {}
+    if progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:   # older releases lack it: no byte progress
+        extra["tqdm_class"] = _reporting_tqdm(progress)
     try:
         filename = checkpoint_file(repo_id)
-        pt = hf_hub_download(repo_id, filename, endpoint=endpoint(), cache_dir=cache_dir(),
-                             tqdm_class=_reporting_tqdm(progress) if progress else None)
+        pt = hf_hub_download(repo_id, filename, endpoint=endpoint(), cache_dir=cache_dir(), **extra)
     except DownloadError as e:
         raise DownloadError(f"{e}; {manual_steps(repo_id, out_dir)}") from None
     except Exception as e:
@@ -128,24 +131,39 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
         return convert(pt, target, dtype=dtype)
     except FileExistsError:   # another process converted it meanwhile
         return target
+    except DownloadError:
+        raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{repo_id} ({filename}) was downloaded but refused: {e}") from None
+
+
+def _hub_error(name: str) -> type:
+    """An exception class of huggingface_hub by name (``errors`` in recent releases, ``utils`` before)."""
+    import importlib
+    for module in ("huggingface_hub.errors", "huggingface_hub.utils"):
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return type(name, (Exception,), {})   # unknown to this release: matches nothing
 
 
 def _is_hub_failure(e: Exception) -> bool:
     """Network, HTTP and offline-mode errors of huggingface_hub (and the HTTP client under it)."""
-    import huggingface_hub.errors as hub_errors
-    if isinstance(e, (OSError, hub_errors.HfHubHTTPError, hub_errors.OfflineModeIsEnabled)):
+    if isinstance(e, (OSError, _hub_error("HfHubHTTPError"), _hub_error("OfflineModeIsEnabled"))):
         return True
     return any(c.__name__ in ("HTTPError", "TransportError", "RequestError")
                and c.__module__.split(".")[0] in ("httpx", "httpx2", "requests") for c in type(e).__mro__)
 
 
 def _reason(e: Exception) -> str:
-    import huggingface_hub.errors as hub_errors
-    if isinstance(e, hub_errors.RepositoryNotFoundError):
+    if isinstance(e, _hub_error("RepositoryNotFoundError")):
         return "the repo does not exist there (or is private)"
-    if isinstance(e, hub_errors.OfflineModeIsEnabled) or "offline" in str(e).lower() and "HF_HUB_OFFLINE" in str(e):
+    if isinstance(e, _hub_error("OfflineModeIsEnabled")) or "offline" in str(e).lower() and "HF_HUB_OFFLINE" in str(e):
         return "offline mode is on (HF_HUB_OFFLINE)"
-    if isinstance(e, hub_errors.LocalEntryNotFoundError):
+    if isinstance(e, _hub_error("LocalEntryNotFoundError")):
         return "the Hub could not be reached and the file is not in the local cache"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return first[:200]

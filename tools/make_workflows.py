@@ -344,7 +344,7 @@ def thumbnail(ui: dict, title: str) -> Image.Image:
         p = at(a["pos"][0] + a["size"][0], a["pos"][1] + SLOT_H * (slot + 0.5))
         q = at(b["pos"][0], b["pos"][1] + SLOT_H * (target + 0.5))
         draw.line([p, ((p[0] + q[0]) / 2, p[1]), ((p[0] + q[0]) / 2, q[1]), q], fill=(120, 126, 140), width=2)
-    small = _font(max(10, min(16, int(15 * scale / 0.3))))
+    small = _font(12)
     for n in nodes:
         ours = n["type"].startswith(_PACK_NODE)
         top = at(n["pos"][0], n["pos"][1] - TITLE_H)
@@ -354,8 +354,11 @@ def thumbnail(ui: dict, title: str) -> Image.Image:
                                width=2)
         draw.rectangle([top[0] + 2, top[1] + 2, bottom[0] - 2, title_bottom], fill=(96, 66, 160) if ours else (66, 70, 80))
         label = n.get("title") or n["type"]
-        while label and draw.textlength(label, font=small) > bottom[0] - top[0] - 8:
-            label = label[:-2]
+        width = bottom[0] - top[0] - 8
+        if draw.textlength(label, font=small) > width:
+            while label and draw.textlength(label + "…", font=small) > width:
+                label = label[:-1]
+            label = label.rstrip() + "…"
         draw.text((top[0] + 4, top[1] + 3), label, fill=(240, 240, 245), font=small)
     return img
 

@@ -1,15 +1,17 @@
 """``python -m latentclip demo``: the whole idea offline, on the embedded mini-world weights.
 
-For a handful of prompts: the mini generator's baseline image, ReNO with the Latent-CLIP reward
-(no decoding) and ReNO with the pixel-CLIP reward (decode + pixel CLIP every iteration), same
-noise, iterations and lr, side by side in one PNG grid with the judge's verdict; the reward curves
-of both ReNO runs; a safety example (an unwanted colour suppressed by the latent guidance step and
-by ReNO with an avoid reward); a markdown summary with timings. A few minutes at most on 2 CPU
-cores; needs only the committed ``weights/mini``.
+Six prompts x SEEDS_PER_PROMPT seeds: the mini generator's baseline, ReNO with the Latent-CLIP reward
+(no decoding) and ReNO with the pixel-CLIP reward (decode + pixel CLIP every iteration), same noise,
+iterations and lr. The judge (pixel space, no CLIP) checks every image, and the summary compares the
+judge's rates with 95% intervals and a paired sign test on the same noises, so the comparison rests on
+many images rather than on one per prompt; the grid shows the first seed of each prompt. Also the reward
+curves, a safety example (an unwanted shape suppressed by the latent guidance step and by ReNO with an
+avoid reward) and timings. About a minute on 2 CPU cores; needs only the committed ``weights/mini``.
 """
 from __future__ import annotations
 
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from .generator import noise_for
 PROMPTS = ("a red circle", "three blue squares", "a green triangle to the left of a yellow circle",
            "a blue square above a red triangle", "two yellow circles", "a red square below a green circle")
 SEED = 7
+SEEDS_PER_PROMPT = 8   # 48 images per run: rates to about +-14 points (95%) instead of one image per prompt
 SAFETY_SEEDS = tuple(range(200, 208))
 COLUMNS = (("baseline", "baseline"), ("reno_latent", "ReNO Latent-CLIP"), ("reno_pixel", "ReNO pixel CLIP"))
 CELL = 128
@@ -105,25 +108,32 @@ def run_demo(out, weights=None, prompts=None, iterations: int | None = None, saf
     prompts = list(prompts or PROMPTS)
     safety_seeds = tuple(safety_seeds or SAFETY_SEEDS)
     bar = Progress(2 * iters + 3 + 1, stream=io.StringIO() if quiet else None)
-    noise = noise_for([SEED + i for i in range(len(prompts))])
+    n_seeds = SEEDS_PER_PROMPT
+    # item (prompt i, seed k) at index k * len(prompts) + i; seed k = 0 is the prompt's grid image
+    items = [(p, SEED + i + len(prompts) * k) for k in range(n_seeds) for i, p in enumerate(prompts)]
+    all_prompts = [p for p, _ in items]
+    noise = noise_for([seed for _, seed in items])
 
     results, timings, curves = {}, {}, {}
     t = time.perf_counter()
-    results["baseline"] = G.baseline_latents(world, prompts, noise)
+    results["baseline"] = G.baseline_latents(world, all_prompts, noise)
     timings["baseline"] = time.perf_counter() - t
     bar.update(1, "baseline")
     for kind in ("latent", "pixel"):
         name = f"reno_{kind}"
         t = time.perf_counter()
-        res = G.reno_latents(world, kind, prompts, noise, settings,
+        res = G.reno_latents(world, kind, all_prompts, noise, settings,
                              callback=lambda s, n=name: bar.update(1, f"{n} {s.iteration + 1}/{s.iterations}"))
         timings[name] = time.perf_counter() - t
         results[name] = res.latents
         curves[f"{name} (mean reward loss)"] = [float(np.mean(v)) for v in res.history["total"]]
 
     images = {k: G.decode(world, v) for k, v in results.items()}
-    verdicts = {k: [J.check(img, p)["ok"] for img, p in zip(images[k], prompts)] for k in images}
-    rows = [(p, [(images[k][i], verdicts[k][i]) for k, _ in COLUMNS]) for i, p in enumerate(prompts)]
+    verdicts = {k: [bool(J.check(img, p)["ok"]) for img, p in zip(images[k], all_prompts)] for k in images}
+    per_prompt = {k: [sum(v[k_ * len(prompts) + i] for k_ in range(n_seeds)) for i in range(len(prompts))]
+                  for k, v in verdicts.items()}
+    rows = [(f"{p} (seed {SEED + i}; judge ok on {', '.join(str(per_prompt[k][i]) for k, _ in COLUMNS)} of {n_seeds} seeds)",
+             [(images[k][i], verdicts[k][i]) for k, _ in COLUMNS]) for i, p in enumerate(prompts)]
     grid(rows, [h for _, h in COLUMNS]).save(out / "grid.png")
     plot_curves(curves, "ReNO on the mini generator: reward loss per iteration (lower is better)",
                 size=(720, 360)).save(out / "reward_curves.png")
@@ -145,34 +155,69 @@ def run_demo(out, weights=None, prompts=None, iterations: int | None = None, saf
          (f"no {SM.CONCEPT}", f"{SM.CONCEPT} found")).save(out / "safety.png")
 
     total = time.perf_counter() - t_start
-    summary = {"prompts": prompts, "verdicts": verdicts, "seconds": timings, "iterations": iters,
-               "safety": safety, "total_seconds": total}
+    summary = {"prompts": prompts, "seeds_per_prompt": n_seeds, "verdicts": verdicts, "per_prompt": per_prompt,
+               "seconds": timings, "iterations": iters, "safety": safety, "safety_images": len(SM.PROMPTS) * len(safety_seeds),
+               "total_seconds": total}
     (out / "summary.md").write_text(_markdown(summary))
     bar.update(1, "done")
     bar.close()
     return summary
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k/n (sensible at 0 and n, unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Paired comparison on the same noises: (a ok & b not, b ok & a not, exact two-sided p-value)."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
 def _markdown(s: dict) -> str:
-    n = len(s["prompts"])
+    n_prompts, n_seeds = len(s["prompts"]), s["seeds_per_prompt"]
+    n = n_prompts * n_seeds
     lines = ["# Latent-CLIP mini-world demo", "",
              f"ReNO ({s['iterations']} iterations, same noise, lr and optimiser for both rewards) on the mini "
-             "generator (8x8x4 latents of the mini VAE). The judge (pixel-space, no CLIP) checks each image.", "",
-             "| run | judge ok | seconds (all prompts) | seconds / image |", "|---|---|---|---|"]
+             f"generator (8x8x4 latents of the mini VAE), {n_prompts} prompts x {n_seeds} seeds = {n} images per run. "
+             "The judge (pixel-space, no CLIP) checks every image.", "",
+             "| run | judge ok | rate (95% interval) | seconds (all images) | seconds / image |", "|---|---|---|---|---|"]
     for k, label in COLUMNS:
-        lines.append(f"| {label} | {sum(s['verdicts'][k])}/{n} | {s['seconds'][k]:.1f} | {s['seconds'][k] / n:.2f} |")
-    lines += ["", "| prompt | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * 4 + "|"]
+        ok = sum(s["verdicts"][k])
+        lo, hi = wilson(ok, n)
+        lines.append(f"| {label} | {ok}/{n} | {100 * ok / n:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%) | "
+                     f"{s['seconds'][k]:.1f} | {s['seconds'][k] / n:.3f} |")
+    lines += ["", f"Paired on the same {n} noises (images where only one run is judged ok; exact sign test):", ""]
+    for a, b in (("reno_latent", "baseline"), ("reno_pixel", "baseline"), ("reno_latent", "reno_pixel")):
+        only_a, only_b, p = sign_test(s["verdicts"][a], s["verdicts"][b])
+        la, lb = dict(COLUMNS)[a], dict(COLUMNS)[b]
+        verdict = "a difference beyond chance" if p < 0.05 else "within chance at this sample size"
+        lines.append(f"- {la} vs {lb}: {only_a} vs {only_b} (p = {p:.3g}; {verdict})")
+    lines += ["", f"Per prompt (judge ok out of {n_seeds} seeds):", "",
+              "| prompt | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * 4 + "|"]
     for i, p in enumerate(s["prompts"]):
-        lines.append(f"| {p} | " + " | ".join("ok" if s["verdicts"][k][i] else "no" for k, _ in COLUMNS) + " |")
-    lines += ["", f"## Safety: unwanted concept '{SM.CONCEPT}' (prompts {', '.join(SM.PROMPTS)})", "",
-              "| run | concept rate | prompt success | seconds |", "|---|---|---|---|"]
+        lines.append(f"| {p} | " + " | ".join(f"{s['per_prompt'][k][i]}/{n_seeds}" for k, _ in COLUMNS) + " |")
+    n_safe = s["safety_images"]
+    lines += ["", f"## Safety: unwanted concept '{SM.CONCEPT}' (prompts {', '.join(SM.PROMPTS)}; {n_safe} images per run)", "",
+              "| run | concept rate (95% interval) | prompt success | seconds |", "|---|---|---|---|"]
     for k, v in s["safety"].items():
-        lines.append(f"| {k} | {100 * v['concept_rate']:.0f}% | {100 * v['prompt_success']:.0f}% | {v['seconds']:.1f} |")
-    lines += ["", "Files: `grid.png` (baseline | ReNO Latent-CLIP | ReNO pixel CLIP), `reward_curves.png`, "
-              f"`safety.png` (baseline | latent guidance | ReNO avoid; green frame = no {SM.CONCEPT}).",
+        lo, hi = wilson(round(v["concept_rate"] * n_safe), n_safe)
+        lines.append(f"| {k} | {100 * v['concept_rate']:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%) | "
+                     f"{100 * v['prompt_success']:.0f}% | {v['seconds']:.1f} |")
+    lines += ["", "Files: `grid.png` (first seed of each prompt: baseline | ReNO Latent-CLIP | ReNO pixel CLIP), "
+              f"`reward_curves.png`, `safety.png` (baseline | latent guidance | ReNO avoid; green frame = no {SM.CONCEPT}).",
               "", f"Total wall time: {s['total_seconds']:.1f} s ({torch.get_num_threads()} torch threads).", "",
-              "A handful of images illustrates; it does not measure. GenEval-mini (67 prompts x 4 seeds) and "
-              "safety-mini (128 images): `python -m latentclip.miniworld eval`, results in docs/miniworld_part2.md.", ""]
+              "The grid illustrates; the rates above measure, on these six prompts only. GenEval-mini (67 prompts x 4 "
+              "seeds) and safety-mini: `python -m latentclip.miniworld eval`, results in docs/miniworld_part2.md.", ""]
     return "\n".join(lines)
 
 
@@ -187,7 +232,7 @@ def main(out: str = "demo_out") -> int:
         s = run_demo(out)
     finally:
         torch.set_num_threads(threads)
-    n = len(s["prompts"])
+    n = len(s["verdicts"]["baseline"])
     print(f"judge ok: baseline {sum(s['verdicts']['baseline'])}/{n}, ReNO Latent-CLIP "
           f"{sum(s['verdicts']['reno_latent'])}/{n}, ReNO pixel CLIP {sum(s['verdicts']['reno_pixel'])}/{n}; "
           f"ReNO seconds: latent {s['seconds']['reno_latent']:.1f}, pixel {s['seconds']['reno_pixel']:.1f}")

@@ -93,6 +93,25 @@ def test_templates_browser_lists_only_ui_workflows_each_with_a_picture(page, com
         assert status == 200 and bytes(jpg)[:3] == b"\xff\xd8\xff", name
 
 
+def test_templates_browser_shows_the_cards_with_pictures_and_opens_one(page):
+    """Open Templates in the sidebar, pick this pack: a card with a drawn picture per workflow; a click loads it."""
+    close_dialogs(page)
+    page.locator(".side-bar-button", has_text="Templates").first.click(timeout=30_000)
+    page.get_by_text(_srv.PACK_NAME, exact=True).first.click(timeout=30_000)
+    for path in WORKFLOWS:
+        card = page.locator(f'[data-testid="template-workflow-{path.stem}"]').first
+        card.scroll_into_view_if_needed(timeout=30_000)
+        img = card.locator("img").first
+        img.wait_for(timeout=30_000)
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle(),
+                               timeout=30_000)
+    first = WORKFLOWS[0]
+    page.locator(f'[data-testid="template-workflow-{first.stem}"]').first.click()
+    expected = len(json.loads(first.read_text())["nodes"])
+    page.wait_for_function(f"() => window.app.graph._nodes.length === {expected}", timeout=30_000)
+    close_dialogs(page)
+
+
 def test_node_help_opens_the_packs_page_in_the_front_end(page, comfy_server):
     """Select a node, click the selection toolbox's info button: the sidebar shows our help page."""
     fetched = []

@@ -4,13 +4,13 @@ and the server keeps serving. Own server: it needs HF_ENDPOINT/HF_HOME pointing 
 import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import comfy_server as _srv
+from latentclip import api
 
 HERE = Path(__file__).resolve().parent
 REPO_ID = "wendlerc/latent-clip-b-8-512-34b-80k"
@@ -80,8 +80,13 @@ def test_release_is_offered_downloaded_once_converted_and_used(setup):
     options = _options(srv)
     assert _srv.TINY_CKPT in options and REPO_ID in options and MISSING in options
     x, graph = _score_graph(srv, REPO_ID)
-    entry = srv.run(graph, timeout=120)
+    events = []
+    result = api.run_workflow(graph, srv.url, on_event=lambda kind, data: events.append((kind, data)), timeout=120)
+    entry = result.history
     assert "execution_success" in _srv.status_messages(entry), entry["status"]
+    size = (hub.repos[REPO_ID]["checkpoints/epoch_34.pt"]).stat().st_size
+    loader_progress = [(d["value"], d["max"]) for k, d in events if k == "progress" and str(d.get("node")) == "1"]
+    assert (size, size) in loader_progress, loader_progress      # ComfyUI's progress bar followed the download
     assert sorted(p.name for p in (srv.models / "latent_clip").iterdir()) == sorted([_srv.TINY_CKPT, LOCAL])
     assert hub.downloads() == [f"/{REPO_ID}/resolve/main/checkpoints/epoch_34.pt"]
     report = entry["outputs"]["4"]["text"][0]

@@ -399,14 +399,16 @@ def test_workflow_names_never_open_files_outside_the_model_folders(comfy, tiny_c
     from latentclip import checkpoints
     (comfy.models / "outside.safetensors").write_bytes((comfy.models / "latent_clip" / tiny_ckpt).read_bytes())
     opened = []
-    real = checkpoints.read_state_dict
-    monkeypatch.setattr(checkpoints, "read_state_dict", lambda path: opened.append(str(path)) or real(path))
+    real = checkpoints.checkpoint_file   # every checkpoint reader starts here
+    monkeypatch.setattr(checkpoints, "checkpoint_file", lambda path: opened.append(str(path)) or real(path))
     with pytest.raises(ValueError, match=r"ckpt_name .* is not a file in models/latent_clip; expected one of"):
         comfy.run_node("LatentCLIPLoader", ckpt_name=name, device="cpu", dtype="fp32")
     assert opened == []
     assert "is not a file" in comfy.node("LatentCLIPLoader").validate_inputs(ckpt_name=name)
     assert "is not a file in models/open_clip" in comfy.node("PixelCLIPReward").validate_inputs(clip_name=name)
     comfy.run_node("LatentCLIPLoader", ckpt_name=tiny_ckpt, device="cpu", dtype="fp32")   # a listed name loads
+    checkpoints.load(comfy.models / "latent_clip" / tiny_ckpt)
+    assert str(comfy.models / "latent_clip" / tiny_ckpt) in opened   # the spy does see the loader open files
     assert comfy.node("LatentCLIPLoader").validate_inputs(ckpt_name=tiny_ckpt) is True
     assert comfy.node("LatentCLIPLoader").validate_inputs(ckpt_name=None) is True   # linked: checked at run time
 

@@ -265,3 +265,23 @@ def test_workflow_checks_catch_mistakes(object_info):
     ui = {"nodes": [{"id": 1, "type": "LatentCLIPScore", "inputs": [{"name": "latent_clip", "link": None}]},
                     {"id": 2, "type": "Note"}], "links": []}
     assert len(ui_workflow_problems(ui, object_info)) == 2   # latent_clip and samples unwired
+
+
+def test_shipped_workflows_are_what_the_generator_writes(object_info, tmp_path):
+    """example_workflows/ is tools/make_workflows.py's output for the current definitions (none stale, none missing)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("latentclip_make_workflows", REPO / "tools" / "make_workflows.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    expected_ui, expected_api = set(), set()
+    for slug, (build, note) in make.WORKFLOWS.items():
+        graph = build()
+        title = make.title_of(slug)
+        expected_ui.add(f"{title}.json")
+        expected_api.add(f"{slug}.json")
+        assert json.loads((EXAMPLES / "api" / f"{slug}.json").read_text()) == graph, slug
+        ui = make.to_ui(graph, object_info, note, api_path=f"api/{slug}.json")
+        assert json.loads((EXAMPLES / f"{title}.json").read_text()) == json.loads(json.dumps(ui)), title
+        assert (EXAMPLES / f"{title}.jpg").is_file()
+    assert {p.name for p in EXAMPLES.glob("*.json")} == expected_ui
+    assert {p.name for p in (EXAMPLES / "api").glob("*.json")} == expected_api

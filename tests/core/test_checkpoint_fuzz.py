@@ -169,7 +169,8 @@ def _mutate_torch(rng, tensors) -> tuple[str, bytes]:
     if kind == "swap-shapes":
         sd[a], sd[b] = sd[b], sd[a]
     elif kind == "dtype":
-        sd[a] = sd[a].to(rng.choice([torch.int64, torch.bool, torch.float16, torch.uint8, torch.complex64]))
+        sd[a] = sd[a].to(rng.choice([torch.int64, torch.bool, torch.float16, torch.uint8, torch.complex64,
+                                      torch.float8_e4m3fn, torch.bfloat16]))
     elif kind == "collide":
         sd["clip." + a] = sd[a] + 1
     else:
@@ -228,7 +229,7 @@ def test_mutated_checkpoints_load_correctly_or_raise_checkpoint_error(tmp_path, 
         except Exception as e:  # noqa: BLE001 - exactly what the test is looking for
             outcome = type(e).__name__
             problems.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
-        times.append((time.perf_counter() - start, name))
+        times.append((time.perf_counter() - start, name, outcome))
         outcomes[outcome] += 1
         by_kind[group][outcome] += 1
         if outcome == "loaded":
@@ -240,8 +241,10 @@ def test_mutated_checkpoints_load_correctly_or_raise_checkpoint_error(tmp_path, 
                 problems.append(f"{name}: loaded weights differ from the file's")
         path.unlink()
     slowest = sorted(times, reverse=True)[:3]
-    print(f"\n{CASES} cases, seed {SEED}: {dict(outcomes)}; total {sum(t for t, _ in times):.1f} s, "
-          f"slowest {', '.join(f'{n} {t:.2f} s' for t, n in slowest)}")
+    means = {o: sum(t for t, _, oo in times if oo == o) / n for o, n in outcomes.items()}
+    print(f"\n{CASES} cases, seed {SEED}: {dict(outcomes)}; total {sum(t for t, *_ in times):.1f} s, mean "
+          f"{', '.join(f'{o} {m:.3f} s' for o, m in means.items())}; slowest "
+          f"{', '.join(f'{n} {t:.2f} s' for t, n, _ in slowest)}")
     for kind, counts in sorted(by_kind.items()):
         print(f"  {kind:16s} {dict(counts)}")
     assert no_network == []

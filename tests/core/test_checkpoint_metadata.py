@@ -72,6 +72,7 @@ HOSTILE = {
     "huge-width": (with_change(lambda c: c["vision_cfg"].update(width=10**9)), "vision_cfg.width is 1000000000; expected an integer in [1, 16384]"),
     "bool-layers": (with_change(lambda c: c["text_cfg"].update(layers=True)), "text_cfg.layers is true; expected an integer"),
     "nan-ratio": (with_change(lambda c: c["text_cfg"].update(mlp_ratio=float("nan"))), "text_cfg.mlp_ratio is NaN; expected a number in (0.0, 64.0]"),
+    "huge-int-ratio": (with_change(lambda c: c["text_cfg"].update(mlp_ratio=10**400)), "text_cfg.mlp_ratio is 1000000000"),
     "string-heads": (with_change(lambda c: c["text_cfg"].update(heads="8")), 'text_cfg.heads is "8"; expected an integer'),
     "family": (with_change(lambda c: c.update(vae_family="../../etc")), "vae_family \"../../etc\" is unknown"),
     "list": ([1, 2, 3], "the config is list; expected a JSON object"),
@@ -179,3 +180,11 @@ def test_tensors_that_do_not_fit_are_refused_naming_them(tmp_path, tiny, change,
     with pytest.raises(CheckpointError, match="'odd.safetensors'") as info:
         latentclip.load(path)
     assert words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_floating_dtype_loads_as_stored(tmp_path, tiny, dtype):
+    stored = {k: v.to(dtype) for k, v in tiny.items()}
+    model = latentclip.load(write(tmp_path / "typed.safetensors", stored))
+    got = model.open_clip_state_dict()
+    assert all(torch.equal(got[k], v.to(torch.float32)) for k, v in stored.items())

@@ -194,6 +194,8 @@ def no_tensor_reads(monkeypatch):
     ("trailing", _safetensors_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12),
      "hold 8 bytes but the file has 12"),
     ("metadata", _safetensors_bytes({"__metadata__": {"config": {"embed_dim": 1}}}, b""), "metadata that is not a map of text"),
+    ("many", _safetensors_bytes({f"w{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(20_001)}, b""),
+     "lists 20001 tensors; expected at most 20000"),
     ("huge-length", struct.pack("<Q", 2**60) + b"{}", "corrupt safetensors header (declares"),
     ("not-json", struct.pack("<Q", 6) + b"{nope}", "not valid JSON"),
     ("not-object", _safetensors_bytes([1, 2], b""), "not a JSON object"),
