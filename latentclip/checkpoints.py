@@ -185,6 +185,11 @@ def _pickled_tensors(path: Path) -> tuple[dict, dict]:
     odd = next((k for k in tensors if not isinstance(k, str)), None)
     if odd is not None:
         raise CheckpointError(f"{_describe(path)} holds a tensor under the key {str(odd)[:40]!r}; expected text keys")
+    odd = next((k for k, v in tensors.items() if v.layout != torch.strided or v.is_meta or v.is_quantized), None)
+    if odd is not None:
+        kind = "meta" if tensors[odd].is_meta else "quantized" if tensors[odd].is_quantized else str(tensors[odd].layout)
+        raise CheckpointError(f"{_describe(path)} stores {odd[:80]!r} as a {kind.replace('torch.', '')} tensor; "
+                              "expected plain dense tensors")
     return tensors, meta
 
 
