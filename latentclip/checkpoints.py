@@ -12,6 +12,7 @@ any tensor is read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -73,8 +74,10 @@ def _check_header_entry(path: Path, name: str, info, data_len: int) -> tuple[int
     if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{_describe(path)} has tensor {name!r} of dtype {str(dtype)[:20]!r}; "
                               f"expected one of {', '.join(_SAFETENSORS_DTYPES)}")
-    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(type(n) is int and n >= 0 for n in shape)):
-        raise CheckpointError(f"{where} has shape {str(shape)[:40]}; expected a list of at most {_MAX_DIMS} sizes")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+            and all(type(n) is int and 0 <= n < 2**31 for n in shape) and math.prod(max(n, 1) for n in shape) < 2**48):
+        raise CheckpointError(f"{where} has shape {str(shape)[:40]}; expected a list of at most {_MAX_DIMS} sizes "
+                              "below 2^31")
     nbytes = _SAFETENSORS_DTYPES[dtype].itemsize
     for n in shape:
         nbytes *= n
@@ -182,6 +185,11 @@ def _pickled_tensors(path: Path) -> tuple[dict, dict]:
     odd = next((k for k in tensors if not isinstance(k, str)), None)
     if odd is not None:
         raise CheckpointError(f"{_describe(path)} holds a tensor under the key {str(odd)[:40]!r}; expected text keys")
+    odd = next((k for k, v in tensors.items() if v.layout != torch.strided or v.is_meta or v.is_quantized), None)
+    if odd is not None:
+        kind = "meta" if tensors[odd].is_meta else "quantized" if tensors[odd].is_quantized else str(tensors[odd].layout)
+        raise CheckpointError(f"{_describe(path)} stores {odd[:80]!r} as a {kind.replace('torch.', '')} tensor; "
+                              "expected plain dense tensors")
     return tensors, meta
 
 

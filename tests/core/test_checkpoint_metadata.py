@@ -188,3 +188,12 @@ def test_every_floating_dtype_loads_as_stored(tmp_path, tiny, dtype):
     model = latentclip.load(write(tmp_path / "typed.safetensors", stored))
     got = model.open_clip_state_dict()
     assert all(torch.equal(got[k], v.to(torch.float32)) for k, v in stored.items())
+
+
+@pytest.mark.parametrize("kind, make", [("sparse_coo", lambda t: t.to_sparse()),
+                                        ("meta", lambda t: torch.empty(t.shape, device="meta"))])
+def test_a_pickle_with_tensors_that_are_not_dense_is_refused(tmp_path, tiny, kind, make):
+    path = tmp_path / "odd.pt"
+    torch.save({**tiny, "visual.proj": make(tiny["visual.proj"])}, path)
+    with pytest.raises(CheckpointError, match=f"'odd.pt' stores 'visual.proj' as a {kind} tensor; expected plain dense"):
+        latentclip.load(path)

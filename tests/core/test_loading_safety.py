@@ -189,6 +189,8 @@ def no_tensor_reads(monkeypatch):
     ("size", _safetensors_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8),
      "declares shape [4] of F32 (16 bytes) but holds 8 bytes"),
     ("shape", _safetensors_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), "has shape [-2]"),
+    ("empty-huge", _safetensors_bytes({"w": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}, b""),
+     "has shape [0, 1099511627776, 1099511627776]"),
     ("overlap", _safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlap or leave gaps"),
     ("trailing", _safetensors_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12),
