@@ -19,6 +19,11 @@ def _signature_from_state_dict(sd: dict) -> dict | None:
     conv = sd.get("visual.conv1.weight")
     if conv is None or "visual.positional_embedding" not in sd or "token_embedding.weight" not in sd:
         return None
+    ranks = {"visual.conv1.weight": 4, "visual.positional_embedding": 2, "visual.proj": 2,
+             "token_embedding.weight": 2, "positional_embedding": 2}
+    for key, rank in ranks.items():  # a file with tensors of the wrong rank is not an open_clip ViT
+        if key not in sd or sd[key].dim() != rank:
+            return None
     grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
@@ -51,9 +56,24 @@ def infer_model_name(sd: dict) -> str:
     raise CheckpointError(f"no open_clip architecture matches the file's shapes {want}; pass the model name")
 
 
+def check_model_name(model_name: str) -> str:
+    """``model_name`` if it is one of open_clip's built-in architectures.
+
+    A name is data from a workflow: ``hf-hub:org/repo`` or a local config path would make open_clip
+    download or read files, so only the names open_clip ships configs for are accepted.
+    """
+    if model_name not in open_clip.list_models():
+        raise CheckpointError(f"model_name {model_name!r} is not an open_clip architecture; expected a built-in name "
+                              "such as ViT-H-14 or ViT-B-32 (hf-hub: names are refused: nothing is downloaded), "
+                              "or empty to infer it from the file")
+    return model_name
+
+
 def load_pixel_clip(path, model_name: str | None = None, device="cpu", dtype=torch.float32):
     """(model, tokenizer, model_name) from an open_clip weight file, read without unpickling code."""
     path = Path(path)
+    if model_name:
+        check_model_name(model_name)
     raw, _ = read_state_dict(path)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
     name = model_name or infer_model_name(sd)

@@ -18,8 +18,8 @@ from torch import nn
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from .. import checkpoints as _ckpt
-from .files import read_tagged
-from ..errors import CheckpointError, InputError
+from .files import build_from_metadata, read_tagged
+from ..errors import InputError
 from ..model import LatentCLIP
 
 #: One text tower for both CLIPs. 16 tokens hold the longest caption (12); the 49408-row token
@@ -110,11 +110,7 @@ def save_clip(model, kind: str, path, dtype: str = "fp16") -> Path:
 
 def load_pixel_clip(path, device="cpu") -> PixelCLIP:
     sd, meta = read_tagged(path, _PIXEL_FORMAT, "mini-world pixel CLIP")
-    model = PixelCLIP(json.loads(meta["config"]))
-    missing, unexpected = model.clip.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("attn_mask")]
-    if missing or unexpected:
-        raise CheckpointError(f"'{Path(path).name}' does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = build_from_metadata(path, meta, "config", sd, "mini-world pixel CLIP", PixelCLIP)
     return model.to(device).eval().requires_grad_(False)
 
 

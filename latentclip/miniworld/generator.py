@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import scenes as S
 from ..checkpoints import write_safetensors
-from .files import read_tagged
+from .files import build_from_metadata, read_tagged
 from ..errors import InputError
 
 FORMAT = "latentclip-mini-generator"
@@ -291,8 +291,7 @@ def save_generator(model: MiniGenerator, path, extra: dict | None = None) -> Pat
 def load_generator(path, device="cpu") -> MiniGenerator:
     """Read a generator written by ``save_generator`` (eval mode, no parameter gradients)."""
     sd, meta = read_tagged(path, FORMAT, "mini generator")
-    model = MiniGenerator(json.loads(meta["config"]))
-    model.load_state_dict(sd)
+    model = build_from_metadata(path, meta, "config", sd, "mini generator", MiniGenerator)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import write_safetensors
 from ..errors import InputError
-from .files import read_tagged
+from .files import build_from_metadata, read_tagged
 
 LATENT_CHANNELS = 4
 FACTOR = 8
@@ -128,8 +128,7 @@ def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
 def load_vae(path, device="cpu") -> MiniVAE:
     """Read a mini VAE written by ``save_vae``."""
     sd, meta = read_tagged(path, "latentclip-mini-vae", "mini VAE")
-    vae = MiniVAE(tuple(json.loads(meta["channels"])))
-    vae.load_state_dict(sd)
+    vae = build_from_metadata(path, meta, "channels", sd, "mini VAE", lambda c: MiniVAE(tuple(c)))
     return vae.to(device).eval().requires_grad_(False)
 
 
