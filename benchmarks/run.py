@@ -253,8 +253,8 @@ def main(argv=None):
     if plot_path and result["reward_step"]:
         title = (f"{args.device} {info.get('gpu') or info.get('cpu_model', '')}, {args.dtype}, "
                  f"threads={info['torch_threads']}" + (", process CPU time" if cpu else ""))
-        report.plot(result["reward_step"], plot_path, title, "median_cpu_s" if cpu else "median_s")
-        print(f"plot: {plot_path}")
+        if report.plot(result["reward_step"], plot_path, title, "median_cpu_s" if cpu else "median_s"):
+            print(f"plot: {plot_path}")
     return result
 
 
