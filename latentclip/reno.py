@@ -42,15 +42,15 @@ def checkpoint_layers(module) -> list:
     """The layers whose activations gradient checkpointing recomputes in backward (found by structure,
     so no ComfyUI import is needed).
 
-    A ComfyUI UNet: every layer with weights inside its input, middle and output blocks (ResBlocks,
-    SpatialTransformers; the blocks themselves are iterated, never called). A VAE: its decoder's
+    A ComfyUI UNet or ControlNet: every layer with weights inside its input, middle and output blocks
+    (ResBlocks, SpatialTransformers; the blocks themselves are iterated, never called). A VAE: its decoder's
     ResNet blocks (AutoencoderKL) or its decoder's layers with weights (TAESD). Other models: the
     children of their longest ModuleList (a DiT's transformer blocks).
     """
     has_weights = lambda m: next(m.parameters(), None) is not None  # noqa: E731
-    if hasattr(module, "input_blocks") and hasattr(module, "output_blocks"):
-        blocks = [*module.input_blocks, *([module.middle_block] if module.middle_block is not None else []),
-                  *module.output_blocks]
+    if hasattr(module, "input_blocks"):   # a UNet, or a ControlNet (no output blocks)
+        middle = getattr(module, "middle_block", None)
+        blocks = [*module.input_blocks, *([] if middle is None else [middle]), *getattr(module, "output_blocks", [])]
         return [layer for block in blocks for layer in block if has_weights(layer)]
     decoder = getattr(module, "decoder", None)
     decoder = getattr(module, "taesd_decoder", None) if decoder is None else decoder

@@ -206,3 +206,15 @@ def test_grad_through_comfy_ops_puts_everything_back_when_a_clone_fails(comfy, m
     assert all(after[k][0] is before[k][0] and after[k][1] is before[k][1] for k in before)
     assert all(t is tensors[n] for n, t in list(unet.named_parameters()) + list(unet.named_buffers()))
     assert all(t is plain_tensors[n] for n, t in plain.named_parameters())
+
+
+def test_gradient_checkpointing_changes_memory_not_results(comfy, reno_reward):
+    """Same loop with and without checkpointing (recomputed activations give the same gradients);
+    the layers are patched only for the loop."""
+    model = tiny_sdxl()
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    on, _, s_on = run_reno(comfy, model, reno_reward[1], latent, gradient_checkpointing=True)
+    off, _, s_off = run_reno(comfy, model, reno_reward[1], latent, gradient_checkpointing=False)
+    assert torch.allclose(on["samples"], off["samples"], atol=1e-4)
+    assert s_on["best_loss"] == pytest.approx(s_off["best_loss"], abs=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
