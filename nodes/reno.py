@@ -133,12 +133,12 @@ def control_models(conds) -> list:
 
 #: Bytes of activations kept for backward per latent pixel, per batch item and step, per UNet parameter
 #: at 4 bytes per value. Measured with benchmarks/reno_memory.py (docs/benchmarks.md): one ReNO iteration
-#: of the SD2.1 UNet (866M parameters) at 64x64 latents peaks 4.1 GB above the weights in float32;
-#: SDXL's measures below this line, so the estimate errs on the large side.
-ACTIVATION_BYTES_PER_PARAM_PIXEL = 1.2e-3
-#: With gradient checkpointing (measured the same way: 1544 MB instead of 4170 MB) the kept
-#: activations shrink to this share.
-CHECKPOINTED_SHARE = 0.37
+#: of the SD2.1 UNet (866M parameters) at 64x64 latents peaks 4.2 GB above the weights in float32
+#: (1.24e-3); SDXL measures 4.1e-4, so the estimate errs on the large side there.
+ACTIVATION_BYTES_PER_PARAM_PIXEL = 1.25e-3
+#: With gradient checkpointing (measured the same way: 1611 MB instead of 4207 MB for SD2.1, 0.13x
+#: for SDXL at 512 px) the kept activations shrink to at most this share.
+CHECKPOINTED_SHARE = 0.38
 #: A VAE decode's activations per output image pixel in float32 (SDXL decoder, benchmarks/run.py).
 DECODE_BYTES_PER_PIXEL = 0.025 * 2**20
 
@@ -302,7 +302,7 @@ def _loop_inputs():
                            tooltip="Weight of the chi-norm prior that keeps the noise Gaussian-like"),
             io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
                              tooltip="Recompute the UNet's (and a pixel reward's VAE decoder's) activations in "
-                                     "backward instead of storing them: far less memory, about 1.3x the time "
+                                     "backward instead of storing them: 0.13-0.38x the memory for about 1.5x the time "
                                      "(docs/benchmarks.md)")]
 
 
