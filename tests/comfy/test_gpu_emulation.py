@@ -77,8 +77,8 @@ def _preview(g, *sources):
     return g
 
 
-def reno_latent():
-    g = _loader()
+def reno_latent(dtype="fp32"):
+    g = _loader(dtype=dtype)
     g.update(soak.reno_graph(RENO_CKPT, ITERATIONS, seed=1, text="a red fox"))
     g["1"]["inputs"]["ckpt_name"] = RENO_CKPT
     return _preview(g, ("13", 2))
@@ -173,7 +173,8 @@ def test_the_server_emulates_gpu_moves(server):
     assert soak.stats(server)["emulated_gpu_moves"] is (not ON_GPU)
 
 
-@pytest.mark.parametrize("name,graph", [("reno_latent", reno_latent), ("reno_pixel", reno_pixel)])
+@pytest.mark.parametrize("name,graph", [("reno_latent", reno_latent), ("reno_latent_bf16", lambda: reno_latent("bf16")),
+                                        ("reno_pixel", reno_pixel)])
 def test_reno_lowers_the_loss_after_moves_and_reloads(server, name, graph):
     def check(outputs):
         losses = _reno_losses(outputs)

@@ -218,3 +218,41 @@ def test_gradient_checkpointing_changes_memory_not_results(comfy, reno_reward):
     assert torch.allclose(on["samples"], off["samples"], atol=1e-4)
     assert s_on["best_loss"] == pytest.approx(s_off["best_loss"], abs=1e-5)
     assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
+
+
+def test_reno_asks_model_management_for_its_working_memory(comfy, reno_reward, monkeypatch):
+    import comfy.model_management as mm
+    reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
+    calls = []
+    real = mm.load_models_gpu
+
+    def recording(models, memory_required=0, *args, **kwargs):
+        calls.append((list(models), memory_required))
+        return real(models, memory_required, *args, **kwargs)
+
+    monkeypatch.setattr(mm, "load_models_gpu", recording)
+    model = tiny_sdxl()
+    run_reno(comfy, model, reno_reward[1], {"samples": torch.zeros(2, 4, 32, 32)}, iterations=2)
+    expected = reno.reno_working_memory(model.model, (2, 4, 32, 32), 1, True, 0)
+    asked = [(models, need) for models, need in calls if need == expected]
+    assert expected > 0 and asked, [need for _, need in calls]
+    assert any(m is reno_reward[0].patcher for m in asked[0][0]) and any(m.model is model.model for m in asked[0][0])
+    assert reno.reno_working_memory(model.model, (2, 4, 32, 32), 1, False, 0) > expected   # checkpointing: less
+
+
+def test_safety_guidance_loads_its_model_once_per_sampling_run(comfy, reno_reward, monkeypatch):
+    handle = reno_reward[0]
+    loads = []
+    real = type(handle).load_for_grad
+    monkeypatch.setattr(type(handle), "load_for_grad", lambda self: loads.append(1) or real(self))
+    patched = comfy.run_node("LatentCLIPSafetyGuidance", model=tiny_sdxl(), latent_clip=handle, concepts="a dog",
+                             anchors="", scale=0.1, start_percent=0.0, end_percent=1.0, threshold=0.0).result[0]
+    with emulated_moves():
+        for _ in range(2):
+            comfy.run_node("KSampler", model=patched, seed=0, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
+                           positive=tiny_conditioning(1, 1), negative=tiny_conditioning(2, 1),
+                           latent_image={"samples": torch.zeros(1, 4, 32, 32)}, denoise=1.0)
+    records = sys.modules[comfy.node("LatentCLIPGuidanceReport").__module__].records_of(patched)
+    runs = list(records[0].runs)
+    assert [r["in_window"] for r in runs] == [4, 4] and [r["loads"] for r in runs] == [1, 1] and len(loads) == 2
+    assert records[0].model is None   # no reference kept between runs
