@@ -64,8 +64,8 @@ def reward_patchers(specs) -> list:
 
 
 def build_reward(specs, base_model, batch: int):
-    """Core reward terms for ``specs``; the modules needing grad through comfy.ops; the VAE decoders."""
-    terms, grad_modules, decoders = [], [], []
+    """Core reward terms for ``specs``; the ComfyUI modules (VAE decoders) needing grad through comfy.ops."""
+    terms, grad_modules = [], []
     for spec in specs:
         texts = list(spec.texts)
         if len(texts) not in (1, batch) and not (isinstance(spec, LatentTermSpec) and spec.mode == "avoid"):
@@ -89,10 +89,9 @@ def build_reward(specs, base_model, batch: int):
             terms.append(PixelCLIPMatch(clip, decode, texts, weight=spec.weight, tokenizer=handle.tokenizer,
                                         name=f"pixel{len(terms)}"))
             grad_modules.append(fsm)
-            decoders.append(fsm)
     if not terms:
         raise InputError("reward has no terms; connect a Latent-CLIP Reward or Pixel-CLIP Reward node")
-    return terms, grad_modules, decoders
+    return terms, grad_modules
 
 
 def _skip_copy(h, transformer_options):
@@ -198,7 +197,7 @@ class ReNOSampler(comfy.samplers.Sampler):
         if latent_image is not None:
             check_reno_latent(latent_image, base, self.reward, "latent_image")
         self.request_memory(model_wrap, base, noise.shape, len(sigmas) - 1)
-        terms, grad_modules, decoders = build_reward(self.reward, base, noise.shape[0])
+        terms, decoders = build_reward(self.reward, base, noise.shape[0])
         controls = control_models(getattr(model_wrap, "conds", None))
         if controls:
             extra_args = with_control_safe_skips(extra_args)
@@ -226,7 +225,7 @@ class ReNOSampler(comfy.samplers.Sampler):
         layers = []
         if self.gradient_checkpointing:
             layers = [m for net in (base.diffusion_model, *controls, *decoders) for m in checkpoint_layers(net)]
-        with grad_through_comfy_ops(base.diffusion_model, *controls, *grad_modules), checkpointed(layers):
+        with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers):
             self.last_result = reno_optimize(
                 generator, noise, terms, iterations=self.iterations, lr=self.learning_rate,
                 optimizer=self.optimizer, grad_clip=self.grad_clip, regularization=self.regularization,
