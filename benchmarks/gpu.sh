@@ -13,14 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
 
-if compgen -G ".bench/whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/bench_site .bench/whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if [ -z "${COMFYUI_PATH:-}" ] && [ -d .bench/ComfyUI/comfy ]; then
-    export COMFYUI_PATH="$PWD/.bench/ComfyUI"
-fi
+source benchmarks/gpu_env.sh || exit 1
 python3 -c "import open_clip, torch; assert torch.cuda.is_available(), 'no CUDA device'" || {
     echo "gpu.sh: needs torch with CUDA and open_clip (run benchmarks/prepare_gpu.sh and carry .bench)"; exit 1; }
 

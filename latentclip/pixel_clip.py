@@ -83,5 +83,6 @@ def load_pixel_clip(path, model_name: str | None = None, device="cpu", dtype=tor
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"'{path.name}' does not fit open_clip model {name}: {str(e).splitlines()[0]}") from None
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # moved here too: a move under the executor's inference mode would make inference tensors
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name), name

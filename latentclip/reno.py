@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 from .errors import InputError
 from .rewards import RewardSum
@@ -32,6 +33,58 @@ OPTIMIZERS = ("sgd", "adam")
 #: Learning rate used when ``lr`` is None: ReNO's 5.0 for SGD; Adam moves every element by about
 #: ``lr`` per step whatever the gradient's size, so it needs a far smaller one.
 DEFAULT_LR = {"sgd": 5.0, "adam": 0.01}
+#: Adam's epsilon: PyTorch's default. Clipped per-element gradients are ~1e-3 (norm 0.1 over 16k
+#: values for a 64x64x4 latent), far above it, so Adam's steps stay ~lr in size.
+ADAM_EPS = 1e-8
+
+
+def checkpoint_layers(module) -> list:
+    """The layers whose activations gradient checkpointing recomputes in backward (found by structure,
+    so no ComfyUI import is needed).
+
+    A ComfyUI UNet or ControlNet: every layer with weights inside its input, middle and output blocks
+    (ResBlocks, SpatialTransformers; the blocks themselves are iterated, never called). A VAE: its decoder's
+    ResNet blocks (AutoencoderKL) or its decoder's layers with weights (TAESD). Other models: the
+    children of their longest ModuleList (a DiT's transformer blocks).
+    """
+    has_weights = lambda m: next(m.parameters(), None) is not None  # noqa: E731
+    if hasattr(module, "input_blocks"):   # a UNet, or a ControlNet (no output blocks)
+        middle = getattr(module, "middle_block", None)
+        blocks = [*module.input_blocks, *([] if middle is None else [middle]), *getattr(module, "output_blocks", [])]
+        return [layer for block in blocks for layer in block if has_weights(layer)]
+    decoder = getattr(module, "decoder", None)
+    decoder = getattr(module, "taesd_decoder", None) if decoder is None else decoder
+    if decoder is not None and hasattr(decoder, "up") and hasattr(decoder, "mid"):
+        return [b for level in decoder.up for b in level.block] + [decoder.mid.block_1, decoder.mid.block_2]
+    root = module if decoder is None else decoder
+    lists = [m for m in root.modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))]
+    longest = max(lists, key=len, default=[])
+    return [m for m in longest if has_weights(m)]
+
+
+@contextlib.contextmanager
+def checkpointed(modules):
+    """Gradient checkpointing for the duration: each module's activations are recomputed in backward
+    instead of stored (one more forward pass, far less memory). Only the instances are patched (an
+    instance ``forward`` attribute), and only while grad is enabled; everything is put back on exit."""
+    patched = []
+
+    def wrap(forward):
+        def checkpointed_forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpointed_forward
+
+    try:
+        for m in modules:
+            if "forward" not in m.__dict__ and all(m is not p for p in patched):
+                m.forward = wrap(m.forward)
+                patched.append(m)
+        yield len(patched)
+    finally:
+        for m in patched:
+            del m.forward
 
 
 @dataclass
@@ -174,7 +227,7 @@ def _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov
     if optimizer == "sgd":
         opt = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     else:
-        opt = torch.optim.Adam([z], lr=lr)
+        opt = torch.optim.Adam([z], lr=lr, eps=ADAM_EPS)
     batch = z.shape[0]
     history: dict[str, list[list[float]]] = {}
     best_latents = best_noise = initial_latents = None

@@ -16,6 +16,7 @@ import comfy.model_patcher
 import folder_paths
 
 import latentclip
+import latentclip.pixel_clip
 from latentclip.errors import CheckpointError, InputError
 
 LATENT_CLIP_FOLDER = "latent_clip"
@@ -31,38 +32,101 @@ def register_model_folders() -> None:
         folder_paths.folder_names_and_paths[name][1].update(folder_paths.supported_pt_extensions)
 
 
-class LatentCLIPHandle:
-    """What flows on a LATENT_CLIP socket: a Latent-CLIP inside a ComfyUI ModelPatcher."""
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher that loads and offloads its model whole, never part of it.
 
-    def __init__(self, model: latentclip.LatentCLIP, load_device, offload_device, name: str):
-        self.patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    ComfyUI's partial (lowvram) load moves a model module by module and casts weights on the fly only
+    for ``comfy.ops`` layers. The Latent-CLIP and open_clip's pixel CLIP are plain torch modules: a
+    partial load would leave some of their layers on the offload device, and ``_load_list`` skips every
+    module that holds a parameter directly while having children (``logit_scale``, both
+    ``positional_embedding``s, ``text_projection``, ``class_embedding``, ``visual.proj``, every
+    ``nn.MultiheadAttention.in_proj_weight``), so the forward pass would mix devices. Both models are
+    small next to a UNet and are needed whole for every reward or guidance call, so they are loaded
+    whole or not at all: model management offloads other models to make room, or this one entirely.
+    """
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        return super().load(device_to, 0, force_patch_weights=force_patch_weights, full_load=True)
+
+    def partially_unload(self, device_to, memory_to_free=0):
+        return 0   # nothing freed in part: ComfyUI's model_unload then offloads the whole model
+
+
+def ready_for_grad(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace inference-tensor parameters and buffers of ``model`` by normal clones, in place.
+
+    ComfyUI's executor runs under ``torch.inference_mode()``; on a GPU, ``ModelPatcher.load`` moves the
+    model with ``Module.to`` there, which re-creates every moved parameter and buffer (``attn_mask``
+    included) as an inference tensor that autograd refuses to save. Cloning outside inference mode
+    gives tensors a backward pass can use; it costs nothing when nothing was moved (CPU).
+    """
+    with torch.inference_mode(False):
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        clone = t.clone()
+                        store[key] = torch.nn.Parameter(clone, requires_grad=False) if store is module._parameters else clone
+    return model
+
+
+class GradModelHandle:
+    """A plain torch model (Latent-CLIP, pixel CLIP) in a ``WholeModelPatcher``: counted, offloadable."""
+
+    def __init__(self, model: torch.nn.Module, load_device, offload_device, name: str):
+        self.patcher = WholeModelPatcher(model, load_device=load_device, offload_device=offload_device)
         self.name = name
+
+    def load(self) -> torch.nn.Module:
+        """The model on its load device, loaded through ComfyUI's model management."""
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+        return self.patcher.model
+
+    def load_for_grad(self) -> torch.nn.Module:
+        """Like ``load`` but with weights and buffers autograd may save (see ``ready_for_grad``)."""
+        return ready_for_grad(self.load())
+
+
+class LatentCLIPHandle(GradModelHandle):
+    """What flows on a LATENT_CLIP socket: a Latent-CLIP inside a ComfyUI ModelPatcher."""
 
     @property
     def vae_family(self) -> str:
         return self.patcher.model.vae_family
 
-    def load(self) -> latentclip.LatentCLIP:
-        """The model on its load device, loaded through ComfyUI's model management."""
-        mm.load_models_gpu([self.patcher])
-        return self.patcher.model
-
-    def load_for_grad(self) -> latentclip.LatentCLIP:
-        """Like ``load`` but with weights autograd may save (moves made under inference mode are not)."""
-        model = self.load()
-        with torch.inference_mode(False):
-            for module in model.modules():
-                for key, p in list(module._parameters.items()):
-                    if p is not None and p.is_inference():
-                        module._parameters[key] = torch.nn.Parameter(p.clone(), requires_grad=False)
-        return model
-
     def __repr__(self):
         return f"LatentCLIP({self.name}, vae={self.vae_family})"
 
 
-_cache: "collections.OrderedDict[tuple, LatentCLIPHandle]" = collections.OrderedDict()
+class PixelCLIPHandle(GradModelHandle):
+    """An open_clip pixel CLIP (ReNO's baseline reward) and its tokenizer, under model management."""
+
+    def __init__(self, model, tokenizer, model_name: str, load_device, offload_device, name: str):
+        super().__init__(model, load_device, offload_device, name)
+        self.tokenizer, self.model_name = tokenizer, model_name
+
+    def __repr__(self):
+        return f"PixelCLIP({self.name}, {self.model_name})"
+
+
+_cache: "collections.OrderedDict[tuple, GradModelHandle]" = collections.OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _cached(key: tuple, build, size: int = _CACHE_SIZE):
+    """The cached handle for ``key``, else ``build()`` stored; at most ``size`` handles of its kind kept
+    (dropped ones are freed by ComfyUI once nothing refers to their patcher)."""
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    handle = build()
+    with _cache_lock:
+        _cache[key] = handle
+        same = [k for k, h in _cache.items() if isinstance(h, type(handle))]
+        for k in same[:max(0, len(same) - size)]:
+            del _cache[k]
+    return handle
 
 
 def _resolve_dtype(dtype: str, device) -> torch.dtype:
@@ -102,35 +166,56 @@ def naming_the_input(error: CheckpointError, input_name: str, value: str) -> Che
                            else f"{input_name} {value!r}: {text}")
 
 
+def _devices(device: str = "default"):
+    if device == "cpu":
+        return torch.device("cpu"), torch.device("cpu")
+    return mm.get_torch_device(), mm.unet_offload_device()
+
+
+def _file_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return path, stat.st_mtime_ns, stat.st_size
+
+
 def load_latent_clip(ckpt_name: str, device: str = "default", dtype: str = "auto") -> LatentCLIPHandle:
     """Load (or reuse) a Latent-CLIP from the registered folder; weights built outside inference mode."""
     path = model_file_path(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name)
-    if device == "cpu":
-        load_device = offload_device = torch.device("cpu")
-    else:
-        load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    load_device, offload_device = _devices(device)
     torch_dtype = _resolve_dtype(dtype, load_device)
-    stat = os.stat(path)
-    key = (path, stat.st_mtime_ns, stat.st_size, str(load_device), str(torch_dtype))
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    try:
-        with torch.inference_mode(False):  # inference tensors could never take part in backward later
-            model = latentclip.load(path, device=offload_device, dtype=torch_dtype)
-    except CheckpointError as e:
-        raise naming_the_input(e, "ckpt_name", ckpt_name) from None
-    handle = LatentCLIPHandle(model, load_device, offload_device, ckpt_name)
-    with _cache_lock:
-        _cache[key] = handle
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return handle
+
+    def build():
+        try:
+            with torch.inference_mode(False):  # inference tensors could never take part in backward later
+                model = latentclip.load(path, device=offload_device, dtype=torch_dtype)
+        except CheckpointError as e:
+            raise naming_the_input(e, "ckpt_name", ckpt_name) from None
+        return LatentCLIPHandle(model, load_device, offload_device, ckpt_name)
+
+    return _cached(("latent",) + _file_key(path) + (str(load_device), str(torch_dtype)), build)
+
+
+def load_pixel_clip(clip_name: str, model_name: str = "") -> PixelCLIPHandle:
+    """Load (or reuse) an open_clip pixel CLIP from models/open_clip, in float32 (one kept: they are large)."""
+    path = model_file_path(OPEN_CLIP_FOLDER, "clip_name", clip_name)
+    load_device, offload_device = _devices()
+
+    def build():
+        try:
+            model, tokenizer, name = latentclip.pixel_clip.load_pixel_clip(path, model_name or None, device=offload_device)
+        except CheckpointError as e:
+            raise naming_the_input(e, "clip_name", clip_name) from None
+        return PixelCLIPHandle(model, tokenizer, name, load_device, offload_device, clip_name)
+
+    return _cached(("pixel",) + _file_key(path) + (model_name, str(load_device)), build, size=1)
 
 
 def cached_models() -> int:
-    return len(_cache)
+    """How many Latent-CLIPs the pack holds."""
+    return sum(isinstance(h, LatentCLIPHandle) for h in _cache.values())
+
+
+def cached_pixel_clips() -> int:
+    return sum(isinstance(h, PixelCLIPHandle) for h in _cache.values())
 
 
 # -- LATENT ------------------------------------------------------------------------------------
@@ -201,6 +286,14 @@ class grad_through_comfy_ops:
         self.saved_functions, self.saved_tensors = [], []
 
     def __enter__(self):
+        try:
+            self._patch()
+        except BaseException:
+            self.__exit__(None, None, None)   # a clone failed halfway (out of memory): put everything back
+            raise
+        return self
+
+    def _patch(self):
         for root in self.modules:
             for m in root.modules():
                 comfy_op = hasattr(m, "weight_function") and hasattr(m, "bias_function")
@@ -216,7 +309,6 @@ class grad_through_comfy_ops:
                         with torch.inference_mode(False):
                             clone = t.clone()
                         store[key] = torch.nn.Parameter(clone, requires_grad=False) if store is m._parameters else clone
-        return self
 
     def __exit__(self, *exc):
         for m, wf, bf in self.saved_functions:

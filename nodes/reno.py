@@ -21,12 +21,12 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from latentclip import LatentAvoid, LatentMatch, PixelCLIPMatch, reno_optimize
-from latentclip.errors import CheckpointError, InputError
-from latentclip.pixel_clip import load_pixel_clip
+from latentclip.errors import InputError
 from latentclip.plotting import plot_reno_history
+from latentclip.reno import checkpoint_layers, checkpointed
 
 from .comfy_bridge import (OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check,
-                           model_file_path, model_file_problem, naming_the_input, text_lines)
+                           load_pixel_clip, model_file_problem, text_lines)
 from .loaders import LatentCLIPType
 
 LatentRewardType = io.Custom("LATENT_REWARD")
@@ -52,25 +52,20 @@ class PixelTermSpec:
     weight: float
 
 
-_pixel_cache: dict = {}
-
-
-def _pixel_clip(clip_name: str, model_name: str, device):
-    path = model_file_path(OPEN_CLIP_FOLDER, "clip_name", clip_name)
-    key = (path, model_name, str(device))
-    if key not in _pixel_cache:
-        _pixel_cache.clear()  # one pixel CLIP at a time: they are large
-        try:
-            _pixel_cache[key] = load_pixel_clip(path, model_name or None, device=device)
-        except CheckpointError as e:
-            raise naming_the_input(e, "clip_name", clip_name) from None
-    return _pixel_cache[key]
+def reward_patchers(specs) -> list:
+    """The ModelPatchers the reward terms run (Latent-CLIPs, pixel CLIPs, VAEs), without loading them."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, LatentTermSpec):
+            out.append(spec.handle.patcher)
+        else:
+            out += [load_pixel_clip(spec.clip_name, spec.model_name).patcher, spec.vae.patcher]
+    return out
 
 
 def build_reward(specs, base_model, batch: int):
-    """Core reward terms for ``specs`` on the device the UNet runs on; the modules needing grad."""
+    """Core reward terms for ``specs``; the ComfyUI modules (VAE decoders) needing grad through comfy.ops."""
     terms, grad_modules = [], []
-    device = mm.get_torch_device()
     for spec in specs:
         texts = list(spec.texts)
         if len(texts) not in (1, batch) and not (isinstance(spec, LatentTermSpec) and spec.mode == "avoid"):
@@ -81,16 +76,85 @@ def build_reward(specs, base_model, batch: int):
             cls = LatentMatch if spec.mode == "match" else LatentAvoid
             terms.append(cls(model, texts, weight=spec.weight, name=f"{spec.mode}{len(terms)}"))
         else:
-            clip, tokenizer, _ = _pixel_clip(spec.clip_name, spec.model_name, device)
-            mm.load_models_gpu([spec.vae.patcher])
-            fsm = spec.vae.first_stage_model
-            vae_dtype = spec.vae.vae_dtype
-            terms.append(PixelCLIPMatch(clip, lambda z, fsm=fsm, dt=vae_dtype: fsm.decode(z.to(dt)).float(), texts,
-                                        weight=spec.weight, tokenizer=tokenizer, name=f"pixel{len(terms)}"))
+            handle = load_pixel_clip(spec.clip_name, spec.model_name)
+            clip = handle.load_for_grad()
+            # the decoder runs whole on every iteration: a partial load would cast it piece by piece each time
+            mm.load_models_gpu([spec.vae.patcher], force_full_load=True)
+            fsm, vae_dtype, vae_device = spec.vae.first_stage_model, spec.vae.vae_dtype, spec.vae.device
+            clip_device = handle.patcher.load_device
+
+            def decode(z, fsm=fsm, dt=vae_dtype, dev=vae_device, out=clip_device):
+                return fsm.decode(z.to(device=dev, dtype=dt)).float().to(out)
+
+            terms.append(PixelCLIPMatch(clip, decode, texts, weight=spec.weight, tokenizer=handle.tokenizer,
+                                        name=f"pixel{len(terms)}"))
             grad_modules.append(fsm)
     if not terms:
         raise InputError("reward has no terms; connect a Latent-CLIP Reward or Pixel-CLIP Reward node")
     return terms, grad_modules
+
+
+def _skip_copy(h, transformer_options):
+    return h.clone()
+
+
+def with_control_safe_skips(extra_args: dict) -> dict:
+    """extra_args whose UNet keeps a separate copy of each skip connection.
+
+    ComfyUI adds ControlNet outputs to the skip activations in place (``apply_control``: ``h += ctrl``)
+    after the next layer has saved them for backward, which autograd refuses ("modified by an inplace
+    operation"). An ``input_block_patch_after_skip`` that continues with a copy leaves the stored skip
+    to the in-place add and the saved tensor untouched. Nothing shared is modified: the dicts are copied.
+    """
+    options = dict(extra_args.get("model_options", {}))
+    transformer = dict(options.get("transformer_options", {}))
+    patches = dict(transformer.get("patches", {}))
+    patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [_skip_copy]
+    transformer["patches"] = patches
+    options["transformer_options"] = transformer
+    return dict(extra_args, model_options=options)
+
+
+def control_models(conds) -> list:
+    """The networks of every ControlNet/T2I adapter attached to the processed conditioning."""
+    out = []
+    for cond_list in (conds or {}).values():
+        for c in cond_list or []:
+            control = c.get("control") if isinstance(c, dict) else None
+            while control is not None:
+                for name in ("control_model", "t2i_model"):
+                    net = getattr(control, name, None)
+                    if isinstance(net, torch.nn.Module) and all(net is not m for m in out):
+                        out.append(net)
+                control = getattr(control, "previous_controlnet", None)
+    return out
+
+
+#: Bytes of activations kept for backward per latent pixel, per batch item and step, per UNet parameter
+#: at 4 bytes per value. Measured with benchmarks/reno_memory.py (docs/benchmarks.md): one ReNO iteration
+#: of the SD2.1 UNet (866M parameters) at 64x64 latents peaks 4.2 GB above the weights in float32
+#: (1.24e-3); SDXL measures 4.1e-4, so the estimate errs on the large side there.
+ACTIVATION_BYTES_PER_PARAM_PIXEL = 1.25e-3
+#: With gradient checkpointing (measured the same way: 1611 MB instead of 4207 MB for SD2.1, 0.13x
+#: for SDXL at 512 px) the kept activations shrink to at most this share.
+CHECKPOINTED_SHARE = 0.38
+#: A VAE decode's activations per output image pixel in float32 (SDXL decoder, benchmarks/run.py).
+DECODE_BYTES_PER_PIXEL = 0.025 * 2**20
+
+
+def reno_working_memory(base, shape, steps: int, checkpointing: bool, pixel_terms: int) -> int:
+    """Bytes ReNO's backward pass needs beyond the weights (the estimate ReNO asks ComfyUI to free).
+
+    UNet: batch x steps x latent pixels x parameters x ACTIVATION_BYTES_PER_PARAM_PIXEL, scaled by the
+    dtype's size / 4 and by CHECKPOINTED_SHARE with checkpointing; plus one decode per pixel-CLIP term.
+    """
+    params = sum(p.numel() for p in base.diffusion_model.parameters())
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    pixels = shape[0] * shape[-2] * shape[-1]
+    unet = pixels * steps * params * ACTIVATION_BYTES_PER_PARAM_PIXEL * mm.dtype_size(dtype) / 4
+    if checkpointing:
+        unet *= CHECKPOINTED_SHARE
+    return int(unet + pixel_terms * pixels * 64 * DECODE_BYTES_PER_PIXEL)
 
 
 def check_reno_latent(x, base_model, specs, name: str) -> None:
@@ -114,9 +178,11 @@ def check_reno_latent(x, base_model, specs, name: str) -> None:
 class ReNOSampler(comfy.samplers.Sampler):
     """A SAMPLER that runs ReNO: its result is the best x0 found, in the sampler's scaled space."""
 
-    def __init__(self, reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed):
-        self.reward, self.iterations, self.learning_rate = tuple(reward), iterations, learning_rate
+    def __init__(self, reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed,
+                 gradient_checkpointing=True):
+        self.reward, self.iterations, self.learning_rate = tuple(reward), iterations, learning_rate or None
         self.optimizer, self.grad_clip, self.regularization, self.seed = optimizer, grad_clip, regularization, seed
+        self.gradient_checkpointing = gradient_checkpointing
         self.last_result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -125,17 +191,28 @@ class ReNOSampler(comfy.samplers.Sampler):
         ms = base.model_sampling
         max_denoise = self.max_denoise(model_wrap, sigmas)
         check_reno_latent(noise, base, self.reward, "noise")
+        if not torch.any(noise):
+            raise InputError("noise is all zeros (SamplerCustom's add_noise is off?); ReNO optimises the initial "
+                             "noise, so it needs add_noise on (or use the ReNO node, which always adds noise)")
         if latent_image is not None:
             check_reno_latent(latent_image, base, self.reward, "latent_image")
-        terms, grad_modules = build_reward(self.reward, base, noise.shape[0])
+        self.request_memory(model_wrap, base, noise.shape, len(sigmas) - 1)
+        terms, decoders = build_reward(self.reward, base, noise.shape[0])
+        controls = control_models(getattr(model_wrap, "conds", None))
+        if controls:
+            extra_args = with_control_safe_skips(extra_args)
         with torch.inference_mode(False):
             sig = sigmas.detach().clone()
             start = (latent_image if latent_image is not None else torch.zeros_like(noise)).detach().clone()
+            mask = None if denoise_mask is None else denoise_mask.detach().to(noise.device, torch.float32).clone()
+
+        def keep_unmasked(x0):   # inpainting: only the masked region changes, as ComfyUI's samplers do
+            return x0 if mask is None else x0 * mask + start * (1 - mask)
 
         def generator(z):
             x = ms.noise_scaling(sig[0], z, start, max_denoise)
             for i in range(len(sig) - 1):
-                x0 = model_wrap(x, sig[i] * x.new_ones(x.shape[0]), **extra_args)
+                x0 = keep_unmasked(model_wrap(x, sig[i] * x.new_ones(x.shape[0]), **extra_args))
                 x = x0 if sig[i + 1] == 0 else x0 + (x - x0) * (sig[i + 1] / sig[i])  # deterministic Euler
             return base.process_latent_out(ms.inverse_noise_scaling(sig[-1], x))
 
@@ -145,12 +222,23 @@ class ReNOSampler(comfy.samplers.Sampler):
                 best = base.process_latent_in(step.best_latents.to(noise.device))
                 callback(step.iteration, best, best, step.iterations)
 
-        with grad_through_comfy_ops(base.diffusion_model, *grad_modules):
+        layers = []
+        if self.gradient_checkpointing:
+            layers = [m for net in (base.diffusion_model, *controls, *decoders) for m in checkpoint_layers(net)]
+        with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers):
             self.last_result = reno_optimize(
                 generator, noise, terms, iterations=self.iterations, lr=self.learning_rate,
                 optimizer=self.optimizer, grad_clip=self.grad_clip, regularization=self.regularization,
                 callback=on_step, seed=self.seed)
         return base.process_latent_in(self.last_result.latents.to(device=noise.device, dtype=noise.dtype))
+
+    def request_memory(self, model_wrap, base, shape, steps: int) -> None:
+        """Ask ComfyUI's model management for ReNO's working memory, with every model ReNO runs loaded:
+        other models are offloaded (or the UNet loaded in part) instead of running out of memory."""
+        patchers = [model_wrap.model_patcher, *getattr(model_wrap, "loaded_models", []), *reward_patchers(self.reward)]
+        pixel_terms = sum(isinstance(s, PixelTermSpec) for s in self.reward)
+        need = reno_working_memory(base, shape, steps, self.gradient_checkpointing, pixel_terms)
+        mm.load_models_gpu(patchers, memory_required=need, minimum_memory_required=need)
 
 
 def _reward_inputs():
@@ -205,12 +293,16 @@ class PixelCLIPReward(io.ComfyNode):
 
 def _loop_inputs():
     return [io.Int.Input("iterations", default=50, min=1, max=1000),
-            io.Float.Input("learning_rate", default=5.0, min=1e-6, max=1000.0, step=0.01,
-                           tooltip="ReNO: 5.0 with sgd; use ~0.01 with adam"),
+            io.Float.Input("learning_rate", default=0.0, min=0.0, max=1000.0, step=0.01,
+                           tooltip="0 = the optimizer's default: 5.0 for sgd (ReNO's), 0.01 for adam"),
             io.Combo.Input("optimizer", options=["sgd", "adam"], default="sgd"),
             io.Float.Input("grad_clip", default=0.1, min=0.0, max=100.0, step=0.01, tooltip="Per-item gradient norm bound; 0 = off"),
             io.Float.Input("regularization", default=0.01, min=0.0, max=10.0, step=0.001,
-                           tooltip="Weight of the chi-norm prior that keeps the noise Gaussian-like")]
+                           tooltip="Weight of the chi-norm prior that keeps the noise Gaussian-like"),
+            io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
+                             tooltip="Recompute the UNet's (and a pixel reward's VAE decoder's) activations in "
+                                     "backward instead of storing them: 0.13-0.38x the memory for about 1.5x the time "
+                                     "(docs/benchmarks.md)")]
 
 
 class LatentCLIPReNOSampler(io.ComfyNode):
@@ -226,8 +318,10 @@ class LatentCLIPReNOSampler(io.ComfyNode):
             outputs=[io.Sampler.Output()])
 
     @classmethod
-    def execute(cls, reward, seed, iterations, learning_rate, optimizer, grad_clip, regularization) -> io.NodeOutput:
-        return io.NodeOutput(ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed))
+    def execute(cls, reward, seed, iterations, learning_rate, optimizer, grad_clip, regularization,
+                gradient_checkpointing=True) -> io.NodeOutput:
+        return io.NodeOutput(ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed,
+                                         gradient_checkpointing))
 
 
 def turbo_sigmas(model, steps: int) -> torch.Tensor:
@@ -259,13 +353,14 @@ class LatentCLIPReNO(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, reward, seed, iterations, learning_rate, optimizer,
-                grad_clip, regularization, steps=1, cfg=1.0) -> io.NodeOutput:
+                grad_clip, regularization, gradient_checkpointing=True, steps=1, cfg=1.0) -> io.NodeOutput:
         samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
         if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[0] > 0:
             samples = comfy.sample.fix_empty_latent_channels(model, samples)
         check_reno_latent(samples, model.model, reward, "latent_image")
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
-        sampler = ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed)
+        sampler = ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed,
+                              gradient_checkpointing)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

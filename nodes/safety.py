@@ -51,12 +51,26 @@ class GuidanceRecord:
         self.patch_id, self.concepts, self.anchors, self.settings = patch_id, concepts, anchors, settings
         self.runs: collections.deque = collections.deque(maxlen=MAX_RUNS)
         self._counter = itertools.count(1)
+        self.model = None
+
+    def model_for_run(self, handle):
+        """The Latent-CLIP for this sampling run, loaded (for grad) once per run: a load at every model
+        call would let model management shuffle the UNet mid-sampling. Sampling itself loaded it
+        already, with the UNet (it is one of the MODEL's additional models)."""
+        if self.model is None:
+            self.model = handle.load_for_grad()
+            self.current()["loads"] += 1
+        return self.model
+
+    def finish_sampling(self) -> None:
+        self.model = None   # hold no reference between runs: ComfyUI may offload or free it
 
     def start_run(self, sigmas=None) -> dict:
         steps = None if sigmas is None else len(sigmas) - 1
         run = {"run": next(self._counter), "sampler_steps": steps, "calls": 0, "in_window": 0,
-               "steps": [], "dropped": 0, "fingerprint": None}
+               "steps": [], "dropped": 0, "fingerprint": None, "loads": 0}
         self.runs.append(run)
+        self.model = None   # the run's Latent-CLIP, loaded at its first guided call
         return run
 
     def current(self) -> dict:
@@ -168,7 +182,7 @@ def make_hook(handle, record: GuidanceRecord, concepts: list[str], anchors: list
             record.add_call(s)
             return denoised
         base = args["model"]
-        lc = handle.load_for_grad()   # through ComfyUI's model management, every call
+        lc = record.model_for_run(handle)
         c, a, alt = text_embeds(lc)
         raw = base.process_latent_out(denoised)
         with torch.inference_mode(False):
@@ -190,7 +204,10 @@ def make_run_wrapper(record: GuidanceRecord):
     def latent_clip_safety_run(executor, *args, **kwargs):
         sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
         record.start_run(sigmas)
-        output = executor(*args, **kwargs)
+        try:
+            output = executor(*args, **kwargs)
+        finally:
+            record.finish_sampling()
         record.finish_run(output)
         return output
     return latent_clip_safety_run

@@ -49,6 +49,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def device_args() -> list:
+    """``--cpu`` unless LATENTCLIP_TEST_GPU=1 (tests/gpu/run.sh), then LATENTCLIP_TEST_COMFY_ARGS
+    (e.g. ``--lowvram``): the same server tests run on a GPU as they are."""
+    gpu = os.environ.get("LATENTCLIP_TEST_GPU") == "1"
+    return ([] if gpu else ["--cpu"]) + os.environ.get("LATENTCLIP_TEST_COMFY_ARGS", "").split()
+
+
 class ServerError(AssertionError):
     pass
 
@@ -56,8 +63,9 @@ class ServerError(AssertionError):
 class ComfyServer:
     """``with ComfyServer(comfy_root) as srv:`` starts ``main.py --cpu`` and stops it on exit."""
 
-    def __init__(self, comfy_root, workdir=None, extra_args=(), extra_packs=()):
+    def __init__(self, comfy_root, workdir=None, extra_args=(), extra_packs=(), env=None):
         self.root = Path(comfy_root)
+        self.env = dict(env or {})
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lc-server-"))
         self.extra_args = list(extra_args)
         self.proc = None
@@ -103,9 +111,9 @@ class ComfyServer:
     def start(self, attempts: int = 3) -> "ComfyServer":
         for _ in range(attempts):
             self.port = free_port()
-            cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            cmd = [sys.executable, "main.py", *device_args(), "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--base-directory", str(self.workdir), *self.extra_args]
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1", **self.env)
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -135,6 +135,15 @@ def tiny_latent_clip(seed=0, cfg="Latent-ViT-Tiny-test"):
     return model
 
 
+def tiny_reward_latent_clip(seed=3):
+    """A tiny random Latent-CLIP with a trained CLIP's logit scale (100), so rewards have real gradients."""
+    import math
+    model = tiny_latent_clip(seed=seed)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(100.0))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(comfy):
     """Name of a tiny Latent-CLIP in the registered models/latent_clip folder."""

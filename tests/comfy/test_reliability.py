@@ -207,7 +207,6 @@ CASES += [
      "reward text has 3 lines but the batch has 1 latents"),
     ("reno-iterations-0", "LatentCLIPReNO", "iterations 0", lambda: reno(iterations=0), "validation", "13", "iterations"),
     ("reno-iterations-neg", "LatentCLIPReNO", "iterations -5", lambda: reno(iterations=-5), "validation", "13", "iterations"),
-    ("reno-lr-0", "LatentCLIPReNO", "learning_rate 0", lambda: reno(lr=0.0), "validation", "13", "learning_rate"),
     ("reno-lr-neg", "LatentCLIPReNO", "learning_rate -1", lambda: reno(lr=-1.0), "validation", "13", "learning_rate"),
     ("renosampler-iterations-0", "LatentCLIPReNOSampler", "iterations 0", lambda: reno_sampler(iterations=0), "validation", "14", "iterations"),
     ("reno-vae-family", "LatentCLIPReNO", "SD3-family Latent-CLIP, SDXL model", lambda: reno(ckpt="tiny-sd3.safetensors"), "execution", "13",

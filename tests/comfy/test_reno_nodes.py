@@ -6,18 +6,15 @@ import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_sdxl
+from conftest import tiny_conditioning, tiny_latent_clip, tiny_reward_latent_clip, tiny_sdxl
 
 
 @pytest.fixture(scope="module")
 def reno_handle(comfy):
     """A tiny Latent-CLIP with a trained CLIP's logit scale (100), so rewards have real gradients."""
-    model = tiny_latent_clip(seed=3)
-    with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(100.0))
     path = comfy.models / "latent_clip" / "tiny-reno.safetensors"
     if not path.exists():
-        latentclip.save(model, path)
+        latentclip.save(tiny_reward_latent_clip(seed=3), path)
     return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
 
 

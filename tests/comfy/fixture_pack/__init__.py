@@ -9,27 +9,41 @@
   and Python object counts. ``?trim=1`` also calls glibc's ``malloc_trim(0)`` so that RSS read right
   after shows memory still held rather than free pages the allocator kept.
 
+With ``LATENTCLIP_TEST_EMULATE_GPU_MOVES=1`` in the environment, loading this pack installs
+``tests/comfy/gpu_emulation.py``: every ``Module.to`` under inference mode copies tensors, as a move
+to a GPU does (``GET /latentclip_test/stats`` reports ``emulated_gpu_moves``).
+
 comfy_server.ComfyServer(extra_packs=[this folder]) symlinks it into the server's custom_nodes.
 """
 import gc
 import importlib.util
+import os
 import sys
 import weakref
 from pathlib import Path
 
 import torch
 
-_HARNESS = "latentclip_tests_comfy_conftest"
+def _test_module(module_name: str, file_name: str):
+    """A file of tests/comfy imported under a private name (``conftest`` holds the harness)."""
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / file_name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def _harness():
-    if _HARNESS not in sys.modules:
-        spec = importlib.util.spec_from_file_location(_HARNESS, Path(__file__).resolve().parents[1] / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_HARNESS] = module
-        spec.loader.exec_module(module)
-    return sys.modules[_HARNESS]
+    return _test_module("latentclip_tests_comfy_conftest", "conftest.py")
 
+
+def _emulation():
+    return _test_module("latentclip_tests_gpu_emulation", "gpu_emulation.py")
+
+
+if os.environ.get(_emulation().ENV) == "1":
+    _emulation().install()
 
 _built = weakref.WeakSet()   # the tiny UNets made so far (for the stats route)
 
@@ -109,7 +123,18 @@ def stats(trim: bool = False) -> dict:
             "parameters": params, "parameter_bytes": param_bytes, "unet_extra_functions": extra_functions,
             "tiny_unets_alive": len(_built), "gc_objects": len(objects), "allocated_blocks": sys.getallocatedblocks(),
             "tensors": sum(1 for o in objects if isinstance(o, torch.Tensor)),
-            "trimmed": malloc_trim() if trim else None}
+            "trimmed": malloc_trim() if trim else None, "emulated_gpu_moves": _emulation().installed(),
+            "cached_pixel_clips": bridge.cached_pixel_clips() if bridge else -1,
+            "loaded_models": _loaded_models()}
+
+
+def _loaded_models() -> list:
+    """Class names of the models ComfyUI's model management holds loaded."""
+    try:
+        import comfy.model_management as mm
+        return [type(m.model.model).__name__ for m in mm.current_loaded_models if m.model is not None]
+    except Exception:
+        return []
 
 
 try:
