@@ -19,6 +19,7 @@ How an inner ComfyUI sampler runs on a particle batch (``latentclip.search`` doe
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 
@@ -30,7 +31,7 @@ from comfy_api.latest import io, ui
 
 from latentclip.errors import InputError
 from latentclip.plotting import plot_search_history
-from latentclip.search import STRATEGIES, POTENTIALS, SearchSettings, expand_items, particle_steps, reward_scorer, search
+from latentclip.search import STRATEGIES, POTENTIALS, SearchSettings, auto_start, expand_items, particle_steps, reward_scorer, search
 
 from .comfy_bridge import interrupt_check
 from .reno import LatentRewardType, _image_tensor, build_reward, check_reno_latent
@@ -99,6 +100,8 @@ class SearchSampler(comfy.samplers.Sampler):
         settings = self.settings
         if steps < 1:
             raise InputError("sigmas must hold at least two values (one step); got a schedule of 0 steps")
+        if settings.strategy == "fk_steering" and settings.start == 0:
+            settings = dataclasses.replace(settings, start=auto_start(steps))
         settings.validate(steps)
         base = model_wrap.inner_model
         ms = base.model_sampling
@@ -225,7 +228,9 @@ class LatentCLIPSearchSampler(io.ComfyNode):
                                    tooltip="fk lambda: weights softmax(lambda * potential); the potential is the reward "
                                            "in loss units (1 - cos for a match term of weight 0.01 on a CLIP with logit scale 100)"),
                     io.Int.Input("interval", default=1, min=1, max=1000, tooltip="fk: resample every k steps"),
-                    io.Int.Input("start", default=1, min=1, max=1000, tooltip="fk: first resampling after this step"),
+                    io.Int.Input("start", default=0, min=0, max=1000,
+                                 tooltip="fk: first resampling after this step; 0 = auto, 3/8 of the steps (earlier x0 "
+                                         "predictions barely predict the result)"),
                     io.String.Input("prune_steps", default="2, 4", tooltip="prune: steps after which particles are dropped"),
                     io.Float.Input("keep", default=0.5, min=0.01, max=0.99, step=0.01, tooltip="prune: share kept each time"),
                     io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="Seeds resampling"),

@@ -104,7 +104,7 @@ def settings_for(run: str, particles: int, steps: int, seed: int = 0, fk: dict |
 
 def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEPS, eta: float = ETA,
               fk: dict | None = None, extra_terms=(), trace=False, seed: int = 0):
-    """One run on a batch of (prompt, seed) items: the SearchResult."""
+    """One run on a batch of (prompt, seed) items: the SearchResult, ``samples`` as raw latents."""
     batch = len(prompts)
     st = settings_for(run, particles, steps, seed, fk, trace)
     kind = "pixel" if run == "fk_pixel" else "latent"
@@ -113,7 +113,9 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
         cond = world.generator.prepare(prompts, batch)
     advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed)
     x = particle_noise(seeds, st.particles)
-    return search(advance, x, steps, score, batch, st)
+    res = search(advance, x, steps, score, batch, st)
+    res.samples = world.generator.to_raw(res.samples)   # the sampler's state is standardised; rewards saw raw x0
+    return res
 
 
 def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int = STEPS, eta: float = ETA,

@@ -52,6 +52,14 @@ def test_stochastic_sampler_is_seeded_and_eta_zero_is_the_generators_euler(world
     assert torch.equal(x0(0.7, 3), x0(0.7, 3)) and not torch.allclose(x0(0.7, 3), x0(0.7, 4))
 
 
+def test_one_particle_deterministic_run_returns_the_generators_raw_latents(world):
+    prompts = ["a red circle", "three green triangles"]
+    res = MS.run_batch(world, "baseline", prompts, [5, 6], particles=1, steps=4, eta=0.0)
+    with torch.no_grad():
+        raw = world.generator.sample(GN.noise_for([5, 6]), prompts, steps=4)
+    assert torch.allclose(res.samples, raw, atol=1e-5)
+
+
 def test_prune_fills_the_same_budget_as_best_of_n():
     st = MS.settings_for("prune", 8, 8)
     from latentclip.search import particle_steps

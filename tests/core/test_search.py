@@ -4,7 +4,7 @@ import torch
 
 from latentclip import InputError, LatentCLIP
 from latentclip.rewards import LatentAvoid, LatentMatch
-from latentclip.search import (SearchSettings, expand_items, particle_steps, prune_counts, reward_scorer, search)
+from latentclip.search import (SearchSettings, auto_start, expand_items, particle_steps, prune_counts, reward_scorer, search)
 
 torch.set_num_threads(1)
 STEPS = 6
@@ -76,6 +76,10 @@ def test_fk_resamples_toward_high_rewards_and_beats_best_of_n_on_a_walk():
     # after resampling, lineages collapse: fewer distinct original slots survive than particles
     assert min(min(s) for s in fk.history["survivors"][1:]) < n
     assert sum(fk.best_reward) / batch > sum(bon.best_reward) / batch
+
+
+def test_auto_start_is_where_scores_become_informative():
+    assert [auto_start(s) for s in (2, 4, 8, 20, 30)] == [1, 1, 3, 7, 11]
 
 
 def test_fk_interval_start_stop_choose_the_resampling_steps():
