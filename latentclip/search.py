@@ -43,9 +43,9 @@ class SearchSettings:
     strategy: str = "fk_steering"
     particles: int = 8
     potential: str = "difference"
-    temperature: float = 100.0        # lambda: weights are softmax(lambda * potential), per reward unit
+    temperature: float = 30.0         # lambda: weights are softmax(lambda * potential), per reward unit
     interval: int = 1                 # fk: resample every `interval` steps ...
-    start: int = 1                    # ... from step `start` (1 = after the first step) ...
+    start: int = 3                    # ... from step `start` (1 = after the first step) ...
     stop: int | None = None           # ... up to step `stop` (None: the step before the last)
     prune_at: tuple = ()              # prune: steps after which particles are dropped
     keep: float = 0.5                 # prune: share of each item's particles kept at each prune step

@@ -224,7 +224,7 @@ class LatentCLIPSearchSampler(io.ComfyNode):
                                            "fk_steering: resample by the reward potential every interval steps"),
                     io.Combo.Input("potential", options=list(POTENTIALS), default="difference",
                                    tooltip="fk: difference (reward gain since the last resampling), value, or max"),
-                    io.Float.Input("temperature", default=100.0, min=0.0, max=10000.0, step=1.0,
+                    io.Float.Input("temperature", default=30.0, min=0.0, max=10000.0, step=1.0,
                                    tooltip="fk lambda: weights softmax(lambda * potential); the potential is the reward "
                                            "in loss units (1 - cos for a match term of weight 0.01 on a CLIP with logit scale 100)"),
                     io.Int.Input("interval", default=1, min=1, max=1000, tooltip="fk: resample every k steps"),

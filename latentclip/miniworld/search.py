@@ -29,9 +29,10 @@ from ..search import SearchSettings, expand_items, particle_steps, prune_counts,
 
 RUNS = ("baseline", "best_of_n", "prune", "fk_latent", "fk_pixel")
 #: Sampling: Euler steps, stochasticity eta (0 = deterministic Euler, 1 = fresh noise each step).
-STEPS, ETA = 8, 1.0
-#: FK defaults (measured, docs/search.md): difference potential, lambda per cosine, every step.
-FK = {"potential": "difference", "temperature": 100.0, "interval": 1, "start": 1, "stop": None}
+STEPS, ETA = 8, 0.5
+#: FK defaults (measured, docs/search.md): difference potential, lambda 30 per cosine, every step from
+#: step 3 of 8 (earlier x0 scores barely predict the result).
+FK = {"potential": "difference", "temperature": 30.0, "interval": 1, "start": 3, "stop": None}
 #: Prune at equal NFE: after these shares of the steps (3 and 5 of 8: scores are informative from
 #: step 3, docs/search.md), keep half each time; the start count fills the NFE budget.
 PRUNE = {"prune_at": (0.375, 0.625), "keep": 0.5}
