@@ -196,14 +196,14 @@ def search_fk_sdxl():
     """SDXL base, 20 steps of euler_ancestral, 4 particles with FK steering every 2 steps."""
     return _search_graph(SDXL_BASE, "a red cube on top of a blue sphere, studio photo", 20, 6.0, "karras",
                          "euler_ancestral", dict(particles=4, strategy="fk_steering", potential="difference",
-                                                 temperature=100.0, interval=2, start=4, prune_steps="", keep=0.5,
+                                                 temperature=30.0, interval=2, start=0, prune_steps="", keep=0.5,
                                                  seed=0, max_batch=0), 3, "search_fk_sdxl")
 
 
 def search_prune_turbo():
     """A few-step model (SDXL-Turbo; Lightning/DMD2/Hyper LoRAs alike): best-of-8 that halves after steps 1 and 2."""
     g = _search_graph(TURBO, "three yellow balloons above a blue car", 4, 1.0, "sgm_uniform", "lcm",
-                      dict(particles=8, strategy="prune", potential="difference", temperature=100.0, interval=1,
+                      dict(particles=8, strategy="prune", potential="difference", temperature=30.0, interval=1,
                            start=1, prune_steps="1, 2", keep=0.5, seed=0, max_batch=0), 5, "search_prune_turbo")
     g["4"]["inputs"].update(width=512, height=512)
     return g
@@ -211,7 +211,7 @@ def search_prune_turbo():
 
 WORKFLOWS.update({
     "latent_clip_search_fk_sdxl": (search_fk_sdxl, "Inference-time search on SDXL (20 steps, euler_ancestral): 4 "
-                                   f"particles, FK steering every 2 steps from step 4 on Latent-CLIP rewards of x0 "
+                                   f"particles, FK steering every 2 steps from step 7 (start 0 = auto, 3/8 of the steps) on Latent-CLIP rewards of x0 "
                                    f"predictions, no decode until the winner. models/checkpoints/{SDXL_BASE}."),
     "latent_clip_search_prune_turbo": (search_prune_turbo, "Few-step best-of-8 with pruning (SDXL-Turbo, 4 lcm steps): "
                                        "the worse half of the particles is dropped after steps 1 and 2, saving their "
