@@ -123,9 +123,12 @@ class SearchSampler(comfy.samplers.Sampler):
         latent_p = expand_items(latent_image if latent_image is not None else torch.zeros_like(noise), n)
         max_denoise = self.max_denoise(model_wrap, sigmas)
         x = ms.noise_scaling(sigmas[0], noise_p, latent_p, max_denoise)
-        mask_p = None
-        if denoise_mask is not None:
-            mask_p = expand_items(denoise_mask, n) if denoise_mask.shape[0] == batch else denoise_mask
+
+        def chunk_mask(k):
+            """An inpainting mask per item repeats with the particles; a shared one stays as it is."""
+            if denoise_mask is None or denoise_mask.shape[0] != batch:
+                return denoise_mask
+            return expand_items(denoise_mask, k)
 
         fn, options = inner.sampler_function, dict(inner.extra_options)
         takes_noise = "noise_sampler" in inspect.signature(fn).parameters
@@ -156,7 +159,7 @@ class SearchSampler(comfy.samplers.Sampler):
                 model_k.latent_image = expand_items(latent_p[:batch], k)
                 model_k.noise = expand_items(noise_p[:batch], k)
                 ea = dict(extra_args)
-                ea["denoise_mask"] = None if mask_p is None else (expand_items(denoise_mask, k) if denoise_mask.shape[0] == batch else denoise_mask)
+                ea["denoise_mask"] = chunk_mask(k)
                 ea["seed"] = _row_seed(seed, start, c0)
                 seen = {}
                 cb = step_callback(xc.shape[0])

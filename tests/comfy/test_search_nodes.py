@@ -176,3 +176,14 @@ def test_pixel_reward_in_the_chain_decodes_at_each_scoring_point(comfy, handle, 
     terms = sampler.last_summary["history"]["terms"]
     assert "pixel0" in terms and "match1" in terms and len(terms["pixel0"]) == STEPS
     assert torch.isfinite(out["samples"]).all()
+
+
+def test_inpainting_mask_keeps_the_unmasked_area_for_every_particle(comfy, handle, model):
+    source = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, 32, 32)
+    mask[:, :, 16:] = 1.0                       # only the right half is sampled
+    latent = comfy.run_node("SetLatentNoiseMask", samples={"samples": source}, mask=mask)[0]
+    out = sample(comfy, model, search_sampler(comfy, reward_of(comfy, handle), "euler_ancestral", particles=3), latent,
+                 batch=2)
+    assert torch.allclose(out["samples"][..., :14], source[..., :14], atol=1e-4)
+    assert not torch.allclose(out["samples"][..., 18:], source[..., 18:], atol=1e-2)
