@@ -238,15 +238,18 @@ class LatentCLIPSearchSampler(io.ComfyNode):
                     io.Float.Input("keep", default=0.5, min=0.01, max=0.99, step=0.01, tooltip="prune: share kept each time"),
                     io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="Seeds resampling"),
                     io.Int.Input("max_batch", default=0, min=0, max=4096,
-                                 tooltip="Most particle rows per model call; 0 = as many as free memory allows")],
+                                 tooltip="Most particle rows per model call; 0 = as many as free memory allows"),
+                    io.Boolean.Input("score_every_step", default=True,
+                                     tooltip="Record every particle's reward at every step for the history (one reward "
+                                             "evaluation per step: cheap with a Latent-CLIP, a VAE decode with a pixel reward)")],
             outputs=[io.Sampler.Output()])
 
     @classmethod
     def execute(cls, reward, sampler, particles, strategy, potential, temperature, interval, start, prune_steps,
-                keep, seed, max_batch=0) -> io.NodeOutput:
+                keep, seed, max_batch=0, score_every_step=True) -> io.NodeOutput:
         prune_at = parse_steps(prune_steps) if strategy == "prune" else ()
         settings = SearchSettings(strategy, int(particles), potential, float(temperature), int(interval), int(start),
-                                  None, prune_at, float(keep), int(seed) % _SEED_MOD)
+                                  None, prune_at, float(keep), int(seed) % _SEED_MOD, bool(score_every_step))
         if strategy not in STRATEGIES:
             raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if isinstance(particles, bool) or int(particles) < 1:

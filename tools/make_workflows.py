@@ -197,14 +197,15 @@ def search_fk_sdxl():
     return _search_graph(SDXL_BASE, "a red cube on top of a blue sphere, studio photo", 20, 6.0, "karras",
                          "euler_ancestral", dict(particles=4, strategy="fk_steering", potential="difference",
                                                  temperature=30.0, interval=2, start=0, prune_steps="", keep=0.5,
-                                                 seed=0, max_batch=0), 3, "search_fk_sdxl")
+                                                 seed=0, max_batch=0, score_every_step=True), 3, "search_fk_sdxl")
 
 
 def search_prune_turbo():
     """A few-step model (SDXL-Turbo; Lightning/DMD2/Hyper LoRAs alike): best-of-8 that halves after steps 1 and 2."""
     g = _search_graph(TURBO, "three yellow balloons above a blue car", 4, 1.0, "sgm_uniform", "lcm",
                       dict(particles=8, strategy="prune", potential="difference", temperature=30.0, interval=1,
-                           start=1, prune_steps="1, 2", keep=0.5, seed=0, max_batch=0), 5, "search_prune_turbo")
+                           start=1, prune_steps="1, 2", keep=0.5, seed=0, max_batch=0, score_every_step=True), 5,
+                      "search_prune_turbo")
     g["4"]["inputs"].update(width=512, height=512)
     return g
 

@@ -76,12 +76,13 @@ def test_one_particle_best_of_n_is_the_inner_sampler_itself(comfy, handle, model
 
 def test_best_of_n_returns_the_particle_with_the_best_final_reward(comfy, handle, model):
     sampler = search_sampler(comfy, reward_of(comfy, handle, "a blue boat"), "euler_ancestral", particles=4,
-                             strategy="best_of_n")
+                             strategy="best_of_n", score_every_step=False)
     out = sample(comfy, model, sampler, {"samples": torch.zeros(1, 4, 32, 32)})
     cos = float(latentclip.cosine(handle.load(), out["samples"], "a blue boat"))
     # the reward is -0.01 * (100 - 100 cos) of the returned latent, and the highest of the four
     assert sampler.last_summary["best_reward"][0] == pytest.approx(cos - 1.0, abs=1e-4)
     assert sampler.last_summary["best_reward"][0] == pytest.approx(max(sampler.last_summary["history"]["reward"][-1][0]), abs=1e-6)
+    assert sampler.last_summary["history"]["scored_steps"] == [STEPS] and sampler.last_summary["history"]["trace"] == {}
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_sde"])
@@ -110,6 +111,7 @@ def test_history_node_gives_json_and_a_plot(comfy, handle, model):
     text, plot = comfy.run_node("LatentCLIPSearchHistory", sampler=sampler, samples=out).result
     summary = json.loads(text)
     assert summary["history"]["scored_steps"] == [1, 2, 3, 4] and len(summary["history"]["events"]) == 3
+    assert sorted(map(int, summary["history"]["trace"])) == [1, 2, 3, 4]
     assert plot.ndim == 4 and plot.shape[-1] == 3
 
 
