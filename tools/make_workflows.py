@@ -218,6 +218,10 @@ WORKFLOWS.update({
                                        "the worse half of the particles is dropped after steps 1 and 2, saving their "
                                        "remaining steps; only the winner is decoded."),
 })
+#: Template-card titles (main's Templates-browser layout names UI files by title).
+SEARCH_TITLES = {"latent_clip_search_fk_sdxl": "Search with FK steering - SDXL 20 steps",
+                 "latent_clip_search_prune_turbo": "Search best-of-8 with pruning - SDXL-Turbo"}
+globals().get("TITLES", {}).update(SEARCH_TITLES)
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
