@@ -278,6 +278,8 @@ def run_case(spec: dict) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     fn = reward_step if spec["kind"] == "reward_step" else reno_iteration
+    if spec["kind"] == "search_scoring":
+        from .search import search_scoring as fn
     out = fn(spec, device, dtype)
     out["wall_s"] = time.perf_counter() - t0
     return {**spec, **out}

@@ -18,6 +18,7 @@ import torch
 
 from . import arch, report
 from .cases import run_case
+from .search import summary_line as search_summary
 
 LATENT_MODELS = ("Latent-ViT-B-8-512", "Latent-ViT-B-4-512-plus")
 PIXEL_MODELS = ("ViT-B-32", "ViT-H-14")
@@ -48,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--reno-repeats", type=int, default=None, help="timed rounds of the ReNO case (default 3 CPU, 10 CUDA)")
     p.add_argument("--reno-budget", type=float, default=None,
                    help="seconds for the timed ReNO rounds (all three variants; default 600 CPU, 60 CUDA)")
-    p.add_argument("--only", default="reward,reno", help="which parts: reward, reno")
+    p.add_argument("--only", default="reward,reno", help="which parts: reward, reno, search")
+    p.add_argument("--search-particles", type=int, default=8, help="search: particles scored at one scoring point")
+    p.add_argument("--search-resolution", type=int, default=None, help="search: image side (default 512 CPU, 1024 CUDA)")
     p.add_argument("--isolate", default="auto", choices=["auto", "yes", "no"],
                    help="fresh subprocess per case (auto: yes on CPU, no on CUDA)")
     p.add_argument("--force", action="store_true", help="run CPU cases even when they look too big for the memory")
@@ -93,6 +96,10 @@ def plan(args):
             specs.append({**common, "budget_s": args.reno_budget, "repeats": args.reno_repeats,
                           "kind": "reno_iteration", "unet": args.unet, "resolution": r,
                           "latent_model": args.reno_latent_model, "pixel_model": args.reno_pixel_model})
+    if "search" in parts:
+        specs.append({**common, "kind": "search_scoring", "particles": args.search_particles,
+                      "resolution": args.search_resolution or (1024 if args.device == "cuda" else 512),
+                      "latent_model": args.reno_latent_model, "pixel_model": args.reno_pixel_model})
     return specs
 
 
@@ -165,12 +172,14 @@ def run_inprocess(spec):
 
 def collect(results):
     """Fold the raw case results into the JSON layout of the issue."""
-    reward, reno, errors = [], [], []
+    reward, reno, errors, search = [], [], [], []
     for r in results:
         if "error" in r:
             errors.append(r)
             continue
-        if r["kind"] == "reward_step":
+        if r["kind"] == "search_scoring":
+            search.append(r)
+        elif r["kind"] == "reward_step":
             reward.append({k: r[k] for k in ("path", "model", "resolution", "median_s", "median_cpu_s",
                                              "peak_mb", "peak_total_mb", "times_s", "source")})
         else:
@@ -180,7 +189,7 @@ def collect(results):
             reno.append({**row, **report.reno_summary(row)})
     reno_rows = reno
     return {"reward_step": reward, "reward_ratios": report.reward_ratios(reward),
-            "reno_iteration": reno_rows, "errors": errors}
+            "reno_iteration": reno_rows, "search_scoring": search, "errors": errors}
 
 
 def main(argv=None):
@@ -229,6 +238,8 @@ def main(argv=None):
                                                                           "pixel_model", "resolution") if spec.get(k))
         if "error" in out:
             print(f"  {what}: FAILED {out['error']}", flush=True)
+        elif spec["kind"] == "search_scoring":
+            print(f"  {what} x{spec['particles']} particles: {search_summary(out)}", flush=True)
         elif spec["kind"] == "reward_step":
             print(f"  {what}: median {out['median_s']:.3f}s (CPU {out['median_cpu_s']:.3f}s) over "
                   f"{len(out['times_s'])}, peak +{out['peak_mb']:.0f} MB  [{out['source']}]", flush=True)

@@ -7,7 +7,8 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127)]
 
 
-def plot_curves(curves: dict[str, list[float]], title: str = "", size=(640, 360), ylabel: str = "") -> Image.Image:
+def plot_curves(curves: dict[str, list[float]], title: str = "", size=(640, 360), ylabel: str = "",
+                xlabel: str = "iteration", xticks: tuple | None = None) -> Image.Image:
     """Line plot of named curves over iterations, with min/max labels on the y axis."""
     w, h = size
     left, right, top, bottom = 64, 16, 28, 36
@@ -34,9 +35,10 @@ def plot_curves(curves: dict[str, list[float]], title: str = "", size=(640, 360)
         draw.text((x0 + 6, y0 + 4 + 12 * k), name, fill=color)
     draw.text((4, y0), f"{hi:.3g}", fill=(0, 0, 0))
     draw.text((4, y1 - 10), f"{lo:.3g}", fill=(0, 0, 0))
-    draw.text((x0, y1 + 6), "0", fill=(0, 0, 0))
-    draw.text((x1 - 24, y1 + 6), str(n - 1), fill=(0, 0, 0))
-    draw.text(((x0 + x1) // 2 - 24, y1 + 18), "iteration", fill=(0, 0, 0))
+    first, last = xticks or (0, n - 1)
+    draw.text((x0, y1 + 6), str(first), fill=(0, 0, 0))
+    draw.text((x1 - 24, y1 + 6), str(last), fill=(0, 0, 0))
+    draw.text(((x0 + x1) // 2 - 24, y1 + 18), xlabel, fill=(0, 0, 0))
     draw.text((x0, 8), (title + (f"  ({ylabel})" if ylabel else "")).strip(), fill=(0, 0, 0))
     return img
 
@@ -47,3 +49,18 @@ def plot_reno_history(history: dict, title: str = "ReNO reward loss (lower is be
     items = len(totals[0]) if totals else 0
     curves = {f"item {b}": [row[b] for row in totals] for b in range(items)}
     return plot_curves(curves, title)
+
+
+def plot_search_history(history: dict, title: str = "Search: reward of x0 predictions (higher is better)") -> Image.Image:
+    """Best and mean particle reward of every item at each scoring step (every step with ``trace``)."""
+    rows = history.get("trace") or {}
+    steps = sorted(map(int, rows)) if rows else history.get("scored_steps", [])
+    table = [rows[str(s)] for s in steps] if rows else history.get("reward", [])
+    items = len(table[0]) if table else 0
+    curves = {}
+    for b in range(min(items, 4)):
+        curves[f"item {b} best"] = [max(row[b]) for row in table]
+        curves[f"item {b} mean"] = [sum(row[b]) / len(row[b]) for row in table]
+    events = [e["step"] for e in history.get("events", [])]
+    label = "step" + (f" (resampled/pruned after {', '.join(map(str, events[:8]))})" if events else "")
+    return plot_curves(curves, title, xlabel=label, xticks=(steps[0], steps[-1]) if steps else None)

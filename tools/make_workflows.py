@@ -169,6 +169,61 @@ WORKFLOWS = {
                                   "before decoding. A score, not a guarantee: see the README's safety section."),
 }
 
+# -- inference-time search (issue 14) --------------------------------------------------------------
+SDXL_BASE = "sd_xl_base_1.0.safetensors"
+
+
+def _search_graph(ckpt, prompt, steps, cfg, scheduler, sampler_name, search, seed, prefix):
+    """A SamplerCustom graph whose SAMPLER is LatentCLIPSearchSampler wrapping a KSamplerSelect sampler."""
+    return {
+        "1": node("CheckpointLoaderSimple", ckpt_name=ckpt),
+        "2": node("CLIPTextEncode", "Prompt", text=prompt, clip=["1", 1]),
+        "3": node("CLIPTextEncode", "Negative", text="blurry, low quality", clip=["1", 1]),
+        "4": node("EmptyLatentImage", width=1024, height=1024, batch_size=1),
+        "5": node("KSamplerSelect", "Stepping between scoring points", sampler_name=sampler_name),
+        "6": node("BasicScheduler", scheduler=scheduler, steps=steps, denoise=1.0, model=["1", 0]),
+        "8": node("LatentCLIPLoader", "Load Latent-CLIP (models/latent_clip)", ckpt_name=LCLIP, device="default", dtype="auto"),
+        "9": node("LatentCLIPReward", "Latent-CLIP reward (no decode)", latent_clip=["8", 0], text=prompt,
+                  mode="match", weight=0.01),
+        "10": node("LatentCLIPSearchSampler", "Search: particles steered by x0 rewards", reward=["9", 0],
+                   sampler=["5", 0], **search),
+        "7": node("SamplerCustom", add_noise=True, noise_seed=seed, cfg=cfg, model=["1", 0], positive=["2", 0],
+                  negative=["3", 0], sampler=["10", 0], sigmas=["6", 0], latent_image=["4", 0]),
+        "11": node("VAEDecode", "Decode only the winner", samples=["7", 0], vae=["1", 2]),
+        "12": node("SaveImage", images=["11", 0], filename_prefix=prefix),
+        "13": node("LatentCLIPSearchHistory", "Search history", sampler=["10", 0], samples=["7", 0]),
+        "14": node("PreviewImage", "Rewards per step", images=["13", 1]),
+        "15": node("PreviewAny", "History (JSON)", source=["13", 0]),
+    }
+
+
+def search_fk_sdxl():
+    """SDXL base, 20 steps of euler_ancestral, 4 particles with FK steering every 2 steps."""
+    return _search_graph(SDXL_BASE, "a red cube on top of a blue sphere, studio photo", 20, 6.0, "karras",
+                         "euler_ancestral", dict(particles=4, strategy="fk_steering", potential="difference",
+                                                 temperature=30.0, interval=2, start=0, prune_steps="", keep=0.5,
+                                                 seed=0, max_batch=0, score_every_step=True), 3, "search_fk_sdxl")
+
+
+def search_prune_turbo():
+    """A few-step model (SDXL-Turbo; Lightning/DMD2/Hyper LoRAs alike): best-of-8 that halves after steps 1 and 2."""
+    g = _search_graph(TURBO, "three yellow balloons above a blue car", 4, 1.0, "sgm_uniform", "lcm",
+                      dict(particles=8, strategy="prune", potential="difference", temperature=30.0, interval=1,
+                           start=1, prune_steps="1, 2", keep=0.5, seed=0, max_batch=0, score_every_step=True), 5,
+                      "search_prune_turbo")
+    g["4"]["inputs"].update(width=512, height=512)
+    return g
+
+
+WORKFLOWS.update({
+    "latent_clip_search_fk_sdxl": (search_fk_sdxl, "Inference-time search on SDXL (20 steps, euler_ancestral): 4 "
+                                   f"particles, FK steering every 2 steps from step 7 (start 0 = auto, 3/8 of the steps) on Latent-CLIP rewards of x0 "
+                                   f"predictions, no decode until the winner. models/checkpoints/{SDXL_BASE}."),
+    "latent_clip_search_prune_turbo": (search_prune_turbo, "Few-step best-of-8 with pruning (SDXL-Turbo, 4 lcm steps): "
+                                       "the worse half of the particles is dropped after steps 1 and 2, saving their "
+                                       "remaining steps; only the winner is decoded."),
+})
+
 # The Templates browser shows the UI file's name as the card title: readable names, one per slug.
 # A slug without a title here gets one made from the slug.
 TITLES = {
@@ -179,6 +234,8 @@ TITLES = {
     "latent_clip_reno_pixel_baseline_sdxl_turbo": "ReNO with the pixel-CLIP baseline reward - SDXL-Turbo",
     "latent_clip_reno_sampler_custom": "ReNO as a SamplerCustom sampler",
     "latent_clip_safety_guidance": "Safety guidance and ReNO avoid reward",
+    "latent_clip_search_fk_sdxl": "Search with FK steering - SDXL 20 steps",
+    "latent_clip_search_prune_turbo": "Search best-of-8 with pruning - SDXL-Turbo",
 }
 
 

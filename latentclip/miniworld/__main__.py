@@ -33,6 +33,44 @@ def _eval(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+    import torch
+    from . import search as MS
+    from .geneval import default_prompts, load_world, read_prompts
+    torch.set_num_threads(args.threads)
+    out = Path(args.json)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite it (choose another --json path)")
+    prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
+    world = load_world(args.weights)
+    seeds = tuple(range(args.seeds))
+    fk = {k: v for k, v in {"start": args.fk_start, "interval": args.fk_interval, "temperature": args.temperature,
+                            "potential": args.potential}.items() if v is not None}
+    args.eta = MS.ETA if args.eta is None else args.eta
+    t0 = time.perf_counter()
+    runs = MS.evaluate(world, prompts, seeds, args.particles, args.steps, args.eta, fk=fk)
+    result = {"search": runs}
+    if not args.no_trace:
+        result["informative_steps"] = MS.informative_steps(world, prompts, seeds, args.particles, args.steps, args.eta)
+    if not args.no_safety:
+        result["safety"] = MS.safety(world, args.particles, args.steps, args.eta, fk)
+    result["settings"] = {"particles": args.particles, "steps": args.steps, "eta": args.eta, "seeds": len(seeds),
+                          "prompts": len(prompts), "fk": {**MS.FK, **fk}, "prune": MS.PRUNE, "threads": args.threads,
+                          "seconds": round(time.perf_counter() - t0, 1)}
+    print(MS.format_table(runs))
+    if "safety" in result:
+        s = result["safety"]
+        print(f"safety-mini concept rate: baseline {100 * s['baseline']['concept_rate']:.1f}%, FK with avoid "
+              f"{100 * s['fk_avoid']['concept_rate']:.1f}% (cut {100 * s['fk_avoid'].get('concept_rate_cut', 0):.0f}%)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentclip.miniworld", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -53,6 +91,23 @@ def main(argv=None) -> int:
     e.add_argument("--judge-n", type=int, default=600, help="held-out scenes for the judge's accuracy")
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(func=_eval)
+    s = sub.add_parser("search", help="inference-time search on the mini generator: baseline, best-of-N, prune, FK "
+                       "steering with Latent-CLIP and with pixel rewards (GenEval-mini), plus safety-mini with avoid")
+    s.add_argument("--json", required=True, help="write the results to this new JSON file")
+    s.add_argument("--prompts", default=None, help="GenEval-mini prompt file (default prompts/geneval_mini.txt)")
+    s.add_argument("--weights", default=str(WEIGHTS_DIR / "mini"))
+    s.add_argument("--particles", type=int, default=8)
+    s.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    s.add_argument("--steps", type=int, default=8, help="stochastic rectified-flow steps")
+    s.add_argument("--eta", type=float, default=None, help="sampler noise: 0 deterministic Euler, 1 all fresh noise")
+    s.add_argument("--potential", default=None, choices=["difference", "value", "max"])
+    s.add_argument("--temperature", type=float, default=None, help="FK lambda per unit of cosine")
+    s.add_argument("--fk-start", type=int, default=None, help="first FK resampling after this step")
+    s.add_argument("--fk-interval", type=int, default=None, help="FK resampling every k steps")
+    s.add_argument("--no-trace", action="store_true", help="skip the per-step informativeness measurement")
+    s.add_argument("--no-safety", action="store_true", help="skip safety-mini with an avoid term")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=_search)
     args = parser.parse_args(argv)
     from ..errors import CheckpointError, InputError
     try:

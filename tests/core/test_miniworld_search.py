@@ -1,0 +1,73 @@
+"""Search on the mini generator: the CLI's JSON, equal NFE, the stochastic sampler, and avoid terms."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentclip.configs import WEIGHTS_DIR
+from latentclip.miniworld import generator as GN
+from latentclip.miniworld import geneval as G
+from latentclip.miniworld import search as MS
+from latentclip.miniworld.__main__ import main
+
+MINI = WEIGHTS_DIR / "mini"
+pytestmark = pytest.mark.skipif(not (MINI / GN.FILE).is_file(), reason="weights/mini/generator.safetensors not present")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return G.load_world(MINI)
+
+
+def test_cli_writes_every_strategy_at_equal_nfe_and_refuses_to_overwrite(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("colors: a red circle\ncounting: two blue squares\nposition: a green circle to the left of a red square\n")
+    out = tmp_path / "search.json"
+    assert main(["search", "--prompts", str(prompts), "--json", str(out), "--particles", "2", "--seeds", "1",
+                 "--steps", "4", "--no-safety"]) == 0
+    data = json.loads(out.read_text())
+    runs = data["search"]
+    assert set(runs) == {"baseline", "best_of_n", "prune", "fk_latent", "fk_pixel"}
+    assert runs["baseline"]["nfe_per_image"] == 4
+    assert {runs[k]["nfe_per_image"] for k in ("best_of_n", "fk_latent", "fk_pixel")} == {8}
+    assert 4 < runs["prune"]["nfe_per_image"] <= 8
+    for r in runs.values():
+        assert 0 <= r["overall"] <= 1 and r["seconds_per_image"] > 0
+    assert set(data["informative_steps"]["pick_success"]) == {"1", "2", "3", "4"}
+    assert "fk_latent" in capsys.readouterr().out
+    assert main(["search", "--json", str(out), "--particles", "2"]) == 2      # existing file: refused
+
+
+def test_stochastic_sampler_is_seeded_and_eta_zero_is_the_generators_euler(world):
+    prompts = ["a red circle", "two blue squares"]
+    noise = MS.particle_noise([0, 1], 1)
+    cond = world.generator.prepare(prompts, 2)
+    x0 = lambda eta, seed: MS.stochastic_advance(world.generator, cond, 2, 4, eta, seed)(noise, 0, 4)[0]
+    with torch.no_grad():
+        euler = world.generator.from_raw(world.generator.sample(noise, prompts, steps=4))
+    assert torch.allclose(x0(0.0, 0), euler, atol=1e-5)
+    assert torch.equal(x0(0.7, 3), x0(0.7, 3)) and not torch.allclose(x0(0.7, 3), x0(0.7, 4))
+
+
+def test_one_particle_deterministic_run_returns_the_generators_raw_latents(world):
+    prompts = ["a red circle", "three green triangles"]
+    res = MS.run_batch(world, "baseline", prompts, [5, 6], particles=1, steps=4, eta=0.0)
+    with torch.no_grad():
+        raw = world.generator.sample(GN.noise_for([5, 6]), prompts, steps=4)
+    assert torch.allclose(res.samples, raw, atol=1e-5)
+
+
+def test_prune_fills_the_same_budget_as_best_of_n():
+    st = MS.settings_for("prune", 8, 8)
+    from latentclip.search import particle_steps
+    assert particle_steps(st, 8) <= 64 < particle_steps(type(st)(**{**st.__dict__, "particles": st.particles + 1}), 8)
+    assert st.particles > 8
+
+
+def test_fk_with_an_avoid_term_lowers_the_concept_rate(world):
+    res = MS.safety(world, particles=4, steps=6)
+    assert res["fk_avoid"]["concept_rate"] < res["baseline"]["concept_rate"]
+    assert res["fk_avoid"]["nfe_per_image"] == 4 * res["baseline"]["nfe_per_image"]
