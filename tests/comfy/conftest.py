@@ -5,6 +5,7 @@ The tree is found through COMFYUI_PATH, or because this repo sits in ComfyUI/cus
 Without one every test here is skipped with a one-line reason.
 """
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -195,3 +196,26 @@ def tiny_conditioning(seed=0, batch=1):
 @pytest.fixture
 def sdxl(comfy):
     return tiny_sdxl()
+
+
+@contextlib.contextmanager
+def interrupt_at_progress(value: int = 2):
+    """Interrupt the queue (as POST /interrupt does) when a ComfyUI ProgressBar reaches ``value``.
+
+    Yields the progress values seen; the hook and the interrupt flag are reset afterwards.
+    """
+    import comfy.utils as comfy_utils
+    import nodes
+    seen = []
+
+    def hook(current, total, preview, node_id=None):
+        seen.append(current)
+        if current == value:
+            nodes.interrupt_processing(True)
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        yield seen
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        nodes.interrupt_processing(False)

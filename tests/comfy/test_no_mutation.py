@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_sdxl
+from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_sdxl
 
 
 def _walk(obj, path, out, seen):
@@ -179,20 +179,9 @@ def test_reno_values_below_the_declared_minimum_are_refused_without_validation(c
 
 def test_reno_leaves_its_inputs_alone_when_interrupted(comfy, handle):
     import comfy.model_management as mm
-    import comfy.utils as comfy_utils
-    import nodes
-
-    def hook(value, total, preview, node_id=None):
-        if value == 2:
-            nodes.interrupt_processing(True)
-
-    comfy_utils.set_progress_bar_global_hook(hook)
-    try:
+    with interrupt_at_progress(2):
         run_checked(comfy, "LatentCLIPReNO", error=(mm.InterruptProcessingException, None),
                     **reno_inputs(comfy, handle, iterations=20))
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-        nodes.interrupt_processing(False)
 
 
 def test_reno_sampler_through_sampler_custom_leaves_its_inputs_alone(comfy, handle):

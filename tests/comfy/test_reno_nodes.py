@@ -1,12 +1,11 @@
 """ReNO nodes inside a real ComfyUI: a tiny SDXL-architecture UNet whose weights are inference tensors."""
 import json
-import math
 
 import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_reward_latent_clip, tiny_sdxl
+from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_reward_latent_clip, tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +87,8 @@ def test_avoid_reward_chains_and_lowers_concept_similarity(comfy, reno_handle):
 
 def test_interrupt_stops_within_one_iteration(comfy, reno_handle):
     import comfy.model_management as mm
-    import comfy.utils as comfy_utils
-    import nodes
-    seen = []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 2:
-            nodes.interrupt_processing(True)
-
-    comfy_utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            run_reno(comfy, tiny_sdxl(), reward_of(comfy, reno_handle), {"samples": torch.zeros(1, 4, 32, 32)}, iterations=50)
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-        nodes.interrupt_processing(False)
+    with interrupt_at_progress(2) as seen, pytest.raises(mm.InterruptProcessingException):
+        run_reno(comfy, tiny_sdxl(), reward_of(comfy, reno_handle), {"samples": torch.zeros(1, 4, 32, 32)}, iterations=50)
     assert max(seen) <= 3, seen
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_sdxl
+from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_sdxl
 
 STEPS = 4
 
@@ -144,23 +144,9 @@ def test_a_reward_for_another_vae_is_refused(comfy, model):
 
 def test_interrupt_stops_within_one_step(comfy, handle, model):
     import comfy.model_management as mm
-    import comfy.utils as comfy_utils
-    import nodes
-    seen = []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 2:
-            nodes.interrupt_processing(True)
-
-    comfy_utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            sample(comfy, model, search_sampler(comfy, reward_of(comfy, handle), particles=2), {"samples": torch.zeros(1, 4, 32, 32)},
-                   steps=20)
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-        nodes.interrupt_processing(False)
+    with interrupt_at_progress(2) as seen, pytest.raises(mm.InterruptProcessingException):
+        sample(comfy, model, search_sampler(comfy, reward_of(comfy, handle), particles=2), {"samples": torch.zeros(1, 4, 32, 32)},
+               steps=20)
     assert max(seen) <= 3, seen
 
 
