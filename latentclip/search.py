@@ -31,15 +31,16 @@ from .errors import InputError
 
 STRATEGIES = ("best_of_n", "prune", "fk_steering")
 #: Share of the steps after which x0-prediction scores start to predict the final reward (measured
-#: on the mini-world: correlation 0.06 and 0.17 after steps 1 and 2 of 8, 0.54 after step 3;
-#: docs/search.md). ``auto_start`` turns it into the first FK resampling step.
+#: on the mini-world with its default posterior sampler: correlation 0.04 and 0.11 after steps 1 and
+#: 2 of 8, 0.37 after step 3; docs/search.md). ``auto_start`` turns it into the first FK resampling step.
 INFORMATIVE_FROM = 0.375
 POTENTIALS = ("difference", "value", "max")
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """What to search. Defaults are the mini-world's best measured FK setting (docs/search.md)."""
+    """What to search. The FK temperature default (30 per unit of cosine) keeps several lineages per image;
+    on the mini-world lambda 10 scored best (a tie with best-of-N there, docs/search.md)."""
     strategy: str = "fk_steering"
     particles: int = 8
     potential: str = "difference"

@@ -51,13 +51,15 @@ def _search(args) -> int:
                             "potential": args.potential}.items() if v is not None}
     args.eta = MS.ETA if args.eta is None else args.eta
     t0 = time.perf_counter()
-    runs = MS.evaluate(world, prompts, seeds, args.particles, args.steps, args.eta, fk=fk)
+    runs = MS.evaluate(world, prompts, seeds, args.particles, args.steps, args.eta, fk=fk, noise=args.noise)
     result = {"search": runs}
     if not args.no_trace:
-        result["informative_steps"] = MS.informative_steps(world, prompts, seeds, args.particles, args.steps, args.eta)
+        result["informative_steps"] = MS.informative_steps(world, prompts, seeds, args.particles, args.steps, args.eta,
+                                                             noise=args.noise)
     if not args.no_safety:
-        result["safety"] = MS.safety(world, args.particles, args.steps, args.eta, fk)
-    result["settings"] = {"particles": args.particles, "steps": args.steps, "eta": args.eta, "seeds": len(seeds),
+        result["safety"] = MS.safety(world, args.particles, args.steps, args.eta, fk, noise=args.noise)
+    result["settings"] = {"particles": args.particles, "steps": args.steps, "eta": args.eta, "noise": args.noise,
+                          "seeds": len(seeds),
                           "prompts": len(prompts), "fk": {**MS.FK, **fk}, "prune": MS.PRUNE, "threads": args.threads,
                           "seconds": round(time.perf_counter() - t0, 1)}
     print(MS.format_table(runs))
@@ -99,7 +101,11 @@ def main(argv=None) -> int:
     s.add_argument("--particles", type=int, default=8)
     s.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     s.add_argument("--steps", type=int, default=8, help="stochastic rectified-flow steps")
-    s.add_argument("--eta", type=float, default=None, help="sampler noise: 0 deterministic Euler, 1 all fresh noise")
+    s.add_argument("--eta", type=float, default=None, help="sampler noise: 0 deterministic Euler, 1 the full noise of "
+                   "--noise (default 1)")
+    s.add_argument("--noise", default="posterior", choices=["posterior", "fresh"],
+                   help="noise injection: posterior (DDPM step; default) or fresh (x' = (1-t') x0 + t' (sqrt(1-eta^2) eps "
+                   "+ eta xi), the first sampler measured)")
     s.add_argument("--potential", default=None, choices=["difference", "value", "max"])
     s.add_argument("--temperature", type=float, default=None, help="FK lambda per unit of cosine")
     s.add_argument("--fk-start", type=int, default=None, help="first FK resampling after this step")

@@ -1,7 +1,8 @@
 """Search-mini: inference-time search (``latentclip.search``) on the mini generator, judged by GenEval-mini.
 
-The generator is sampled with a stochastic rectified-flow sampler (below) so that particles that
-share a state after resampling diverge again. Runs, on the same prompts and seeds:
+The generator is sampled with a stochastic rectified-flow sampler (below: DDPM's posterior step,
+written for x_t = (1-t) x0 + t eps) so that particles that share a state after resampling diverge
+again. Runs, on the same prompts and seeds:
 
 * ``baseline``: one particle;
 * ``best_of_n``: N particles, the best final Latent-CLIP reward wins;
@@ -28,11 +29,16 @@ from ..rewards import LatentAvoid, LatentMatch, PixelCLIPMatch
 from ..search import SearchSettings, expand_items, particle_steps, prune_counts, reward_scorer, search
 
 RUNS = ("baseline", "best_of_n", "prune", "fk_latent", "fk_pixel")
-#: Sampling: Euler steps, stochasticity eta (0 = deterministic Euler, 1 = fresh noise each step).
-STEPS, ETA = 8, 0.5
-#: FK defaults (measured, docs/search.md): difference potential, lambda 30 per cosine, every step from
-#: step 3 of 8 (earlier x0 scores barely predict the result).
-FK = {"potential": "difference", "temperature": 30.0, "interval": 1, "start": 3, "stop": None}
+#: Sampling: steps and stochasticity eta (0 = deterministic Euler/DDIM, 1 = DDPM's posterior noise).
+STEPS, ETA = 8, 1.0
+#: How the noise is injected: "posterior" (DDPM/DDIM-eta: the noise the forward process would put
+#: between t' and t) or "fresh" (x' = (1-t') x0 + t' (sqrt(1-eta^2) eps + eta xi): more noise than
+#: the posterior at every step; the first sampler measured, docs/search.md).
+NOISE = "posterior"
+NOISES = ("posterior", "fresh")
+#: FK defaults (measured, docs/search.md): difference potential, lambda 10 per cosine, every step from
+#: step 3 of 8 (earlier x0 scores barely predict the result; larger lambdas collapse lineages).
+FK = {"potential": "difference", "temperature": 10.0, "interval": 1, "start": 3, "stop": None}
 #: Prune at equal NFE: after these shares of the steps (3 and 5 of 8: scores are informative from
 #: step 3, docs/search.md), keep half each time; the start count fills the NFE budget.
 PRUNE = {"prune_at": (0.375, 0.625), "keep": 0.5}
@@ -42,13 +48,31 @@ def prune_steps(steps: int) -> tuple:
     return tuple(sorted({min(steps - 1, max(1, int(f * steps))) for f in PRUNE["prune_at"]}))
 
 
-def stochastic_advance(generator, cond, batch: int, steps: int = STEPS, eta: float = ETA, seed: int = 0):
+def noise_scale(t: float, tn: float, eta: float, noise: str = NOISE) -> float:
+    """Std of the fresh noise xi in the step t -> t' (x' = (1-t') x0 + sqrt(t'^2 - s^2) eps + s xi).
+
+    "posterior": s = eta x DDPM's posterior std, t' sqrt(1 - ((1-t) t' / ((1-t') t))^2) (the step is
+    then DDIM with eta; from t = 1 it is all fresh noise). "fresh": s = eta t'.
+    """
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    if tn <= 0:
+        return 0.0
+    if noise == "fresh":
+        return min(1.0, eta) * tn
+    return min(1.0, eta) * tn * math.sqrt(max(0.0, 1 - ((1 - t) * tn / ((1 - tn) * t)) ** 2))
+
+
+def stochastic_advance(generator, cond, batch: int, steps: int = STEPS, eta: float = ETA, seed: int = 0,
+                       noise: str = NOISE):
     """``advance(x, start, end)`` for ``latentclip.search``: rectified-flow steps on slot-major particles.
 
     x_t = (1-t) x0 + t eps; the net predicts v = eps - x0, so x0 = x - t v and eps = x + (1-t) v.
-    Step t -> t': x' = (1-t') x0 + t' (sqrt(1-eta^2) eps + eta xi), xi fresh Gaussian noise (one
-    generator per run, seeded, so runs repeat). Returns raw-latent x0 predictions per step.
+    Step t -> t': x' = (1-t') x0 + sqrt(t'^2 - s^2) eps + s xi with s = ``noise_scale`` and xi fresh
+    Gaussian noise (one generator per run, seeded, so runs repeat; each row draws its own, so copies
+    made by resampling diverge). Returns raw-latent x0 predictions per step.
     """
+    noise_scale(1.0, 0.5, eta, noise)      # reject an unknown noise before sampling
     ts = torch.linspace(1.0, 0.0, steps + 1)
     gen = torch.Generator().manual_seed(seed)
     c, u = cond
@@ -68,7 +92,8 @@ def stochastic_advance(generator, cond, batch: int, steps: int = STEPS, eta: flo
                     x = x0
                 else:
                     xi = torch.randn(x.shape, generator=gen)
-                    x = (1 - tn) * x0 + tn * (math.sqrt(max(0.0, 1 - eta ** 2)) * eps + eta * xi)
+                    sd = noise_scale(float(t), float(tn), eta, noise)
+                    x = (1 - tn) * x0 + math.sqrt(max(0.0, float(tn) ** 2 - sd ** 2)) * eps + sd * xi
         return x, x0s
     return advance
 
@@ -104,7 +129,7 @@ def settings_for(run: str, particles: int, steps: int, seed: int = 0, fk: dict |
 
 
 def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEPS, eta: float = ETA,
-              fk: dict | None = None, extra_terms=(), trace=False, seed: int = 0):
+              fk: dict | None = None, extra_terms=(), trace=False, seed: int = 0, noise: str = NOISE):
     """One run on a batch of (prompt, seed) items: the SearchResult, ``samples`` as raw latents."""
     batch = len(prompts)
     st = settings_for(run, particles, steps, seed, fk, trace)
@@ -112,7 +137,7 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
     score = reward_scorer(match_terms(world, kind, prompts) + list(extra_terms), batch)
     with torch.no_grad():
         cond = world.generator.prepare(prompts, batch)
-    advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed)
+    advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed, noise)
     x = particle_noise(seeds, st.particles)
     res = search(advance, x, steps, score, batch, st)
     res.samples = world.generator.to_raw(res.samples)   # the sampler's state is standardised; rewards saw raw x0
@@ -120,7 +145,7 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
 
 
 def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int = STEPS, eta: float = ETA,
-             runs=RUNS, batch: int = 67, fk: dict | None = None, log=print) -> dict:
+             runs=RUNS, batch: int = 67, fk: dict | None = None, log=print, noise: str = NOISE) -> dict:
     """GenEval-mini per run: ``{run: {overall, categories..., seconds_per_image, nfe_per_image}}``."""
     from .geneval import decode, success, summarize
     items = [(c, p, int(s)) for c, p in prompts for s in seeds]
@@ -130,7 +155,8 @@ def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int 
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             t0 = time.perf_counter()
-            res = run_batch(world, run, [p for _, p, _ in chunk], [s for _, _, s in chunk], particles, steps, eta, fk)
+            res = run_batch(world, run, [p for _, p, _ in chunk], [s for _, _, s in chunk], particles, steps, eta, fk,
+                            noise=noise)
             seconds += time.perf_counter() - t0
             lat.append(res.samples)
             nfe += res.particle_steps
@@ -144,7 +170,7 @@ def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int 
 
 
 def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int = STEPS, eta: float = ETA,
-                      batch: int = 67) -> dict:
+                      batch: int = 67, noise: str = NOISE) -> dict:
     """Per step s: the judge's success of the particle picked by the Latent-CLIP reward of step s's x0.
 
     One best-of-N pass with ``trace`` (no steering), so every particle's final image is judged;
@@ -164,7 +190,7 @@ def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, st
             cond = world.generator.prepare(ps, b)
         # keep every particle's final state: a no-op advance wrapper records it
         finals = {}
-        adv = stochastic_advance(world.generator, cond, b, steps, eta, 0)
+        adv = stochastic_advance(world.generator, cond, b, steps, eta, 0, noise)
 
         def advance(x, start, end):
             x, x0s = adv(x, start, end)
@@ -187,7 +213,8 @@ def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, st
             "corr_with_final_reward": {s: float(np.mean(v)) for s, v in corr.items()}}
 
 
-def safety(world, particles: int = 8, steps: int = STEPS, eta: float = ETA, fk: dict | None = None) -> dict:
+def safety(world, particles: int = 8, steps: int = STEPS, eta: float = ETA, fk: dict | None = None,
+           noise: str = NOISE) -> dict:
     """Concept rate of safety-mini's prompts: baseline vs FK with match + avoid (+ anchors) rewards."""
     from . import safety_mini as SM
     items = [(p, s) for p in SM.PROMPTS for s in SM.SEEDS]
@@ -199,7 +226,7 @@ def safety(world, particles: int = 8, steps: int = STEPS, eta: float = ETA, fk: 
     out = {}
     for run, extra in (("baseline", ()), ("fk_avoid", terms)):
         t0 = time.perf_counter()
-        res = run_batch(world, run, ps, sd, particles, steps, eta, fk, extra_terms=extra)
+        res = run_batch(world, run, ps, sd, particles, steps, eta, fk, extra_terms=extra, noise=noise)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             images = world.vae.decode(res.samples)

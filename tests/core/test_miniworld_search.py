@@ -52,6 +52,19 @@ def test_stochastic_sampler_is_seeded_and_eta_zero_is_the_generators_euler(world
     assert torch.equal(x0(0.7, 3), x0(0.7, 3)) and not torch.allclose(x0(0.7, 3), x0(0.7, 4))
 
 
+@pytest.mark.parametrize("t,tn", [(1.0, 0.875), (0.75, 0.625), (0.5, 0.375), (0.25, 0.125), (0.9, 0.2)])
+def test_posterior_noise_is_the_forward_process_conditional(t, tn):
+    """Var(x_t' | x_t, x0) of the forward process x_s = (1-s) x0 + s eps (a Markov chain from t' to t),
+    by Gaussian conditioning: t'^2 - Cov(x_t', x_t)^2 / t^2, Cov = (1-t)/(1-t') t'^2."""
+    cov = (1 - t) / (1 - tn) * tn ** 2
+    assert MS.noise_scale(t, tn, 1.0, "posterior") ** 2 == pytest.approx(tn ** 2 - cov ** 2 / t ** 2)
+    assert MS.noise_scale(t, tn, 0.5, "posterior") == pytest.approx(0.5 * MS.noise_scale(t, tn, 1.0, "posterior"))
+    assert MS.noise_scale(t, tn, 1.0, "fresh") == pytest.approx(tn)     # the older sampler: all fresh noise
+    assert MS.noise_scale(t, 0.0, 1.0) == 0.0
+    with pytest.raises(ValueError, match="noise must be one of"):
+        MS.noise_scale(t, tn, 1.0, "ancestral")
+
+
 def test_one_particle_deterministic_run_returns_the_generators_raw_latents(world):
     prompts = ["a red circle", "three green triangles"]
     res = MS.run_batch(world, "baseline", prompts, [5, 6], particles=1, steps=4, eta=0.0)

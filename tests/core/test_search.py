@@ -78,6 +78,28 @@ def test_fk_resamples_toward_high_rewards_and_beats_best_of_n_on_a_walk():
     assert sum(fk.best_reward) / batch > sum(bon.best_reward) / batch
 
 
+def test_fk_resamples_within_each_item_and_the_difference_follows_the_ancestors():
+    """Rows are (reward, increment); item 0's best start is slot 0, item 1's is slot 1. With a huge
+    lambda the first resampling copies each item's own best; the copies then rise equally, so the
+    difference potential (r_now - r of the ancestor at the last resampling) is equal: ESS = N."""
+    batch, n = 2, 2
+    x = torch.tensor([[10.0, 1.0], [0.0, 1.0],      # slot 0: item 0, item 1
+                      [0.0, 1.0], [20.0, 1.0]])     # slot 1: item 0, item 1
+
+    def advance(x, start, end):
+        x0s = []
+        for _ in range(start, end):
+            x = torch.stack([x[:, 0] + x[:, 1], x[:, 1]], 1)
+            x0s.append(x.clone())
+        return x, x0s
+    score = lambda x0: (x0[:, 0], {})
+    res = search(advance, x, 4, score, batch, SearchSettings("fk_steering", n, temperature=1e4, start=1))
+    first, *later = res.history["events"]
+    assert first["ancestors"] == [[0, 0], [1, 1]]          # per item: its own best slot, never another item's
+    assert all(e["ess"] == [pytest.approx(n), pytest.approx(n)] for e in later)
+    assert res.best_slot == [0, 1] and res.best_reward == [14.0, 24.0]
+
+
 def test_auto_start_is_where_scores_become_informative():
     assert [auto_start(s) for s in (2, 4, 8, 20, 30)] == [1, 1, 3, 7, 11]
 
