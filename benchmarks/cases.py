@@ -71,6 +71,17 @@ def n_repeats(spec, first_s: float) -> int:
     return max(1, min(spec["repeats"], int(budget / max(first_s, 1e-9))))
 
 
+def measured(step, mem: "PeakMemory", device):
+    """(step's result, wall s, process CPU s, peak MB above the start, peak total MB) of one call of ``step``."""
+    mem.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = step()
+    _sync(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak, peak_total = mem.stop()
+    return result, wall, cpu, peak, peak_total
+
+
 def time_repeats(fn, device, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
     """Wall-clock and process-CPU seconds of each timed run. On a shared CPU machine the CPU time
     of a 1-thread run is the cost that other people's load does not inflate."""
@@ -244,12 +255,7 @@ def reno_iteration(spec, device, dtype):
     for i in range(rounds):
         t_round = time.perf_counter()
         for k, step in steps.items():
-            mem.start()
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = step()
-            _sync(device)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            p, pt = mem.stop()
+            loss, dt, dc, p, pt = measured(step, mem, device)
             peaks[k], peak_total = max(peaks[k], p), max(peak_total, pt)
             if i == 0:
                 _finite(loss, f"ReNO loss ({k})")

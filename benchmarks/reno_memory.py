@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 def run_case(kind: str, px: int, ckpt: bool, device: str, dtype: str, threads: int, repeats: int) -> dict:
@@ -27,7 +26,7 @@ def run_case(kind: str, px: int, ckpt: bool, device: str, dtype: str, threads: i
         pass
     import torch
     from benchmarks import arch
-    from benchmarks.cases import PeakMemory, RenoStep, _sync
+    from benchmarks.cases import PeakMemory, RenoStep, measured
     from latentclip.reno import checkpoint_layers, checkpointed
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
@@ -38,12 +37,7 @@ def run_case(kind: str, px: int, ckpt: bool, device: str, dtype: str, threads: i
     times, cpu_times, peaks = [], [], []
     with checkpointed(layers):
         for i in range(1 + repeats):   # the first is a warm-up
-            mem.start()
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = step()
-            _sync(device)
-            t, c = time.perf_counter() - t0, time.process_time() - c0
-            peak, total = mem.stop()
+            loss, t, c, peak, total = measured(step, mem, device)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss {loss}")
             peaks.append(peak)
