@@ -10,7 +10,9 @@ the reward is ``r = -loss``) and the strategy acts:
   drop the rest, so their remaining steps are never run.
 * ``fk_steering`` (Feynman-Kac steering, Singhal et al. 2025): every ``interval`` steps from
   ``start`` on, resample each item's particles (multinomial, with replacement) with weights
-  ``softmax(lambda * potential)``. Potentials: ``difference`` (r_t - r_previous: rewards the
+  ``softmax(lambda * potential)``. The rewards should describe the states being resampled: an
+  advance that looks ahead (``carry``, see ``search``) scores the x0 prediction of the state it
+  returns, not the one its last step started from. Potentials: ``difference`` (r_t - r_previous: rewards the
   particles whose score rose), ``value`` (r_t) or ``max`` (the best r seen on the particle's path).
   Resampling copies states; it never re-runs a step, so N particles over S steps cost N x S.
 
@@ -30,17 +32,18 @@ import torch
 from .errors import InputError
 
 STRATEGIES = ("best_of_n", "prune", "fk_steering")
-#: Share of the steps after which x0-prediction scores start to predict the final reward (measured
-#: on the mini-world with its default posterior sampler: correlation 0.04 and 0.11 after steps 1 and
-#: 2 of 8, 0.37 after step 3; docs/search.md). ``auto_start`` turns it into the first FK resampling step.
-INFORMATIVE_FROM = 0.375
+#: Share of the steps after which x0-prediction scores of the current state start to predict the
+#: final reward (measured on the mini-world with its default posterior sampler: correlation 0.11 after
+#: step 1 of 8, 0.37 after step 2, 0.73 after step 3; docs/search.md). ``auto_start`` turns it into the
+#: first FK resampling step.
+INFORMATIVE_FROM = 0.25
 POTENTIALS = ("difference", "value", "max")
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """What to search. The FK temperature default (30 per unit of cosine) keeps several lineages per image;
-    on the mini-world lambda 10 scored best (a tie with best-of-N there, docs/search.md)."""
+    """What to search. The FK temperature default (30 per unit of cosine) keeps several lineages per image
+    and scored best on the mini-world, with an advance that scores the state it resamples (docs/search.md)."""
     strategy: str = "fk_steering"
     particles: int = 8
     potential: str = "difference"
@@ -173,7 +176,13 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
 
     advance(x, start, end) -> (x_after, x0s): run steps ``start..end-1`` (0-based) on every row of
     ``x``; ``x0s`` is the list of the raw-latent x0 predictions of those steps (the last one is
-    scored; all are scored with ``trace``). score(latents) -> (reward [M], values): higher is
+    scored; all are scored with ``trace``). An advance may also return a third value, ``carry``
+    (per-row data ``[rows, ...]`` or None): it follows the rows through pruning and resampling and
+    comes back as ``advance(x, start, end, carry=carry)``. That is how an advance *looks ahead*:
+    it scores the x0 prediction of the state it returns (one model call on ``x_after``, the call
+    the next step needs anyway) and hands that call's output on as ``carry``, so the score
+    describes the particle that is resampled, not its parent before the step's fresh noise, and
+    the search still costs N x S model calls. score(latents) -> (reward [M], values): higher is
     better (``reward_scorer``). callback(step, best_x0 [B], x) runs after each interval (preview,
     progress, interrupt). The final pick scores the last x0 prediction, which is the sample itself
     for samplers that end on sigma 0.
@@ -192,9 +201,15 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
     slot_ids = torch.arange(n).repeat_interleave(batch).view(n, batch)  # lineage: original slot per row
     done, units, started = 0, 0, time.perf_counter()
     best_x0 = None
+    carry = None
     for cut in cuts:
         alive = x.shape[0] // batch
-        x, x0s = advance(x, done, cut)
+        out = advance(x, done, cut) if carry is None else advance(x, done, cut, carry=carry)
+        if not isinstance(out, tuple) or len(out) not in (2, 3):
+            raise InputError(f"advance must return (x, x0s) or (x, x0s, carry), got {type(out).__name__}")
+        x, x0s, carry = out if len(out) == 3 else (*out, None)
+        if carry is not None and carry.shape[0] != x.shape[0]:
+            raise InputError(f"advance returned a carry of {carry.shape[0]} rows for {x.shape[0]} particle rows")
         if len(x0s) != cut - done:
             raise InputError(f"advance returned {len(x0s)} x0 predictions for steps {done}..{cut - 1}; expected {cut - done}")
         units += alive * batch * (cut - done)
@@ -221,6 +236,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
             order = torch.argsort(grid, dim=0, descending=True, stable=True)[:k]      # [k, B]
             history["events"].append({"step": cut, "kind": "prune", "kept": k, "kept_slots": slot_ids.gather(0, order).T.tolist()})
             x, slot_ids = _gather(x, order, batch), slot_ids.gather(0, order)
+            carry = None if carry is None else _gather(carry, order, batch)
         elif settings.strategy == "fk_steering":
             running_max = grid if running_max is None else torch.maximum(running_max, grid)
             potential = {"difference": grid - (prev if prev is not None else torch.zeros_like(grid)),
@@ -233,6 +249,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
             history["events"].append({"step": cut, "kind": "resample", "ancestors": ancestors.T.tolist(),
                                       "ess": [round(e, 3) for e in ess]})
             x = _gather(x, ancestors, batch)
+            carry = None if carry is None else _gather(carry, ancestors, batch)
             prev, running_max = grid.gather(0, ancestors.to(grid.device)), running_max.gather(0, ancestors.to(grid.device))
             slot_ids = slot_ids.gather(0, ancestors)
         if callback is not None:

@@ -9,6 +9,10 @@ How an inner ComfyUI sampler runs on a particle batch (``latentclip.search`` doe
 * Between scoring points the inner KSAMPLER's ``sampler_function`` runs on ``sigmas[a:b+1]`` for
   chunks of particles that fit free memory; a callback captures every step's ``denoised`` (x0),
   which is scored in raw latent space (``process_latent_out``) with the reward chain.
+* FK steering scores the state it resamples: after an interval one more model call predicts the
+  x0 of the state reached (the call the next step needs; its output is gathered with the particles
+  and handed to that step, so the search still costs N x S calls). Scoring the last step's own x0
+  would judge each particle before that step's fresh noise, one step stale.
 * Resampling copies particle states between intervals. A multistep sampler (dpmpp_2m, deis, ...)
   restarts at every interval, so its history is dropped there and the first step after a
   scoring point is first-order, as at the start of sampling (no history of the wrong ancestor is
@@ -65,11 +69,20 @@ def _uses_brownian_tree(fn) -> bool:
 
 
 class _CountingModel(comfy.samplers.KSamplerX0Inpaint):
-    """KSamplerX0Inpaint that counts rows evaluated (NFE) and checks for interrupts on every call."""
+    """KSamplerX0Inpaint that counts rows evaluated (NFE) and checks for interrupts on every call.
+
+    ``cached = (sigma, x, denoised)``: the output of a call already made (FK's lookahead at the last
+    scoring point, gathered with the particles); the first call with exactly that sigma and x gets
+    it back instead of a second model evaluation. Any other call runs the model.
+    """
     evaluated = 0
+    cached = None
 
     def __call__(self, x, sigma, *args, **kwargs):
         interrupt_check()
+        hit, self.cached = self.cached, None
+        if hit is not None and x.shape == hit[1].shape and float(sigma.flatten()[0]) == hit[0] and torch.equal(x, hit[1]):
+            return hit[2]
         self.evaluated += x.shape[0]
         return super().__call__(x, sigma, *args, **kwargs)
 
@@ -146,11 +159,15 @@ class SearchSampler(comfy.samplers.Sampler):
                     callback(min(int(progress["units"]), total_units) - 1, progress["preview"], d["x"][:batch], total_units)
             return cb
 
-        def advance(x, start, end):
+        lookahead = settings.strategy == "fk_steering"
+
+        def advance(x, start, end, carry=None):
+            """Run steps start..end-1; with lookahead, score (and hand on) the x0 of the state reached."""
             sub = sigmas[start:end + 1]
             alive = x.shape[0] // batch
             per = self._slots_per_chunk(base, x.shape, batch, alive)
-            outs, x0s = [], [[] for _ in range(end - start)]
+            look = lookahead and end < steps
+            outs, x0s, ahead = [], [[] for _ in range(end - start)], []
             for c0 in range(0, alive, per):
                 rows = slice(c0 * batch, min(alive, c0 + per) * batch)
                 xc = x[rows]
@@ -161,6 +178,8 @@ class SearchSampler(comfy.samplers.Sampler):
                 ea = dict(extra_args)
                 ea["denoise_mask"] = chunk_mask(k)
                 ea["seed"] = _row_seed(seed, start, c0)
+                if carry is not None:
+                    model_k.cached = (float(sigmas[start]), xc, carry[rows])
                 seen = {}
                 cb = step_callback(xc.shape[0])
 
@@ -176,15 +195,24 @@ class SearchSampler(comfy.samplers.Sampler):
                     else:
                         kw["noise_sampler"] = _per_row_gaussian(xc, row_seeds)
                 out = fn(model_k, xc, sub, extra_args=ea, callback=capture, disable=True, **kw)
-                progress["nfe"] += model_k.evaluated
                 missing = [i for i in range(end - start) if i not in seen]
                 if missing:
                     raise InputError(f"sampler {getattr(fn, '__name__', fn)} did not report its x0 predictions "
                                      "through the callback; choose another sampler (euler, euler_ancestral, dpmpp_2m, ...)")
                 outs.append(out)
+                if look:   # the next step's model call on the state reached, made now to score that state
+                    ahead.append(model_k(out, sigmas[end].to(out) * out.new_ones([out.shape[0]]), **ea))
+                progress["nfe"] += model_k.evaluated
                 for i in range(end - start):
-                    x0s[i].append(seen[i])
-            return torch.cat(outs), [torch.cat(p) for p in x0s]
+                    # with lookahead, step i's x0 is the prediction for the state after it (the next
+                    # step's call; the lookahead call after the interval's last step; the last step's
+                    # own x0 after the final step, as that is the sample)
+                    if lookahead and i + 1 < end - start:
+                        x0s[i].append(seen[i + 1])
+                    else:
+                        x0s[i].append(ahead[-1] if look and i + 1 == end - start else seen[i])
+            x0s = [torch.cat(p) for p in x0s]
+            return (torch.cat(outs), x0s, torch.cat(ahead)) if look else (torch.cat(outs), x0s)
 
         def on_scored(step, best_x0, x):
             interrupt_check()
@@ -232,7 +260,7 @@ class LatentCLIPSearchSampler(io.ComfyNode):
                                            "in loss units (1 - cos for a match term of weight 0.01 on a CLIP with logit scale 100)"),
                     io.Int.Input("interval", default=1, min=1, max=1000, tooltip="fk: resample every k steps"),
                     io.Int.Input("start", default=0, min=0, max=1000,
-                                 tooltip="fk: first resampling after this step; 0 = auto, 3/8 of the steps (earlier x0 "
+                                 tooltip="fk: first resampling after this step; 0 = auto, 1/4 of the steps (earlier x0 "
                                          "predictions barely predict the result)"),
                     io.String.Input("prune_steps", default="2, 4", tooltip="prune: steps after which particles are dropped"),
                     io.Float.Input("keep", default=0.5, min=0.01, max=0.99, step=0.01, tooltip="prune: share kept each time"),

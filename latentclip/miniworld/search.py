@@ -36,9 +36,10 @@ STEPS, ETA = 8, 1.0
 #: the posterior at every step; the first sampler measured, docs/search.md).
 NOISE = "posterior"
 NOISES = ("posterior", "fresh")
-#: FK defaults (measured, docs/search.md): difference potential, lambda 10 per cosine, every step from
-#: step 3 of 8 (earlier x0 scores barely predict the result; larger lambdas collapse lineages).
-FK = {"potential": "difference", "temperature": 10.0, "interval": 1, "start": 3, "stop": None}
+#: FK defaults (measured, docs/search.md): difference potential, lambda 30 per cosine, every step from
+#: step 2 of 8, scoring each particle's current state (lookahead); earlier scores barely predict the
+#: result, larger lambdas collapse lineages, smaller ones resample at random.
+FK = {"potential": "difference", "temperature": 30.0, "interval": 1, "start": 2, "stop": None}
 #: Prune at equal NFE: after these shares of the steps (3 and 5 of 8: scores are informative from
 #: step 3, docs/search.md), keep half each time; the start count fills the NFE budget.
 PRUNE = {"prune_at": (0.375, 0.625), "keep": 0.5}
@@ -64,37 +65,50 @@ def noise_scale(t: float, tn: float, eta: float, noise: str = NOISE) -> float:
 
 
 def stochastic_advance(generator, cond, batch: int, steps: int = STEPS, eta: float = ETA, seed: int = 0,
-                       noise: str = NOISE):
+                       noise: str = NOISE, lookahead: bool = False):
     """``advance(x, start, end)`` for ``latentclip.search``: rectified-flow steps on slot-major particles.
 
     x_t = (1-t) x0 + t eps; the net predicts v = eps - x0, so x0 = x - t v and eps = x + (1-t) v.
     Step t -> t': x' = (1-t') x0 + sqrt(t'^2 - s^2) eps + s xi with s = ``noise_scale`` and xi fresh
     Gaussian noise (one generator per run, seeded, so runs repeat; each row draws its own, so copies
     made by resampling diverge). Returns raw-latent x0 predictions per step.
+
+    ``lookahead``: the x0 reported for a step is the prediction of the state *after* it (the model
+    call the next step makes, done at once and handed on as the search's ``carry``, so the next
+    interval starts without calling the model again). Without it, the x0 is the step's own
+    prediction, made before the step's fresh noise: one step stale for the state that is resampled.
     """
     noise_scale(1.0, 0.5, eta, noise)      # reject an unknown noise before sampling
     ts = torch.linspace(1.0, 0.0, steps + 1)
     gen = torch.Generator().manual_seed(seed)
     c, u = cond
 
-    def advance(x, start, end):
+    def advance(x, start, end, carry=None):
         rows = x.shape[0] // batch
         cc = tuple(expand_items(t, rows) for t in c)
-        x0s = []
+        x0s, v = [], carry
         with torch.no_grad():
             for i in range(start, end):
                 t, tn = ts[i], ts[i + 1]
-                v = generator.velocity(x, t.view(1), cc)
+                if v is None:
+                    v = generator.velocity(x, t.view(1), cc)
                 x0 = x - t * v
                 eps = x + (1 - t) * v
-                x0s.append(generator.to_raw(x0))
+                if not lookahead:
+                    x0s.append(generator.to_raw(x0))
                 if tn == 0:
-                    x = x0
-                else:
-                    xi = torch.randn(x.shape, generator=gen)
-                    sd = noise_scale(float(t), float(tn), eta, noise)
-                    x = (1 - tn) * x0 + math.sqrt(max(0.0, float(tn) ** 2 - sd ** 2)) * eps + sd * xi
-        return x, x0s
+                    x, v = x0, None
+                    if lookahead:
+                        x0s.append(generator.to_raw(x0))
+                    continue
+                xi = torch.randn(x.shape, generator=gen)
+                sd = noise_scale(float(t), float(tn), eta, noise)
+                x = (1 - tn) * x0 + math.sqrt(max(0.0, float(tn) ** 2 - sd ** 2)) * eps + sd * xi
+                v = None
+                if lookahead:            # the next step's model call, made now to score the new state
+                    v = generator.velocity(x, tn.view(1), cc)
+                    x0s.append(generator.to_raw(x - tn * v))
+        return (x, x0s, v) if lookahead else (x, x0s)
     return advance
 
 
@@ -137,7 +151,8 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
     score = reward_scorer(match_terms(world, kind, prompts) + list(extra_terms), batch)
     with torch.no_grad():
         cond = world.generator.prepare(prompts, batch)
-    advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed, noise)
+    advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed, noise,
+                                 lookahead=st.strategy == "fk_steering")
     x = particle_noise(seeds, st.particles)
     res = search(advance, x, steps, score, batch, st)
     res.samples = world.generator.to_raw(res.samples)   # the sampler's state is standardised; rewards saw raw x0
@@ -171,7 +186,9 @@ def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int 
 
 def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int = STEPS, eta: float = ETA,
                       batch: int = 67, noise: str = NOISE) -> dict:
-    """Per step s: the judge's success of the particle picked by the Latent-CLIP reward of step s's x0.
+    """Per step s: the judge's success of the particle picked by the Latent-CLIP reward after step s.
+
+    The reward is that of the x0 prediction of the state after step s (the lookahead FK scores).
 
     One best-of-N pass with ``trace`` (no steering), so every particle's final image is judged;
     ``random`` is the mean success (a pick without information), ``final`` the pick by the last step.
@@ -190,12 +207,12 @@ def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, st
             cond = world.generator.prepare(ps, b)
         # keep every particle's final state: a no-op advance wrapper records it
         finals = {}
-        adv = stochastic_advance(world.generator, cond, b, steps, eta, 0, noise)
+        adv = stochastic_advance(world.generator, cond, b, steps, eta, 0, noise, lookahead=True)
 
-        def advance(x, start, end):
-            x, x0s = adv(x, start, end)
+        def advance(x, start, end, carry=None):
+            x, x0s, carry = adv(x, start, end, carry)
             finals["x"] = x0s[-1]
-            return x, x0s
+            return x, x0s, carry
         res = search(advance, particle_noise(sd, particles), steps, score, b, st)
         images = decode(world, finals["x"])
         ok = np.array([success(chunk[r % b][0], J.check(img, chunk[r % b][1])) for r, img in enumerate(images)],

@@ -66,6 +66,23 @@ def test_every_sampler_runs_fk_steering_at_particles_times_steps(comfy, handle, 
     assert best == pytest.approx([max(row) for row in final], abs=1e-5)
 
 
+def test_fk_scores_the_state_it_resamples_at_no_extra_model_calls(comfy, handle, model):
+    """On a deterministic path, FK's reward after step s is the score of the x0 predicted for the
+    state after step s, which best-of-N's every-step trace records at step s + 1 (its x0 is the one
+    the model call of step s + 1 makes); the lookahead call is reused, so both cost the same."""
+    reward = reward_of(comfy, handle)
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    fk = search_sampler(comfy, reward, "euler", particles=1, start=1, interval=1)
+    bon = search_sampler(comfy, reward, "euler", particles=1, strategy="best_of_n")
+    a, b = sample(comfy, model, fk, latent), sample(comfy, model, bon, latent)
+    assert torch.allclose(a["samples"], b["samples"], atol=1e-5)
+    fk_h, trace = fk.last_summary["history"], bon.last_summary["history"]["trace"]
+    assert fk_h["scored_steps"] == [1, 2, 3, STEPS]
+    for step, rewards in zip(fk_h["scored_steps"][:-1], fk_h["reward"]):
+        assert rewards[0] == pytest.approx(trace[str(step + 1)][0], abs=1e-5)
+    assert fk.last_summary["nfe_per_item"] == bon.last_summary["nfe_per_item"] == STEPS
+
+
 def test_one_particle_best_of_n_is_the_inner_sampler_itself(comfy, handle, model):
     latent = {"samples": torch.zeros(1, 4, 32, 32)}
     plain = sample(comfy, model, comfy.run_node("KSamplerSelect", sampler_name="euler")[0], latent)

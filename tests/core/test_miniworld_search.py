@@ -65,6 +65,40 @@ def test_posterior_noise_is_the_forward_process_conditional(t, tn):
         MS.noise_scale(t, tn, 1.0, "ancestral")
 
 
+def test_lookahead_scores_the_state_it_returns_at_the_same_model_calls(world):
+    """With lookahead the x0 reported for a step is the prediction for the state after it; the call
+    is reused by the next step (carry), so a split run costs what one run costs and samples the same."""
+    prompts = ["a red circle", "two blue squares"]
+    cond = world.generator.prepare(prompts, 2)
+    noise = MS.particle_noise([0, 1], 2)
+    calls = []
+    velocity = world.generator.velocity
+
+    def counted(x, t, c):
+        calls.append(x.shape[0])
+        return velocity(x, t, c)
+    world.generator.velocity = counted
+    try:
+        whole, x0w, _ = MS.stochastic_advance(world.generator, cond, 2, 6, 1.0, 3, lookahead=True)(noise, 0, 6)
+        assert sum(calls) == 6 * 4
+        calls.clear()
+        adv = MS.stochastic_advance(world.generator, cond, 2, 6, 1.0, 3, lookahead=True)
+        x2, x0a, carry = adv(noise, 0, 2)
+        with torch.no_grad():
+            here = world.generator.to_raw(x2 - (4 / 6) * velocity(x2, torch.tensor([4 / 6]), cond_rows(cond, 2)))
+        assert torch.allclose(x0a[-1], here, atol=1e-5)              # scores the state it returns
+        x6, x0b, _ = adv(x2, 2, 6, carry=carry)
+        assert sum(calls) == 6 * 4                                    # no extra call for the split
+        assert torch.allclose(x6, whole, atol=1e-6) and torch.allclose(x0b[-1], x0w[-1], atol=1e-6)
+    finally:
+        world.generator.velocity = velocity
+
+
+def cond_rows(cond, rows):
+    from latentclip.search import expand_items
+    return tuple(expand_items(t, rows) for t in cond[0])
+
+
 def test_one_particle_deterministic_run_returns_the_generators_raw_latents(world):
     prompts = ["a red circle", "three green triangles"]
     res = MS.run_batch(world, "baseline", prompts, [5, 6], particles=1, steps=4, eta=0.0)

@@ -100,8 +100,36 @@ def test_fk_resamples_within_each_item_and_the_difference_follows_the_ancestors(
     assert res.best_slot == [0, 1] and res.best_reward == [14.0, 24.0]
 
 
+def test_a_carry_follows_its_rows_through_resampling_and_pruning():
+    """An advance that looks ahead hands per-row data on; the search gathers it with the particles, so
+    each row gets back exactly the carry computed for the state it now holds."""
+    batch, n, calls = 3, 5, []
+
+    def advance(x, start, end, carry=None):
+        if carry is not None:
+            assert torch.equal(carry, x * 2)            # the carry made for this very state
+        calls.append(carry is not None)
+        x0s = []
+        for _ in range(start, end):
+            x = x + torch.randn(x.shape)
+            x0s.append(x.clone())
+        return x, x0s, x * 2
+    for st in (SearchSettings("fk_steering", n, temperature=3.0, start=1),
+               SearchSettings("prune", n, prune_at=(2, 4), keep=0.5)):
+        calls.clear()
+        res = search(advance, start(n, batch), STEPS, toy_score, batch, st)
+        assert calls[0] is False and all(calls[1:]) and len(calls) == len(st.action_steps(STEPS)) + 1
+        assert res.samples.shape == (batch, 1)
+
+
+def test_a_carry_of_the_wrong_rows_is_refused():
+    advance = lambda x, a, b, carry=None: (x, [x] * (b - a), x[:1])
+    with pytest.raises(InputError, match="carry of 1 rows for 4 particle rows"):
+        search(advance, start(2, 2), 3, toy_score, 2, SearchSettings("fk_steering", 2, start=1))
+
+
 def test_auto_start_is_where_scores_become_informative():
-    assert [auto_start(s) for s in (2, 4, 8, 20, 30)] == [1, 1, 3, 7, 11]
+    assert [auto_start(s) for s in (2, 4, 8, 20, 30)] == [1, 1, 2, 5, 7]
 
 
 def test_fk_interval_start_stop_choose_the_resampling_steps():
