@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..configs import WEIGHTS_DIR
+from .search import RUNS as MS_RUNS
 
 
 def _train(args) -> int:
@@ -51,7 +52,8 @@ def _search(args) -> int:
                             "potential": args.potential}.items() if v is not None}
     args.eta = MS.ETA if args.eta is None else args.eta
     t0 = time.perf_counter()
-    runs = MS.evaluate(world, prompts, seeds, args.particles, args.steps, args.eta, fk=fk, noise=args.noise)
+    runs = MS.evaluate(world, prompts, seeds, args.particles, args.steps, args.eta, fk=fk, noise=args.noise,
+                       runs=tuple(args.runs.split(",")), batch=args.batch, lookahead=not args.no_lookahead)
     result = {"search": runs}
     if not args.no_trace:
         result["informative_steps"] = MS.informative_steps(world, prompts, seeds, args.particles, args.steps, args.eta,
@@ -60,7 +62,8 @@ def _search(args) -> int:
         result["safety"] = MS.safety(world, args.particles, args.steps, args.eta, fk, noise=args.noise)
     result["settings"] = {"particles": args.particles, "steps": args.steps, "eta": args.eta, "noise": args.noise,
                           "seeds": len(seeds),
-                          "prompts": len(prompts), "fk": {**MS.FK, **fk}, "prune": MS.PRUNE, "threads": args.threads,
+                          "prompts": len(prompts), "fk": {**MS.FK, **fk}, "lookahead": not args.no_lookahead,
+                          "batch": args.batch, "prune": MS.PRUNE, "threads": args.threads,
                           "seconds": round(time.perf_counter() - t0, 1)}
     print(MS.format_table(runs))
     if "safety" in result:
@@ -110,6 +113,10 @@ def main(argv=None) -> int:
     s.add_argument("--temperature", type=float, default=None, help="FK lambda per unit of cosine")
     s.add_argument("--fk-start", type=int, default=None, help="first FK resampling after this step")
     s.add_argument("--fk-interval", type=int, default=None, help="FK resampling every k steps")
+    s.add_argument("--no-lookahead", action="store_true",
+                   help="FK scores the x0 its last step started from, not the state it resamples (the comparison)")
+    s.add_argument("--runs", default=",".join(MS_RUNS), help="comma-separated runs (default all: %(default)s)")
+    s.add_argument("--batch", type=int, default=67, help="items sampled together (the noise draws depend on it)")
     s.add_argument("--no-trace", action="store_true", help="skip the per-step informativeness measurement")
     s.add_argument("--no-safety", action="store_true", help="skip safety-mini with an avoid term")
     s.add_argument("--threads", type=int, default=1)

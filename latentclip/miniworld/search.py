@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import judge as J
+from ..errors import InputError
 from ..rewards import LatentAvoid, LatentMatch, PixelCLIPMatch
 from ..search import SearchSettings, expand_items, particle_steps, prune_counts, reward_scorer, search
 
@@ -143,8 +144,12 @@ def settings_for(run: str, particles: int, steps: int, seed: int = 0, fk: dict |
 
 
 def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEPS, eta: float = ETA,
-              fk: dict | None = None, extra_terms=(), trace=False, seed: int = 0, noise: str = NOISE):
-    """One run on a batch of (prompt, seed) items: the SearchResult, ``samples`` as raw latents."""
+              fk: dict | None = None, extra_terms=(), trace=False, seed: int = 0, noise: str = NOISE,
+              lookahead: bool = True):
+    """One run on a batch of (prompt, seed) items: the SearchResult, ``samples`` as raw latents.
+
+    ``lookahead`` (FK only): score the state being resampled; False scores the x0 its last step
+    started from (one step stale; the comparison in docs/search.md)."""
     batch = len(prompts)
     st = settings_for(run, particles, steps, seed, fk, trace)
     kind = "pixel" if run == "fk_pixel" else "latent"
@@ -152,7 +157,7 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
     with torch.no_grad():
         cond = world.generator.prepare(prompts, batch)
     advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed, noise,
-                                 lookahead=st.strategy == "fk_steering")
+                                 lookahead=lookahead and st.strategy == "fk_steering")
     x = particle_noise(seeds, st.particles)
     res = search(advance, x, steps, score, batch, st)
     res.samples = world.generator.to_raw(res.samples)   # the sampler's state is standardised; rewards saw raw x0
@@ -160,9 +165,13 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
 
 
 def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int = STEPS, eta: float = ETA,
-             runs=RUNS, batch: int = 67, fk: dict | None = None, log=print, noise: str = NOISE) -> dict:
+             runs=RUNS, batch: int = 67, fk: dict | None = None, log=print, noise: str = NOISE,
+             lookahead: bool = True) -> dict:
     """GenEval-mini per run: ``{run: {overall, categories..., seconds_per_image, nfe_per_image}}``."""
     from .geneval import decode, success, summarize
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise InputError(f"unknown run {unknown[0]!r}; expected some of {RUNS}")
     items = [(c, p, int(s)) for c, p in prompts for s in seeds]
     out = {}
     for run in runs:
@@ -171,7 +180,7 @@ def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int 
             chunk = items[i:i + batch]
             t0 = time.perf_counter()
             res = run_batch(world, run, [p for _, p, _ in chunk], [s for _, _, s in chunk], particles, steps, eta, fk,
-                            noise=noise)
+                            noise=noise, lookahead=lookahead)
             seconds += time.perf_counter() - t0
             lat.append(res.samples)
             nfe += res.particle_steps

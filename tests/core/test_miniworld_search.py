@@ -39,6 +39,13 @@ def test_cli_writes_every_strategy_at_equal_nfe_and_refuses_to_overwrite(tmp_pat
     assert set(data["informative_steps"]["pick_success"]) == {"1", "2", "3", "4"}
     assert "fk_latent" in capsys.readouterr().out
     assert main(["search", "--json", str(out), "--particles", "2"]) == 2      # existing file: refused
+    other = tmp_path / "fk.json"
+    assert main(["search", "--prompts", str(prompts), "--json", str(other), "--particles", "2", "--seeds", "1",
+                 "--steps", "4", "--no-safety", "--no-trace", "--runs", "fk_latent", "--no-lookahead"]) == 0
+    data = json.loads(other.read_text())
+    assert set(data["search"]) == {"fk_latent"} and data["settings"]["lookahead"] is False
+    assert main(["search", "--json", str(tmp_path / "x.json"), "--runs", "fk_latent,beam"]) == 2
+    assert "unknown run 'beam'" in capsys.readouterr().err
 
 
 def test_stochastic_sampler_is_seeded_and_eta_zero_is_the_generators_euler(world):
