@@ -196,7 +196,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
     actions = settings.action_steps(steps)
     cuts = sorted(set(actions) | {steps})
     history = {"settings": asdict(settings), "steps": steps, "scored_steps": [], "reward": [], "terms": {},
-               "alive": [], "survivors": [], "events": [], "trace": {}}
+               "alive": [], "survivors": [], "events": [], "trace": {}, "lookahead": False}
     prev = running_max = None
     slot_ids = torch.arange(n).repeat_interleave(batch).view(n, batch)  # lineage: original slot per row
     done, units, started = 0, 0, time.perf_counter()
@@ -210,6 +210,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
         x, x0s, carry = out if len(out) == 3 else (*out, None)
         if carry is not None and carry.shape[0] != x.shape[0]:
             raise InputError(f"advance returned a carry of {carry.shape[0]} rows for {x.shape[0]} particle rows")
+        history["lookahead"] |= carry is not None     # scores describe the states reached, not the steps' starts
         if len(x0s) != cut - done:
             raise InputError(f"advance returned {len(x0s)} x0 predictions for steps {done}..{cut - 1}; expected {cut - done}")
         units += alive * batch * (cut - done)

@@ -119,7 +119,9 @@ def test_a_carry_follows_its_rows_through_resampling_and_pruning():
         calls.clear()
         res = search(advance, start(n, batch), STEPS, toy_score, batch, st)
         assert calls[0] is False and all(calls[1:]) and len(calls) == len(st.action_steps(STEPS)) + 1
-        assert res.samples.shape == (batch, 1)
+        assert res.samples.shape == (batch, 1) and res.history["lookahead"] is True
+    assert search(toy_process(batch), start(n, batch), STEPS, toy_score, batch,
+                  SearchSettings("fk_steering", n, start=1)).history["lookahead"] is False
 
 
 def test_a_carry_of_the_wrong_rows_is_refused():
