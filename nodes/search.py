@@ -203,14 +203,11 @@ class SearchSampler(comfy.samplers.Sampler):
                 if look:   # the next step's model call on the state reached, made now to score that state
                     ahead.append(model_k(out, sigmas[end].to(out) * out.new_ones([out.shape[0]]), **ea))
                 progress["nfe"] += model_k.evaluated
-                for i in range(end - start):
-                    # with lookahead, step i's x0 is the prediction for the state after it (the next
-                    # step's call; the lookahead call after the interval's last step; the last step's
-                    # own x0 after the final step, as that is the sample)
-                    if lookahead and i + 1 < end - start:
-                        x0s[i].append(seen[i + 1])
-                    else:
-                        x0s[i].append(ahead[-1] if look and i + 1 == end - start else seen[i])
+                preds = [seen[i] for i in range(end - start)]
+                if lookahead:   # x0 of the state after each step: the next step's call, then the lookahead
+                    preds = preds[1:] + [ahead[-1] if look else preds[-1]]   # (after the final step: the sample)
+                for i, d in enumerate(preds):
+                    x0s[i].append(d)
             x0s = [torch.cat(p) for p in x0s]
             return (torch.cat(outs), x0s, torch.cat(ahead)) if look else (torch.cat(outs), x0s)
 
