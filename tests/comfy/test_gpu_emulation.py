@@ -108,6 +108,24 @@ def reno_sampler_custom():
     return _preview(g, ("17", 1), ("21", 1))
 
 
+def search_fk(dtype="fp32"):
+    """FK steering (lookahead) on 3 particles x 4 steps, plus its history, with the moved Latent-CLIP."""
+    g = reno_latent(dtype)
+    del g["13"], g["90"]
+    g["14"] = {"class_type": "LatentCLIPSearchSampler", "inputs": {
+        "reward": ["12", 0], "sampler": ["20", 0], "particles": 3, "strategy": "fk_steering", "potential": "difference",
+        "temperature": 30.0, "interval": 1, "start": 1, "prune_steps": "", "keep": 0.5, "seed": 0, "max_batch": 0,
+        "score_every_step": True}}
+    g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["10", 0], "scheduler": "karras", "steps": 4,
+                                                         "denoise": 1.0}}
+    g["16"] = {"class_type": "SamplerCustom", "inputs": {"model": ["10", 0], "add_noise": True, "noise_seed": 1, "cfg": 1.0,
+               "positive": ["10", 1], "negative": ["10", 2], "sampler": ["14", 0], "sigmas": ["15", 0],
+               "latent_image": ["11", 0]}}
+    g["17"] = {"class_type": "LatentCLIPSearchHistory", "inputs": {"sampler": ["14", 0], "samples": ["16", 0]}}
+    g["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}}
+    return _preview(g, ("17", 0))
+
+
 def safety(dtype="fp32"):
     g = _loader(dtype=dtype)
     g["10"] = {"class_type": "LatentCLIPTestTinySDXL", "inputs": {"seed": 0}}
@@ -191,6 +209,19 @@ def test_sampler_custom_reno_beats_plain_euler_after_moves_and_reloads(server):
         assert reno > euler, (reno, euler)
         return {"reno_score": reno, "euler_score": euler}
     RESULTS["sampler_custom_reno"] = _twice(server, reno_sampler_custom(), check)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_search_fk_steering_after_moves_and_reloads(server, dtype):
+    def check(outputs):
+        summary = json.loads(outputs["90"]["text"][0])
+        h = summary["history"]
+        assert h["lookahead"] is True and [e["step"] for e in h["events"]] == [1, 2, 3]
+        assert summary["nfe_per_item"] == 3 * 4                     # the lookahead call is reused, not repeated
+        assert all(math.isfinite(r) for row in h["reward"] for r in row[0])
+        return summary["best_reward"]
+    RESULTS[f"search_fk_{dtype}"] = first, second = _twice(server, search_fk(dtype), check)
+    assert first == pytest.approx(second, abs=1e-5)                  # same seed, same result after a reload
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
