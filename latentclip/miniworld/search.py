@@ -172,6 +172,8 @@ def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int 
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise InputError(f"unknown run {unknown[0]!r}; expected some of {RUNS}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"batch must be an integer >= 1 (items sampled together), got {batch!r}")
     items = [(c, p, int(s)) for c, p in prompts for s in seeds]
     out = {}
     for run in runs:
