@@ -1,0 +1,61 @@
+"""The distillation objective: a student image tower that reads latents learns a pixel CLIP's space.
+
+Shared by the general trainer (``latentclip.train``) and the mini-world's distilled models, so
+both optimise the same thing. Two terms:
+
+- ``cosine_regression``: 1 - cos(student image embedding, teacher image embedding of the same
+  image). Needs images only; the teacher's text tower (and every head trained on its image
+  embeddings) then applies to the student unchanged.
+- ``caption_contrastive``: the CLIP loss of the student's image embeddings against the teacher's
+  (frozen) text embeddings of the captions, in both directions. Pixel teachers are weak on
+  relations; captions with hard negatives (the same objects, the relation word swapped) add them
+  as extra text rows that match no image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_regression(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean of ``1 - cos`` between matching rows of ``student`` [B, E] and ``teacher`` [B, E]."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student embeddings {list(student.shape)} and teacher embeddings "
+                         f"{list(teacher.shape)} must have the same shape")
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def caption_contrastive(student: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor,
+                        hard_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric CLIP loss: row i of ``student`` [B, E] matches row i of ``text`` [B, E].
+
+    ``hard_negatives`` [K, E] are text embeddings that match no image; they join the image->text
+    softmax only. ``logit_scale`` is the multiplier itself (``exp`` of open_clip's parameter).
+    """
+    if student.shape != text.shape:
+        raise ValueError(f"student embeddings {list(student.shape)} and caption embeddings "
+                         f"{list(text.shape)} must have the same shape")
+    img = F.normalize(student.float(), dim=-1)
+    txt = F.normalize(text.float(), dim=-1)
+    targets = torch.arange(img.shape[0], device=img.device)
+    rows = txt if hard_negatives is None else torch.cat([txt, F.normalize(hard_negatives.float(), dim=-1)])
+    logits_img = logit_scale * img @ rows.T
+    logits_txt = logit_scale * txt @ img.T
+    return 0.5 * (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_txt, targets))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor | None = None,
+                 logit_scale: float | torch.Tensor = 100.0, contrastive_weight: float = 0.0,
+                 hard_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """``cosine_regression`` plus ``contrastive_weight`` x ``caption_contrastive`` (when text is given).
+
+    Returns the loss and a dict of its parts as floats, for logs.
+    """
+    reg = cosine_regression(student, teacher)
+    parts = {"cosine": float(reg.detach())}
+    loss = reg
+    if contrastive_weight and text is not None:
+        con = caption_contrastive(student, text, logit_scale, hard_negatives)
+        parts["contrastive"] = float(con.detach())
+        loss = loss + contrastive_weight * con
+    return loss, parts
