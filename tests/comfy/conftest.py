@@ -164,15 +164,20 @@ def tiny_sdxl(seed=0):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
+    dtype, manual_cast = torch.float32, None
+    if os.environ.get("LATENTCLIP_TEST_GPU") == "1":   # tests/gpu/run.sh: the dtype ComfyUI picks there (fp16)
+        supported = comfy.supported_models.SDXL.supported_inference_dtypes
+        dtype = mm.unet_dtype(supported_dtypes=supported)
+        manual_cast = mm.unet_manual_cast(dtype, mm.get_torch_device(), supported)
     cfg = comfy.supported_models.SDXL({
         "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
         "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
         "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
         "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 64,
         "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256, "use_temporal_attention": False,
-        "use_temporal_resblock": False, "dtype": torch.float32})
+        "use_temporal_resblock": False, "dtype": dtype})
     cfg.unet_config["num_head_channels"] = 16
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(dtype, manual_cast)
     with torch.inference_mode():  # as CheckpointLoaderSimple runs: the weights are inference tensors
         model = cfg.get_model({})
         g = torch.Generator().manual_seed(seed)

@@ -67,6 +67,8 @@ def _log_on_failure(request, server):
 
 # -- graphs ----------------------------------------------------------------------------------------
 def _loader(ckpt=RENO_CKPT, dtype="fp32"):
+    if ON_GPU and dtype == "fp32":   # on a GPU, what users get: `auto` picks fp16 there
+        dtype = "auto"
     return {"1": {"class_type": "LatentCLIPLoader", "inputs": {"ckpt_name": ckpt, "device": "default", "dtype": dtype}},
             "2": {"class_type": "LoadLatent", "inputs": {"latent": "emulation.latent"}}}
 
@@ -108,14 +110,15 @@ def reno_sampler_custom():
     return _preview(g, ("17", 1), ("21", 1))
 
 
-def search_fk(dtype="fp32"):
-    """FK steering (lookahead) on 3 particles x 4 steps, plus its history, with the moved Latent-CLIP."""
+def search_fk(dtype="fp32", strategy="fk_steering"):
+    """A search (FK steering with lookahead by default) on 3 particles x 4 steps, plus its history, with the
+    moved Latent-CLIP."""
     g = reno_latent(dtype)
     del g["13"], g["90"]
     g["14"] = {"class_type": "LatentCLIPSearchSampler", "inputs": {
-        "reward": ["12", 0], "sampler": ["20", 0], "particles": 3, "strategy": "fk_steering", "potential": "difference",
-        "temperature": 30.0, "interval": 1, "start": 1, "prune_steps": "", "keep": 0.5, "seed": 0, "max_batch": 0,
-        "score_every_step": True}}
+        "reward": ["12", 0], "sampler": ["20", 0], "particles": 3, "strategy": strategy, "potential": "difference",
+        "temperature": 30.0, "interval": 1, "start": 1, "prune_steps": "2" if strategy == "prune" else "",
+        "keep": 0.5, "seed": 0, "max_batch": 0, "score_every_step": True}}
     g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["10", 0], "scheduler": "karras", "steps": 4,
                                                          "denoise": 1.0}}
     g["16"] = {"class_type": "SamplerCustom", "inputs": {"model": ["10", 0], "add_noise": True, "noise_seed": 1, "cfg": 1.0,
@@ -222,6 +225,18 @@ def test_search_fk_steering_after_moves_and_reloads(server, dtype):
         return summary["best_reward"]
     RESULTS[f"search_fk_{dtype}"] = first, second = _twice(server, search_fk(dtype), check)
     assert first == pytest.approx(second, abs=1e-5)                  # same seed, same result after a reload
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "prune"])
+def test_search_best_of_n_and_prune_after_moves_and_reloads(server, strategy):
+    def check(outputs):
+        summary = json.loads(outputs["90"]["text"][0])
+        nfe = summary["nfe_per_item"]
+        assert nfe == 3 * 4 if strategy == "best_of_n" else 2 * 3 < nfe < 3 * 4   # prune drops particles after step 2
+        assert all(math.isfinite(r) for r in summary["best_reward"])
+        return summary["best_reward"]
+    RESULTS[f"search_{strategy}"] = first, second = _twice(server, search_fk(strategy=strategy), check)
+    assert first == pytest.approx(second, abs=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
