@@ -47,7 +47,8 @@ if [ "$DEVICE" = cuda ]; then
     python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" 2>>"$summary" || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$summary" 2>&1 || true
 else
-    say "DRY RUN on the CPU: --cpu server with GPU-move emulation, small benchmark sizes"
+    say "DRY RUN on the CPU: --cpu server with GPU-move emulation, small benchmark sizes, 4x the time limits"
+    SLOWER=4
 fi
 python3 -c "import sys, torch, open_clip; print('python', sys.version.split()[0], '| torch', torch.__version__, '| open_clip', open_clip.__version__)" \
     >> "$summary" 2>&1 || { say "run.sh: torch/open_clip do not import"; exit 1; }
@@ -55,7 +56,7 @@ say "set-up: $((SECONDS - started)) s"
 
 status=0
 part() {   # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, one summary line
-    local name=$1 seconds=$2; shift 2
+    local name=$1 seconds=$(( $2 * ${SLOWER:-1} )); shift 2
     local t0=$SECONDS
     timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
