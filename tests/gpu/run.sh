@@ -29,19 +29,11 @@ summary="$OUT/summary.txt"
 started=$SECONDS
 say() { echo "$*" | tee -a "$summary"; }
 
-# -- set-up: the prepared wheels into a temporary site folder, the ComfyUI tree, PyAV's stand-in ---------
-stage=$(mktemp -d /tmp/latentclip_gpu_check.XXXXXX)
-trap 'rm -rf "$stage"' EXIT
-compgen -G ".gpu/whl/*.whl" > /dev/null && compgen -G ".gpu/ComfyUI-*.tar.gz" > /dev/null || {
-    say "run.sh: .gpu/ is missing or incomplete: run 'bash tests/gpu/prepare.sh' where the registries are and carry .gpu"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$stage/site" .gpu/whl/*.whl \
-    > "$stage/pip.log" 2>&1 || { say "run.sh: installing .gpu/whl failed: $(tail -3 "$stage/pip.log")"; exit 1; }
-mkdir -p "$stage/ComfyUI" "$stage/frontend"
-tar -xzf .gpu/ComfyUI-*.tar.gz -C "$stage/ComfyUI" --strip-components=1
-echo '<!doctype html><title>no front end in the GPU check</title>' > "$stage/frontend/index.html"
-export COMFYUI_PATH="$stage/ComfyUI"
-export PYTHONPATH="$stage/site:$PWD/tests/gpu/standins:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-COMFY_ARGS="--front-end-root $stage/frontend --disable-api-nodes"
+# -- set-up: the prepared wheels, the ComfyUI tree, PyAV's stand-in (tests/gpu/env.sh) ------------------
+source tests/gpu/env.sh > "$OUT/setup.txt" 2>&1 || { say "run.sh: $(cat "$OUT/setup.txt")"; exit 1; }
+trap 'rm -rf "$GPU_STAGE"' EXIT
+rm -f "$OUT/setup.txt"
+COMFY_ARGS="--front-end-root $GPU_STAGE/frontend --disable-api-nodes"
 if [ "$DEVICE" = cuda ]; then
     export LATENTCLIP_TEST_GPU=1
     python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" 2>>"$summary" || exit 1
