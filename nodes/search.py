@@ -482,7 +482,8 @@ class LatentCLIPSearchSampler(io.ComfyNode):
                         "reward). Returns each image's best particle. Costs about N x steps model evaluations.",
             inputs=[LatentRewardType.Input("reward", tooltip="Latent-CLIP Reward / Pixel-CLIP Reward chain"),
                     io.Sampler.Input("sampler", tooltip="The stepping between scoring points, e.g. KSamplerSelect; a "
-                                     "stochastic one (euler_ancestral, dpmpp_sde, lcm) lets resampled copies diverge"),
+                                     "stochastic one (euler_ancestral, dpmpp_sde, lcm) lets resampled copies diverge. "
+                                     "prune and fk_steering take single-step samplers only (not dpmpp_2m, uni_pc, ...)"),
                     io.Int.Input("particles", default=4, min=1, max=256),
                     io.Combo.Input("strategy", options=list(STRATEGIES), default="fk_steering",
                                    tooltip="best_of_n: score finished particles; prune: drop the worst at prune_steps; "

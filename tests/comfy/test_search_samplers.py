@@ -155,9 +155,23 @@ def test_cfg_pp_sampler_under_fk_gets_its_uncond_prediction_at_every_step(comfy,
     """The CFG++ samplers read uncond_denoised from a post-CFG hook; the lookahead's stored call must
     feed the next interval's hook (it raised a TypeError, or for dpmpp_2s_ancestral_cfg_pp gave ~4x the
     standard deviation). With 3 particles: no model call beyond particles x plain, results near plain's scale."""
-    for name in ("euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp"):
+    for name in ("dpmpp_2s_ancestral_cfg_pp", "euler_ancestral_cfg_pp"):
         plain, plain_rows = run(comfy, counted, comfy.run_node("KSamplerSelect", sampler_name=name)[0])
         sampler = search(comfy, reward, name, "fk_steering", 3, temperature=0.0)
         out, rows = run(comfy, counted, sampler)
         assert rows == 3 * plain_rows and sampler.last_summary["lookahead_misses"] == 0
         assert 0.5 < float(out.std() / plain.std()) < 2.0, (name, float(out.std()), float(plain.std()))
+
+
+def test_the_table_in_docs_is_this_matrix():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "search.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in SAMPLERS:
+            rows[cells[0]] = cells[1:]
+    assert list(rows) == SAMPLERS
+    for name, cells in rows.items():
+        for strategy, cell in zip(("best_of_n", "prune", "fk_steering"), cells):
+            assert cell.startswith("refused") == refused(name, strategy), (name, strategy, cell)
