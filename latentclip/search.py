@@ -69,6 +69,9 @@ class SearchSettings:
             raise InputError(f"temperature (lambda) must be a finite number >= 0, got {self.temperature!r}")
         _int(self.seed, "seed", 0)
         if self.strategy == "fk_steering":
+            if steps < 2:
+                raise InputError(f"fk_steering resamples between steps and a schedule of {steps} step has no step "
+                                 "in between; use strategy best_of_n, or 2 or more steps")
             _int(self.interval, "interval", 1)
             _int(self.start, "start", 1)
             if self.start >= steps or self.interval >= steps:

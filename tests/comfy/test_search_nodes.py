@@ -35,7 +35,7 @@ def reward_of(comfy, handle, text="a red fox", mode="match", chain=None, weight=
 def search_sampler(comfy, reward, sampler_name="euler_ancestral", **kw):
     args = dict(reward=reward, sampler=comfy.run_node("KSamplerSelect", sampler_name=sampler_name)[0], particles=3,
                 strategy="fk_steering", potential="difference", temperature=100.0, interval=1, start=1,
-                prune_steps="2", keep=0.5, seed=0, max_batch=0)
+                prune_steps="2", keep=0.5, seed=0, max_batch=0, score_every_step=True)
     args.update(kw)
     return comfy.run_node("LatentCLIPSearchSampler", **args).result[0]
 
@@ -47,7 +47,7 @@ def sample(comfy, model, sampler, latent, steps=STEPS, scheduler="karras", seed=
                           sigmas=sigmas, latent_image=latent)[0]
 
 
-@pytest.mark.parametrize("name, evals_per_step", [("euler", 1), ("euler_ancestral", 1), ("dpmpp_2m", 1),
+@pytest.mark.parametrize("name, evals_per_step", [("euler", 1), ("euler_ancestral", 1), ("dpmpp_2s_ancestral", 2),
                                                    ("dpmpp_sde", 2), ("lcm", 1)])
 def test_every_sampler_runs_fk_steering_at_particles_times_steps(comfy, handle, model, name, evals_per_step):
     latent = {"samples": torch.zeros(2, 4, 32, 32)}
@@ -58,7 +58,7 @@ def test_every_sampler_runs_fk_steering_at_particles_times_steps(comfy, handle, 
     assert out["samples"].shape == (2, 4, 32, 32) and torch.isfinite(out["samples"]).all()
     s = sampler.last_summary
     assert [e["step"] for e in s["history"]["events"]] == [1, 2, 3]
-    # guided model calls (each is a cond and an uncond UNet row at cfg 1.5); dpmpp_sde's last step makes one
+    # guided model calls (each is a cond and an uncond UNet row at cfg 1.5); a 2-call sampler's last step makes one
     calls = 3 * (STEPS * evals_per_step - (evals_per_step - 1))
     assert s["nfe_per_item"] == calls
     best = s["best_reward"]
@@ -136,6 +136,7 @@ def test_history_node_gives_json_and_a_plot(comfy, handle, model):
     ({"interval": 5}, "must be below the sampler's 4 steps"),
     ({"strategy": "prune", "prune_steps": "9"}, "prune_at step 9 is beyond the sampler's 4 steps"),
     ({"strategy": "prune", "prune_steps": "two"}, "prune_steps must be step numbers"),
+    ({"strategy": "prune", "prune_steps": "\u00b2"}, "prune_steps must be step numbers"),   # '2'.isdigit() but not int()
 ])
 def test_bad_settings_are_one_clear_error(comfy, handle, model, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -192,3 +193,44 @@ def test_inpainting_mask_keeps_the_unmasked_area_for_every_particle(comfy, handl
                  batch=2)
     assert torch.allclose(out["samples"][..., :14], source[..., :14], atol=1e-4)
     assert not torch.allclose(out["samples"][..., 18:], source[..., 18:], atol=1e-2)
+
+
+def test_history_reports_the_run_of_the_latent_it_is_given(comfy, handle, model):
+    """One Search Sampler feeding two SamplerCustom nodes: each history node reports its own run."""
+    sampler = search_sampler(comfy, reward_of(comfy, handle), "euler_ancestral", particles=2, strategy="best_of_n")
+    first = sample(comfy, model, sampler, {"samples": torch.zeros(1, 4, 32, 32)}, seed=1)
+    first_summary = sampler.last_summary
+    second = sample(comfy, model, sampler, {"samples": torch.zeros(1, 4, 32, 32)}, seed=2)
+    assert sampler.last_summary["best_reward"] != first_summary["best_reward"]
+    text, _ = comfy.run_node("LatentCLIPSearchHistory", sampler=sampler, samples=first).result
+    assert json.loads(text)["best_reward"] == first_summary["best_reward"]
+    text, _ = comfy.run_node("LatentCLIPSearchHistory", sampler=sampler, samples=second).result
+    assert json.loads(text)["best_reward"] == sampler.last_summary["best_reward"]
+    with pytest.raises(ValueError, match="samples is not a LATENT that this Search Sampler returned"):
+        comfy.run_node("LatentCLIPSearchHistory", sampler=sampler, samples={"samples": torch.zeros(1, 4, 32, 32)})
+
+
+#: LatentCLIPSearchSampler as the first release saved it (workflows/latent_clip_search_fk_sdxl.api.json at
+#: a7bc98a): no score_every_step.
+FIRST_RELEASE_INPUTS = {"particles": 4, "strategy": "fk_steering", "potential": "difference", "temperature": 100.0,
+                        "interval": 2, "start": 4, "prune_steps": "", "keep": 0.5, "seed": 0, "max_batch": 0}
+
+
+def test_a_graph_saved_by_the_first_release_validates_and_keeps_its_behaviour(comfy, handle, model, tiny_ckpt):
+    graph = {"1": {"class_type": "LatentCLIPLoader", "inputs": {"ckpt_name": tiny_ckpt, "device": "cpu", "dtype": "fp32"}},
+             "2": {"class_type": "LatentCLIPReward", "inputs": {"latent_clip": ["1", 0], "text": "a red fox", "mode": "match",
+                                                               "weight": 0.01}},
+             "3": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}},
+             "4": {"class_type": "LatentCLIPSearchSampler", "inputs": {"reward": ["2", 0], "sampler": ["3", 0],
+                                                                      **FIRST_RELEASE_INPUTS}},
+             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+             "6": {"class_type": "LatentCLIPSearchHistory", "inputs": {"sampler": ["4", 0], "samples": ["5", 0]}},
+             "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}}}
+    import asyncio
+    valid = asyncio.run(comfy.execution.validate_prompt("old-graph", graph, None))
+    assert valid[0], valid[1:]
+    sampler = comfy.run_node("LatentCLIPSearchSampler", reward=reward_of(comfy, handle),
+                             sampler=comfy.run_node("KSamplerSelect", sampler_name="euler_ancestral")[0],
+                             **{**FIRST_RELEASE_INPUTS, "interval": 1, "start": 2}).result[0]
+    sample(comfy, model, sampler, {"samples": torch.zeros(1, 4, 32, 32)})
+    assert sampler.last_summary["history"]["trace"] == {}    # that release scored at scoring points only

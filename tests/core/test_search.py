@@ -205,3 +205,9 @@ def test_reward_scorer_pairs_per_item_prompts_with_slot_major_rows():
 def test_expand_items_is_slot_major():
     t = torch.arange(3).view(3, 1)
     assert expand_items(t, 2).view(-1).tolist() == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("start", [0, 1, 3])
+def test_fk_on_a_one_step_schedule_blames_the_schedule_whatever_start_is(start):
+    with pytest.raises(InputError, match="^fk_steering resamples between steps and a schedule of 1 step has no step"):
+        SearchSettings(strategy="fk_steering", start=start).validate(1)
