@@ -1,20 +1,41 @@
-"""Command line: ``python -m latentclip convert IN OUT.safetensors``, ``download REPO_ID`` and ``demo``."""
+"""One command line for the pack: ``python -m latentclip <verb> ...`` (``python -m latentclip`` lists the verbs).
+
+Each verb is one entry in ``VERBS``: its name, a one-line help and its entry, a function (or ``"module:function"``,
+imported only when the verb runs) that takes the verb's own arguments as a list of strings and returns the exit
+status. So a verb can live next to the code it drives. Adding one: write ``def main(argv) -> int`` (argparse inside)
+in its module and add ``"encode": ("encode images to latents ...", "latentclip.encode:main"),`` to ``VERBS``.
+Older spellings keep working: ``python -m latentclip.api run`` and ``python -m latentclip.miniworld train|eval|search``.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
-def _convert(args) -> int:
+def convert_main(argv) -> int:
     from .checkpoints import convert
+    p = argparse.ArgumentParser(prog="python -m latentclip convert",
+                                description="Convert a Latent-CLIP checkpoint to a compact, pickle-free .safetensors.")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    p.add_argument("--config", default=None, help="config name or .json (default: inferred from the weights)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    args = p.parse_args(argv)
     out = convert(args.src, args.out, dtype=args.dtype, force=args.force, config=args.config)
     print(f"wrote {out}")
     return 0
 
 
-def _download(args) -> int:
+def download_main(argv) -> int:
     from .hub import fetch
-
+    p = argparse.ArgumentParser(prog="python -m latentclip download",
+                                description="Fetch an authors' release from the Hugging Face Hub (HF_ENDPOINT, HF_HOME, "
+                                            "HF_HUB_OFFLINE) and keep it as a compact fp16 .safetensors.")
+    p.add_argument("repo_id", help="e.g. wendlerc/latent-clip-b-8-512-34b-80k")
+    p.add_argument("--out", default=".", help="folder for REPO_NAME.safetensors (e.g. models/latent_clip)")
+    args = p.parse_args(argv)
     shown = [-1]
 
     def progress(done, total):
@@ -30,38 +51,67 @@ def _download(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    try:
-        from .miniworld.demo import main as demo_main
-    except ImportError:
-        print("The mini-world demo is not built yet (it arrives with the mini-world issues). "
-              "Meanwhile: python -m latentclip convert IN OUT.safetensors converts a checkpoint.")
-        return 0
-    return demo_main(out=args.out)
+def demo_main(argv) -> int:
+    from .miniworld.demo import main as run_demo
+    p = argparse.ArgumentParser(prog="python -m latentclip demo",
+                                description="The mini-world demo on the embedded weights (about a minute on 2 CPU cores).")
+    p.add_argument("--out", default="demo_out", help="folder for the pictures and summary.md")
+    return run_demo(out=p.parse_args(argv).out)
+
+
+def _miniworld(verb: str):
+    """A verb of ``python -m latentclip.miniworld`` (train, eval, search), reachable from here too."""
+    def main(argv) -> int:
+        from .miniworld.__main__ import main as miniworld_main
+        return miniworld_main([verb, *argv])
+    return main
+
+
+def run_main(argv) -> int:
+    from .api import main as api_main
+    return api_main(["run", *argv])
+
+
+VERBS = {   # name: (help, "module:function" or a function)
+    "demo": ("the mini-world demo: baseline vs ReNO with Latent-CLIP and pixel-CLIP rewards, safety; pictures + "
+             "summary", demo_main),
+    "download": ("fetch an authors' release by repo id and convert it to fp16 .safetensors", download_main),
+    "convert": ("convert a Latent-CLIP checkpoint (.pt, .safetensors) to a compact .safetensors", convert_main),
+    "run": ("run an API-format workflow on a ComfyUI server, save its outputs", run_main),
+    "eval": ("mini-world: zero-shot, retrieval, GenEval-mini and safety-mini of the shipped weights",
+             _miniworld("eval")),
+    "search": ("mini-world: inference-time search (best-of-N, prune, FK steering) on GenEval-mini", _miniworld("search")),
+    "train-miniworld": ("mini-world: retrain the VAE, pixel CLIP, Latent-CLIP and generator (18 min on 2 idle "
+                        "cores)", _miniworld("train")),
+}
+
+
+def _resolve(target):
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _usage() -> str:
+    width = max(map(len, VERBS))
+    lines = [f"  {name:<{width}}  {text}" for name, (text, _) in VERBS.items()]
+    return ("usage: python -m latentclip <verb> [arguments]   (python -m latentclip <verb> --help for one verb)\n\n"
+            "verbs:\n" + "\n".join(lines))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentclip", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="convert a Latent-CLIP checkpoint to a compact .safetensors")
-    c.add_argument("src")
-    c.add_argument("out")
-    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
-    c.add_argument("--config", default=None, help="config name or .json (default: inferred from the weights)")
-    c.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    c.set_defaults(func=_convert)
-    w = sub.add_parser("download", help="fetch an authors' release from the Hugging Face Hub (HF_ENDPOINT, HF_HOME) "
-                       "and keep it as a compact fp16 .safetensors")
-    w.add_argument("repo_id", help="e.g. wendlerc/latent-clip-b-8-512-34b-80k")
-    w.add_argument("--out", default=".", help="folder for REPO_NAME.safetensors (e.g. ComfyUI/models/latent_clip)")
-    w.set_defaults(func=_download)
-    d = sub.add_parser("demo", help="run the mini-world demo on the embedded default weights")
-    d.add_argument("--out", default="demo_out")
-    d.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb {verb!r}; expected one of {', '.join(VERBS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
     from .errors import CheckpointError, InputError
     try:
-        return args.func(args)
+        return _resolve(VERBS[verb][1])(rest)
     except (CheckpointError, InputError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,12 +5,19 @@ optimizer state). ``fetch`` downloads it once with ``huggingface_hub`` (which ho
 ``HF_HOME`` and ``HF_HUB_OFFLINE``; the original stays in its cache), reads it with
 ``torch.load(weights_only=True)`` and writes ``<repo name>.safetensors`` in fp16 into the target folder,
 holding only what scoring needs. From then on that file is used and nothing is downloaded again.
+
+A release is named by its repo id everywhere (the loader's list, the workflows, the command line); the
+converted file's name (``release_for``) is accepted too. Offline (``HF_HUB_OFFLINE``) or with the Hub
+unreachable, ``fetch`` fails within ``PROBE_TIMEOUT`` seconds with one error naming the repo and the manual
+steps, instead of huggingface_hub's retries (about half a minute, each attempt logged).
 """
 from __future__ import annotations
 
 import inspect
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +32,7 @@ RELEASED = (
     "wendlerc/latent-clip-b-4-512-13b-80k",
 )
 DEFAULT_ENDPOINT = "https://huggingface.co"
+PROBE_TIMEOUT = 3.0   # seconds to wait for the Hub to answer at all before giving up
 _CHECKPOINT = re.compile(r"checkpoints/epoch_(\d+)\.pt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -46,6 +54,14 @@ def local_name(repo_id: str) -> str:
     return repo_id.rsplit("/", 1)[-1] + ".safetensors"
 
 
+def release_for(name) -> str | None:
+    """The released repo id that ``name`` stands for (the repo id itself or its converted file's name), or None."""
+    for repo_id in RELEASED:
+        if name in (repo_id, local_name(repo_id)):
+            return repo_id
+    return None
+
+
 def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
@@ -64,6 +80,33 @@ def manual_steps(repo_id: str, out_dir, filename: str = "checkpoints/epoch_*.pt"
     return (f"download {filename} from {endpoint()}/{repo_id}, then run "
             f"`python -m latentclip convert {Path(filename).name} {target} --dtype fp16` "
             f"(or put the .pt file itself into {Path(out_dir)})")
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as set now or when huggingface_hub was imported (it reads the variable once)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def unreachable(repo_id: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the Hub cannot be reached (one request, no retries; proxies from the environment), or None.
+
+    Any HTTP answer, even an error status, means a server is there: huggingface_hub then reports what it says.
+    """
+    request = urllib.request.Request(f"{endpoint()}/api/models/{repo_id}", method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"the Hub could not be reached ({reason})"
+    return None
 
 
 def checkpoint_file(repo_id: str) -> str:
@@ -111,8 +154,12 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
     target = out_dir / local_name(repo_id)
     if target.exists():
         return target
-    from huggingface_hub import hf_hub_download
     filename = "checkpoints/epoch_*.pt"
+    why = "offline mode is on (HF_HUB_OFFLINE)" if offline() else unreachable(repo_id)
+    if why:
+        raise DownloadError(f"Could not download {repo_id} from {endpoint()}: {why}. "
+                            f"To install it by hand: {manual_steps(repo_id, out_dir)}")
+    from huggingface_hub import hf_hub_download
     extra = {}
     if progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:   # older releases lack it: no byte progress
         extra["tqdm_class"] = _reporting_tqdm(progress)

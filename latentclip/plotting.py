@@ -64,3 +64,51 @@ def plot_search_history(history: dict, title: str = "Search: reward of x0 predic
     events = [e["step"] for e in history.get("events", [])]
     label = "step" + (f" (resampled/pruned after {', '.join(map(str, events[:8]))})" if events else "")
     return plot_curves(curves, title, xlabel=label, xticks=(steps[0], steps[-1]) if steps else None)
+
+
+def side_by_side(images: list[Image.Image], pad: int = 8) -> Image.Image:
+    """Panels in one row (e.g. one plot per model, each on its own axes), top-aligned on white."""
+    w = sum(im.width for im in images) + pad * (len(images) - 1)
+    out = Image.new("RGB", (w, max(im.height for im in images)), (255, 255, 255))
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width + pad
+    return out
+
+
+def count_chart(groups: list[str], counts: dict[str, list[int]], total: int, title: str = "",
+                width: int = 720) -> Image.Image:
+    """Horizontal bars: for each group (a prompt), one bar per series (a method) of ``count`` out of ``total``,
+    the count written at the bar's end. Shows at a glance what a table of k/n per prompt says."""
+    series = list(counts)
+    label_w, right, top, bar_h, gap = 300, 40, 34, 14, 12
+    group_h = bar_h * len(series) + gap
+    height = top + group_h * len(groups) + 24
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    x0, x1 = label_w, width - right
+    draw.text((8, 8), title, fill=(0, 0, 0))
+    for k, name in enumerate(series):   # legend
+        color = _COLORS[k % len(_COLORS)]
+        lx = x0 + 130 * k
+        draw.rectangle([lx, 22, lx + 10, 30], fill=color)
+        draw.text((lx + 14, 20), name, fill=color)
+    for g, group in enumerate(groups):
+        y = top + g * group_h
+        text = group if len(group) <= 52 else group[:49] + "..."
+        draw.text((8, y + (bar_h * len(series)) // 2 - 6), text, fill=(0, 0, 0))
+        for k, name in enumerate(series):
+            value = counts[name][g]
+            color = _COLORS[k % len(_COLORS)]
+            yy = y + k * bar_h
+            end = x0 + (x1 - x0) * value / max(total, 1)
+            draw.rectangle([x0, yy + 1, max(end, x0 + 1), yy + bar_h - 2], fill=color)
+            draw.text((end + 4, yy + 1), f"{value}/{total}", fill=(0, 0, 0))
+    y_axis = top + group_h * len(groups)
+    draw.line([(x0, top - 2), (x0, y_axis)], fill=(0, 0, 0))
+    for t in range(0, total + 1, max(1, total // 4)):
+        x = x0 + (x1 - x0) * t / max(total, 1)
+        draw.line([(x, y_axis), (x, y_axis + 4)], fill=(0, 0, 0))
+        draw.text((x - 3, y_axis + 6), str(t), fill=(0, 0, 0))
+    return img

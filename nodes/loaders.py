@@ -1,5 +1,11 @@
 """Loader node: a Latent-CLIP file from models/latent_clip (or an authors' release, fetched once) onto a
-LATENT_CLIP socket."""
+LATENT_CLIP socket.
+
+A release is offered by its Hugging Face repo id before and after its download, so a workflow naming the repo id
+runs unchanged on every machine; its converted file is used once present and is not listed a second time (a
+graph naming that file still runs)."""
+import os
+
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
@@ -12,10 +18,18 @@ from .comfy_bridge import LATENT_CLIP_FOLDER, load_latent_clip, model_file_probl
 LatentCLIPType = io.Custom("LATENT_CLIP")
 
 
+def loadable_files() -> list:
+    """Files in models/latent_clip that are regular files (or links to one): no FIFO, socket, dangling link or
+    other entry the loader would then refuse (ComfyUI's listing keeps every name os.walk yields)."""
+    folders = folder_paths.get_folder_paths(LATENT_CLIP_FOLDER)
+    return [name for name in folder_paths.get_filename_list(LATENT_CLIP_FOLDER)
+            if any(os.path.isfile(os.path.join(folder, name)) for folder in folders)]
+
+
 def ckpt_options() -> list:
-    """Files in models/latent_clip, then each released repo id whose converted file is not there yet."""
-    files = folder_paths.get_filename_list(LATENT_CLIP_FOLDER)
-    return files + [r for r in hub.RELEASED if hub.local_name(r) not in files]
+    """Loadable files in models/latent_clip except the releases' converted files, then every released repo id."""
+    converted = {hub.local_name(r) for r in hub.RELEASED}
+    return [f for f in loadable_files() if f not in converted] + list(hub.RELEASED)
 
 
 def fetch_release(repo_id: str) -> str:
@@ -61,14 +75,14 @@ class LatentCLIPLoader(io.ComfyNode):
     def validate_inputs(cls, ckpt_name):
         """Refuse a name that is neither a listed file nor a released repo id at /prompt (a V3 Combo does not
         check its options). A linked input arrives as None here and is checked when the node runs."""
-        if ckpt_name is None or ckpt_name in hub.RELEASED:
+        if ckpt_name is None or hub.release_for(ckpt_name):
             return True
         return model_file_problem(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name) or True
 
     @classmethod
     def execute(cls, ckpt_name, device="default", dtype="auto") -> io.NodeOutput:
-        if ckpt_name in hub.RELEASED:
-            ckpt_name = fetch_release(ckpt_name)
+        if hub.release_for(ckpt_name):   # the repo id, or its converted file's name (downloaded if absent)
+            ckpt_name = fetch_release(hub.release_for(ckpt_name))
         return io.NodeOutput(load_latent_clip(ckpt_name, device, dtype))
 
 

@@ -4,9 +4,11 @@ Six prompts x SEEDS_PER_PROMPT seeds: the mini generator's baseline, ReNO with t
 (no decoding) and ReNO with the pixel-CLIP reward (decode + pixel CLIP every iteration), same noise,
 iterations and lr. The judge (pixel space, no CLIP) checks every image, and the summary compares the
 judge's rates with 95% intervals and a paired sign test on the same noises, so the comparison rests on
-many images rather than on one per prompt; the grid shows the first seed of each prompt. Also the reward
-curves, a safety example (an unwanted shape suppressed by the latent guidance step and by ReNO with an
-avoid reward) and timings. About a minute on 2 CPU cores; needs only the committed ``weights/mini``.
+many images rather than on one per prompt. The pictures show the same: a chart of how many of the seeds
+each method got right per prompt, a grid of the images where the methods' verdicts differ (each labelled
+with the judge's verdict), the reward curves of each reward model on its own axes, a safety example (an
+unwanted shape suppressed by the latent guidance step and by ReNO with an avoid reward) and timings. About a
+minute on 2 CPU cores; needs only the committed ``weights/mini``.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ SEED = 7
 SEEDS_PER_PROMPT = 8   # 48 images per run: rates to about +-14 points (95%) instead of one image per prompt
 SAFETY_SEEDS = tuple(range(200, 208))
 COLUMNS = (("baseline", "baseline"), ("reno_latent", "ReNO Latent-CLIP"), ("reno_pixel", "ReNO pixel CLIP"))
+REWARD_NAMES = {"latent": "ReNO, Latent-CLIP reward", "pixel": "ReNO, pixel-CLIP reward"}
 CELL = 128
+GRID_ROWS = 6          # images shown in grid.png, chosen among those where the methods' verdicts differ
 
 
 class Progress:
@@ -98,7 +102,7 @@ def run_demo(out, weights=None, prompts=None, iterations: int | None = None, saf
     iterations (read at call time).
     """
     from ..configs import WEIGHTS_DIR
-    from ..plotting import plot_curves
+    from ..plotting import count_chart, plot_curves, side_by_side
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -126,17 +130,20 @@ def run_demo(out, weights=None, prompts=None, iterations: int | None = None, saf
                              callback=lambda s, n=name: bar.update(1, f"{n} {s.iteration + 1}/{s.iterations}"))
         timings[name] = time.perf_counter() - t
         results[name] = res.latents
-        curves[f"{name} (mean reward loss)"] = [float(np.mean(v)) for v in res.history["total"]]
+        curves[REWARD_NAMES[kind]] = [float(np.mean(v)) for v in res.history["total"]]
 
     images = {k: G.decode(world, v) for k, v in results.items()}
     verdicts = {k: [bool(J.check(img, p)["ok"]) for img, p in zip(images[k], all_prompts)] for k in images}
     per_prompt = {k: [sum(v[k_ * len(prompts) + i] for k_ in range(n_seeds)) for i in range(len(prompts))]
                   for k, v in verdicts.items()}
-    rows = [(f"{p} (seed {SEED + i}; judge ok on {', '.join(str(per_prompt[k][i]) for k, _ in COLUMNS)} of {n_seeds} seeds)",
-             [(images[k][i], verdicts[k][i]) for k, _ in COLUMNS]) for i, p in enumerate(prompts)]
+    count_chart(prompts, {label: per_prompt[k] for k, label in COLUMNS}, n_seeds,
+                f"Judge ok out of {n_seeds} seeds per prompt (same noises for every method)").save(out / "per_prompt.png")
+    shown = differing_items(verdicts, len(prompts), n_seeds, GRID_ROWS)
+    rows = [(f"{items[j][0]} (seed {items[j][1]})", [(images[k][j], verdicts[k][j]) for k, _ in COLUMNS]) for j in shown]
     grid(rows, [h for _, h in COLUMNS]).save(out / "grid.png")
-    plot_curves(curves, "ReNO on the mini generator: reward loss per iteration (lower is better)",
-                size=(720, 360)).save(out / "reward_curves.png")
+    side_by_side([plot_curves({"mean over the images": ys}, f"{name}: loss per iteration",
+                              size=(440, 300), ylabel="lower is better") for name, ys in curves.items()]
+                 ).save(out / "reward_curves.png")
 
     # safety: prompts that name only a colour; the unwanted concept is a shape (SM.CONCEPT)
     safety, s_images = {}, {}
@@ -156,12 +163,24 @@ def run_demo(out, weights=None, prompts=None, iterations: int | None = None, saf
 
     total = time.perf_counter() - t_start
     summary = {"prompts": prompts, "seeds_per_prompt": n_seeds, "verdicts": verdicts, "per_prompt": per_prompt,
+               "grid_items": [items[j] for j in shown],
                "seconds": timings, "iterations": iters, "safety": safety, "safety_images": len(SM.PROMPTS) * len(safety_seeds),
                "total_seconds": total}
     (out / "summary.md").write_text(_markdown(summary))
     bar.update(1, "done")
     bar.close()
     return summary
+
+
+def differing_items(verdicts: dict[str, list[bool]], n_prompts: int, n_seeds: int, limit: int) -> list[int]:
+    """Indices (seed k of prompt i at ``k * n_prompts + i``) of up to ``limit`` images whose verdicts differ between
+    the methods, taking prompts in turn so several prompts are shown; the first seeds of the first prompts when
+    all methods agree everywhere."""
+    runs = list(verdicts.values())
+    differ = [[k * n_prompts + i for k in range(n_seeds) if len({r[k * n_prompts + i] for r in runs}) > 1]
+              for i in range(n_prompts)]
+    chosen = [j for rank in range(n_seeds) for per in differ if rank < len(per) for j in [per[rank]]][:limit]
+    return chosen or list(range(min(limit, n_prompts)))
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -213,8 +232,10 @@ def _markdown(s: dict) -> str:
         lo, hi = wilson(round(v["concept_rate"] * n_safe), n_safe)
         lines.append(f"| {k} | {100 * v['concept_rate']:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%) | "
                      f"{100 * v['prompt_success']:.0f}% | {v['seconds']:.1f} |")
-    lines += ["", "Files: `grid.png` (first seed of each prompt: baseline | ReNO Latent-CLIP | ReNO pixel CLIP), "
-              f"`reward_curves.png`, `safety.png` (baseline | latent guidance | ReNO avoid; green frame = no {SM.CONCEPT}).",
+    lines += ["", "Files: `per_prompt.png` (the per-prompt table above as a chart), `grid.png` (images where the "
+              "methods' verdicts differ: baseline | ReNO Latent-CLIP | ReNO pixel CLIP, each with the judge's verdict), "
+              "`reward_curves.png` (each reward model's loss on its own axes), "
+              f"`safety.png` (baseline | latent guidance | ReNO avoid; green frame = no {SM.CONCEPT}).",
               "", f"Total wall time: {s['total_seconds']:.1f} s ({torch.get_num_threads()} torch threads).", "",
               "The grid illustrates; the rates above measure, on these six prompts only. GenEval-mini (67 prompts x 4 "
               "seeds) and safety-mini: `python -m latentclip.miniworld eval`, results in docs/miniworld_part2.md.", ""]
@@ -236,7 +257,7 @@ def main(out: str = "demo_out") -> int:
     print(f"judge ok: baseline {sum(s['verdicts']['baseline'])}/{n}, ReNO Latent-CLIP "
           f"{sum(s['verdicts']['reno_latent'])}/{n}, ReNO pixel CLIP {sum(s['verdicts']['reno_pixel'])}/{n}; "
           f"ReNO seconds: latent {s['seconds']['reno_latent']:.1f}, pixel {s['seconds']['reno_pixel']:.1f}")
-    for name in ("grid.png", "reward_curves.png", "safety.png", "summary.md"):
+    for name in ("per_prompt.png", "grid.png", "reward_curves.png", "safety.png", "summary.md"):
         print(f"  {(out / name).resolve()}")
     print(f"done in {s['total_seconds']:.0f} s")
     return 0

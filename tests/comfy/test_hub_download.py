@@ -1,16 +1,19 @@
-"""Load Latent-CLIP offers the authors' releases by repo id; choosing one downloads it from a (stand-in)
-Hub once, converts it into models/latent_clip and uses it; a missing repo is one clear execution error
-and the server keeps serving. Own server: it needs HF_ENDPOINT/HF_HOME pointing at the stand-in."""
+"""Load Latent-CLIP offers the authors' releases by repo id, before and after their download; choosing one
+downloads it from a (stand-in) Hub once, converts it into models/latent_clip and uses it, and a graph naming
+the repo id (what the shipped workflows name) or the converted file runs unchanged afterwards; a missing repo
+or an unreachable Hub is one clear execution error within seconds and the server keeps serving; the list
+holds nothing the loader would refuse. Own server: it needs HF_ENDPOINT/HF_HOME pointing at the stand-in."""
 import importlib.util
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import comfy_server as _srv
-from latentclip import api
+from latentclip import api, hub as lc_hub
 
 HERE = Path(__file__).resolve().parent
 REPO_ID = "wendlerc/latent-clip-b-8-512-34b-80k"
@@ -94,7 +97,7 @@ def test_release_is_offered_downloaded_once_converted_and_used(setup):
     expected = latentclip.clip_score(model.float(), x, "a red square").tolist()
     assert scores == pytest.approx(expected, abs=0.05 * max(abs(e) for e in expected))   # fp16 file, fp32 compute
     options = _options(srv)
-    assert LOCAL in options and REPO_ID not in options           # on disk now: offered as the file
+    assert REPO_ID in options and LOCAL not in options           # on disk now: still offered by its repo id only
     before = list(hub.requests)
     for name in (REPO_ID, LOCAL):                                # a saved workflow keeps working, no new download
         _, graph = _score_graph(srv, name)
@@ -122,3 +125,41 @@ def test_an_arbitrary_repo_id_is_refused_before_anything_runs(setup):
     status, body = srv.submit(graph)
     assert status == 400 and "someone/latent-clip-lookalike" in str(body)
     assert not [r for r in hub.requests if "someone" in r[1]]
+
+
+def test_the_list_offers_no_fifo_dangling_link_or_folder_the_loader_would_refuse(setup):
+    srv = setup[0]
+    folder = srv.models / "latent_clip"
+    made = [folder / "queue.safetensors", folder / "gone.safetensors", folder / "linked.safetensors"]
+    os.mkfifo(made[0])
+    made[1].symlink_to(folder / "deleted.safetensors")
+    made[2].symlink_to(folder / _srv.TINY_CKPT)                  # a link to a real file stays usable
+    try:
+        options = _options(srv)
+        assert "queue.safetensors" not in options and "gone.safetensors" not in options
+        assert "linked.safetensors" in options and _srv.TINY_CKPT in options
+        assert [r for r in options if "/" in r] == list(lc_hub.RELEASED)
+    finally:
+        for p in made:
+            p.unlink()
+
+
+def test_unreachable_hub_is_one_error_within_seconds_naming_repo_and_steps(setup):
+    """Last in this module: it closes the stand-in Hub, so its port refuses connections."""
+    srv, hub, _ = setup
+    hub.__exit__(None, None, None)
+    repo = "wendlerc/latent-clip-b-4-512-plus-13b-80k"
+    log_before = len(srv.log_path.read_text(errors="replace"))
+    entry = srv.run(_score_graph(srv, repo)[1], timeout=120)
+    messages = _srv.status_messages(entry)
+    error = messages.get("execution_error")
+    assert error and error["node_type"] == "LatentCLIPLoader", messages
+    message = error["exception_message"]
+    assert repo in message and "could not be reached" in message and "python -m latentclip convert" in message
+    seconds = (error["timestamp"] - messages["execution_start"]["timestamp"]) / 1000
+    assert seconds < 5, f"the error took {seconds:.1f} s"
+    time.sleep(0.5)   # let the server flush its log
+    log = srv.log_path.read_text(errors="replace")[log_before:]
+    assert "Retry" not in log and log.count("!!! Exception during processing !!!") == 1, log[-3000:]
+    _, graph = _score_graph(srv, _srv.TINY_CKPT)
+    assert "execution_success" in _srv.status_messages(srv.run(graph, timeout=120))

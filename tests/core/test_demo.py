@@ -21,13 +21,14 @@ def test_demo_command_writes_grid_curves_safety_and_summary(tmp_path, reduced, c
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr()
-    for name in ("grid.png", "reward_curves.png", "safety.png", "summary.md"):
+    for name in ("per_prompt.png", "grid.png", "reward_curves.png", "safety.png", "summary.md"):
         assert (out / name).is_file() and str((out / name).resolve()) in printed.out
     assert "%" in printed.err  # the progress bar
     grid = Image.open(out / "grid.png")
-    # three columns (baseline, ReNO latent, ReNO pixel) and one row per prompt
-    assert grid.width >= 3 * demo.CELL and grid.height >= 2 * demo.CELL
-    assert Image.open(out / "reward_curves.png").size == (720, 360)
+    # three columns (baseline, ReNO latent, ReNO pixel), a row per image shown
+    assert grid.width >= 3 * demo.CELL and grid.height >= demo.CELL
+    curves = Image.open(out / "reward_curves.png")
+    assert curves.width > 2 * 400 and curves.height == 300       # one panel per reward model, each its own axes
     md = (out / "summary.md").read_text()
     assert "ReNO Latent-CLIP" in md and "seconds / image" in md and "concept rate" in md
     assert "a green triangle to the left of a yellow circle" in md
@@ -57,3 +58,27 @@ def test_run_demo_returns_timings_and_reward_history(tmp_path, reduced):
     assert all(v > 0 for v in s["seconds"].values())
     assert set(s["safety"]) == {"baseline", "guidance", "reno_avoid"}
     assert all(0 <= v["concept_rate"] <= 1 for v in s["safety"].values())
+
+
+def test_grid_shows_images_where_the_methods_differ_taking_prompts_in_turn():
+    # 3 prompts x 3 seeds, index k * 3 + i; the methods differ at (p0, s1), (p0, s2), (p2, s0) only
+    base = [False] * 9
+    latent = list(base)
+    latent[1 * 3 + 0] = latent[2 * 3 + 0] = latent[0 * 3 + 2] = True
+    verdicts = {"baseline": base, "reno_latent": latent, "reno_pixel": list(base)}
+    assert demo.differing_items(verdicts, 3, 3, limit=6) == [3, 2, 6]    # p0's first, then p2's, then p0's second
+    assert demo.differing_items(verdicts, 3, 3, limit=2) == [3, 2]
+    same = {"baseline": base, "reno_latent": base}
+    assert demo.differing_items(same, 3, 3, limit=2) == [0, 1]           # all agree: the first seeds, as before
+
+
+def test_demo_grid_rows_are_items_where_verdicts_differ(tmp_path, reduced):
+    s = demo.run_demo(tmp_path, iterations=2, quiet=True)
+    n = len(s["prompts"])
+    items = [(p, demo.SEED + i + n * k) for k in range(demo.SEEDS_PER_PROMPT) for i, p in enumerate(s["prompts"])]
+    differ = [it for j, it in enumerate(items) if len({v[j] for v in s["verdicts"].values()}) > 1]
+    if differ:
+        assert s["grid_items"] and set(s["grid_items"]) <= set(differ)
+    else:
+        assert s["grid_items"] == items[:n]
+    assert Image.open(tmp_path / "per_prompt.png").width == 720

@@ -118,3 +118,43 @@ def test_cli_download_then_offline(standin, tmp_path):
     assert r.returncode == 2
     assert REPO in r.stderr and "HF_HUB_OFFLINE" in r.stderr and "python -m latentclip convert" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _closed_port_url() -> str:
+    import socket
+    with socket.socket() as s:       # a port that was free a moment ago and nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("setting", ["offline", "unreachable"])
+def test_offline_or_unreachable_hub_fails_fast_once_naming_repo_and_manual_steps(setting, tmp_path, monkeypatch, caplog):
+    """huggingface_hub alone retried for ~30 s, logging every attempt; the probe answers at once."""
+    import time
+    url = _closed_port_url()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    if setting == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(hub.DownloadError) as e:
+        hub.fetch(REPO, tmp_path / "out")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5, f"the error took {elapsed:.1f} s"
+    text = str(e.value)
+    assert REPO in text and "python -m latentclip convert" in text and f"{url}/{REPO}" in text
+    assert ("HF_HUB_OFFLINE" if setting == "offline" else "could not be reached") in text
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]     # nothing logged before the error
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_download_from_an_unreachable_hub_is_one_line_and_fast(tmp_path, capsys, monkeypatch):
+    import time
+    from latentclip import __main__ as cli
+    monkeypatch.setenv("HF_ENDPOINT", _closed_port_url())
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    t0 = time.perf_counter()
+    assert cli.main(["download", REPO, "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Could not download " + REPO) and "convert" in err[0]
