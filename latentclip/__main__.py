@@ -58,6 +58,10 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="run the mini-world demo on the embedded default weights")
     d.add_argument("--out", default="demo_out")
     d.set_defaults(func=_demo)
+    from .encode import add_arguments as encode_arguments, main as encode_main
+    e = sub.add_parser("encode", help="images -> shards of VAE latents and teacher embeddings, to distil a Latent-CLIP")
+    encode_arguments(e)
+    e.set_defaults(func=encode_main)
     args = parser.parse_args(argv)
     from .errors import CheckpointError, InputError
     try:
