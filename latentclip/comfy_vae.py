@@ -87,3 +87,34 @@ class ComfyVAE:
             return self.vae.encode(images).float().cpu()
         out = [self.vae.encode(img[None]).float().cpu() for img in images]
         return torch.cat([o[:, :, 0] for o in out])
+
+
+#: Tensors that make ComfyUI's VAE loader pick each architecture (comfy/sd.py's detection), real size.
+_ARCHITECTURE_KEYS = {
+    # SD3 and FLUX.1 share one VAE architecture (16 channels, 8x); only their latent formats differ
+    "sd3": {"decoder.conv_in.weight": (512, 16, 3, 3), "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3)},
+    "flux": {"decoder.conv_in.weight": (512, 16, 3, 3), "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3)},
+    "sdxl": {"decoder.conv_in.weight": (512, 4, 3, 3), "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3)},
+    "wan21": {"decoder.middle.0.residual.0.gamma": (384, 1, 1, 1)},
+}
+
+
+def random_vae_state_dict(architecture: str, comfyui=None, seed: int = 0) -> dict:
+    """A randomly initialised VAE of a real architecture, built by ComfyUI's own classes (for CI and benchmarks).
+
+    ComfyUI's loader builds the model the detection tensors select; its ops skip weight init, so every
+    module is initialised with torch's own ``reset_parameters``.
+    """
+    comfy = _import_comfy(find_comfyui(comfyui), torch.device("cpu"))
+    keys = _ARCHITECTURE_KEYS[architecture]
+    vae = comfy.sd.VAE(sd={k: torch.zeros(shape) for k, shape in keys.items()}, device=torch.device("cpu"),
+                       dtype=torch.float32)
+    model = vae.first_stage_model
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for base in type(module).__mro__:
+                if base.__module__.startswith("torch.nn.modules") and "reset_parameters" in vars(base):
+                    base.reset_parameters(module)
+                    break
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
