@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -241,10 +242,17 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         f"{steps_per_epoch(len(index), G)} steps per epoch" + (f", resuming at step {step}" if step else ""))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     logit_scale = student.clip.logit_scale.exp().item()
-    started, ran, t0 = step, 0, time.perf_counter()
+    started, ran, t0, c0 = step, 0, time.perf_counter(), time.process_time()
+    def read_batch(at: int) -> list:
+        rows = global_rows(at, len(index), G, s.seed)[world.rank * s.batch:(world.rank + 1) * s.batch]
+        return [index[int(i)] for i in rows]
+
+    reader = ThreadPoolExecutor(1)  # the next batch is read from the shards while this one trains
+    upcoming = reader.submit(read_batch, step)
     while step < s.steps and (s.stop_after is None or ran < s.stop_after):
-        rows = global_rows(step, len(index), G, s.seed)[world.rank * s.batch:(world.rank + 1) * s.batch]
-        samples = [index[int(i)] for i in rows]
+        samples = upcoming.result()
+        if step + 1 < s.steps:
+            upcoming = reader.submit(read_batch, step + 1)
         latents = torch.from_numpy(np.stack([x.latent for x in samples])).float()
         target = torch.from_numpy(np.stack([x.teacher for x in samples])).to(device)
         for group in opt.param_groups:
@@ -267,12 +275,14 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         step, ran = step + 1, ran + 1
         if world.is_main and (step % s.log_every == 0 or step == s.steps):
             rate = ran * G / max(time.perf_counter() - t0, 1e-9)
-            record = {"step": step, **parts, "lr": lr_at(step - 1, s), "samples_per_s": rate}
+            record = {"step": step, **parts, "lr": lr_at(step - 1, s), "samples_per_s": rate,
+                      "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
             with open(work / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             say(f"step {step}/{s.steps} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" {rate:.1f} samples/s")
         if world.is_main and (step % s.save_every == 0 or step == s.steps or ran == s.stop_after):
             _save_resume(resume, step, visual, opt, fingerprint)
+    reader.shutdown(cancel_futures=True)
     written = None
     if world.is_main and step >= s.steps:
         meta = {"teacher": json.dumps({"model": manifest["teacher"]["model"], "file": manifest["teacher"]["file"]}),
