@@ -152,7 +152,13 @@ def shard_paths(folder) -> list:
 
 
 class ShardIndex:
-    """Random access to every sample of a folder of shards (the trainer's permutation needs it)."""
+    """Random access to every sample of a folder of shards (the trainer's permutation needs it).
+
+    The index is compact (numpy: 68 bytes a sample, 0.7 GB per process for 10M samples); a sample's
+    key is read back from its tar header when it is loaded.
+    """
+
+    PARTS = (LATENT, TEACHER, CAPTION, META)
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -160,36 +166,49 @@ class ShardIndex:
         self.shards = shard_paths(folder)
         if not self.shards:
             raise InputError(f"'{folder}' holds no .tar shards; expected the output of python -m latentclip encode")
-        self.entries = []  # (shard number, key, {ext: (offset, size)})
+        shard_of, spans = [], []
         for i, path in enumerate(self.shards):
-            for key, parts in tar_members(path).items():
+            members = tar_members(path)
+            for key, parts in members.items():
                 missing = [ext for ext in (LATENT, TEACHER) if ext not in parts]
                 if missing:
                     raise InputError(f"shard '{path.name}' sample {key!r} lacks {' and '.join(missing)}; "
                                      f"expected {LATENT} and {TEACHER} for every sample")
-                self.entries.append((i, key, parts))
+            shard_of.append(np.full(len(members), i, dtype=np.int32))
+            spans.append(np.array([[parts.get(ext, (-1, -1)) for ext in self.PARTS] for parts in members.values()],
+                                  dtype=np.int64).reshape(-1, len(self.PARTS), 2))
+        self.shard_of, self.spans = np.concatenate(shard_of), np.concatenate(spans)
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.embed_dim = int(self.manifest["teacher"]["embed_dim"])
         self._files: dict = {}
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.shard_of)
 
     def _read(self, shard: int, span) -> bytes:
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(self.shards[shard], "rb")
-        f.seek(span[0])
-        return f.read(span[1])
+        f.seek(int(span[0]))
+        return f.read(int(span[1]))
+
+    def _key(self, shard: int, data_offset: int) -> str:
+        """The sample's key from its member's ustar header (the 512 bytes before its data)."""
+        header = self._read(shard, (data_offset - 512, 512))
+        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+        prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace")
+        return split_key(f"{prefix}/{name}" if prefix else name)[0]
 
     def __getitem__(self, i: int) -> Sample:
-        shard, key, parts = self.entries[i]
+        shard, spans = int(self.shard_of[i]), self.spans[i]
+        latent_span, teacher_span, caption_span, meta_span = spans
+        key = self._key(shard, int(latent_span[0]))
         where = f"shard '{self.shards[shard].name}' sample {key!r}"
         try:
-            latent = npy_array(self._read(shard, parts[LATENT]))
-            teacher = npy_array(self._read(shard, parts[TEACHER]))
-            caption = self._read(shard, parts[CAPTION]).decode("utf-8").strip() if CAPTION in parts else None
-            meta = json.loads(self._read(shard, parts[META])) if META in parts else {}
+            latent = npy_array(self._read(shard, latent_span))
+            teacher = npy_array(self._read(shard, teacher_span))
+            caption = self._read(shard, caption_span).decode("utf-8").strip() if caption_span[0] >= 0 else None
+            meta = json.loads(self._read(shard, meta_span)) if meta_span[0] >= 0 else {}
         except (ValueError, OSError, UnicodeDecodeError) as e:
             raise InputError(f"{where} could not be read ({str(e)[:120]}); expected .npy arrays and UTF-8 text") from None
         if tuple(latent.shape) != self.latent_shape or teacher.shape != (self.embed_dim,):
