@@ -1,4 +1,4 @@
-"""Command line: ``python -m latentclip convert IN OUT.safetensors``, ``download REPO_ID`` and ``demo``."""
+"""Command line: ``python -m latentclip convert IN OUT.safetensors``, ``download REPO_ID``, ``demo`` and ``encode`` (distillation data)."""
 from __future__ import annotations
 
 import argparse

@@ -213,3 +213,13 @@ def test_existing_output_is_never_overwritten(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="exists; refusing to overwrite"):
         run(s, teacher=tiny_teacher(), log=lambda m: None)
     assert Path(s.out).read_bytes() == b"the user's file"
+
+
+def test_world_comes_from_torchrun_first_then_slurm_then_one_process():
+    from latentclip.train.distributed import World, world_from_env
+    assert world_from_env({}) == World(0, 0, 1)
+    slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}
+    assert world_from_env(slurm) == World(9, 1, 16)
+    assert world_from_env({**slurm, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}) == World(3, 3, 4)
+    with pytest.raises(InputError, match=r"RANK=5 is outside 0..3"):
+        world_from_env({"RANK": "5", "WORLD_SIZE": "4"})
