@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, InputError
+from .errors import InputError
 from .train import distributed
-from .train.shards import (FORMAT, MANIFEST, Sample, atomic_write, lookup_family, split_key, tar_members,
+from .train.shards import (FORMAT, MANIFEST, Sample, atomic_write, lookup_family, tar_members,
                            write_shard)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -31,9 +31,18 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 @dataclass
 class Job:
-    """One output shard and the samples it is made from: (key, read image bytes or path, caption, meta)."""
+    """One output shard and the samples it is made from: (key, image path or (tar, span), caption, meta).
+
+    A tar's members are listed only when its shard is encoded (``items()``), so a rank never reads
+    the inputs of other ranks' or finished shards."""
     out_name: str
-    items: list
+    listed: list | None = None
+    tar: Path | None = None
+
+    def items(self) -> list:
+        if self.listed is None:
+            self.listed = _tar_items(self.tar)
+        return self.listed
 
 
 def _folder_jobs(folder: Path, shard_size: int) -> list:
@@ -48,7 +57,7 @@ def _folder_jobs(folder: Path, shard_size: int) -> list:
     return [Job(f"{i // shard_size:06d}.tar", items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
 
 
-def _tar_job(path: Path) -> Job:
+def _tar_items(path: Path) -> list:
     members = tar_members(path)
     items = []
     with open(path, "rb") as f:
@@ -65,7 +74,7 @@ def _tar_job(path: Path) -> Job:
             except ValueError:
                 meta = {}
             items.append((key.replace(".", "_"), (path, parts[ext]), caption or None, meta if isinstance(meta, dict) else {}))
-    return Job(path.name, items)
+    return items
 
 
 def plan_jobs(inputs, shard_size: int = 1000) -> list:
@@ -77,7 +86,7 @@ def plan_jobs(inputs, shard_size: int = 1000) -> list:
         if path.is_file() and path.suffix != ".tar":
             raise InputError(f"input '{given}' is a file but not a .tar shard; expected a folder of images or .tar shards")
         if tars:
-            jobs += [_tar_job(t) for t in tars]
+            jobs += [Job(t.name, tar=t) for t in tars]
         elif path.is_dir():
             jobs += _folder_jobs(path, shard_size)
         else:
@@ -85,7 +94,7 @@ def plan_jobs(inputs, shard_size: int = 1000) -> list:
     names = [j.out_name for j in jobs]
     if len(set(names)) != len(names):
         raise InputError("two inputs would write the same output shard name; give tars with distinct names")
-    if not any(j.items for j in jobs):
+    if not jobs:
         raise InputError(f"no images found in {', '.join(map(str, inputs))}; expected {', '.join(IMAGE_EXTS)} files")
     return jobs
 
@@ -120,12 +129,10 @@ class Teacher:
     """An open_clip pixel CLIP from a local file: L2-normalised image embeddings of RGB crops."""
 
     def __init__(self, path, model_name: str | None, device: torch.device):
-        from .pixel_clip import load_pixel_clip
         import open_clip
-        try:
-            self.model, _, self.name = load_pixel_clip(path, model_name or None, device=device)
-        except CheckpointError as e:
-            raise InputError(f"teacher file '{Path(path).name}' does not load: {e}") from None
+        from .train.distill import load_teacher
+        teacher = load_teacher(path, model_name)
+        self.model, self.name = teacher.model.to(device), teacher.name
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg.get("size", 224)
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -179,7 +186,7 @@ def encode(args, log=print) -> list:
     manifest = _manifest(args, family, teacher)
     _check_manifest(out, manifest, world.is_main)
     log(f"rank {world.rank}/{world.size}: {len(mine)} of {len(jobs)} shards, {len(mine) - len(todo)} already done, "
-        f"{sum(len(j.items) for j in todo)} images to encode on {device}")
+        f"{len(todo)} to encode on {device}")
     if not todo:
         return []
     from .comfy_vae import ComfyVAE
@@ -188,8 +195,9 @@ def encode(args, log=print) -> list:
     written, start, done = [], time.perf_counter(), 0
     for n, job in enumerate(todo):
         samples = []
-        for i in range(0, len(job.items), args.batch):
-            chunk = job.items[i:i + args.batch]
+        items = job.items()
+        for i in range(0, len(items), args.batch):
+            chunk = items[i:i + args.batch]
             images = torch.stack([load_image(src, args.size) for _, src, _, _ in chunk])
             latents = vae.encode(images)
             embeds = teacher.embed(images)

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import configs as _configs
 from ..checkpoints import save
@@ -211,6 +210,8 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         raise InputError(f"--out '{out}' exists; refusing to overwrite it (use --force)")
     index = ShardIndex(s.data)
     manifest = index.manifest
+    if not len(index):
+        raise InputError(f"the shards in '{s.data}' hold no samples; expected the output of python -m latentclip encode")
     family = lookup_family(manifest["family"])
     teacher = teacher or load_teacher(s.teacher, s.teacher_model)
     if teacher.name != manifest["teacher"]["model"] or teacher.config.get("embed_dim") != index.embed_dim:
@@ -243,6 +244,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     logit_scale = student.clip.logit_scale.exp().item()
     started, ran, t0, c0 = step, 0, time.perf_counter(), time.process_time()
+
     def read_batch(at: int) -> list:
         rows = global_rows(at, len(index), G, s.seed)[world.rank * s.batch:(world.rank + 1) * s.batch]
         return [index[int(i)] for i in rows]

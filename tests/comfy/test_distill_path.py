@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +104,7 @@ def test_flux_path_encode_tar_then_torchrun_two_processes_then_load(assets, caps
     capsys.readouterr()
     stamp = index.shards[0].stat().st_mtime_ns
     assert _encode(assets, shards, "flux", "flux-arch-vae.safetensors", assets / "00000.tar") == 0
-    assert "1 already done, 0 images to encode" in capsys.readouterr().err
+    assert "1 already done, 0 to encode" in capsys.readouterr().err
     assert index.shards[0].stat().st_mtime_ns == stamp
 
     out = assets / "flux-latent-clip.safetensors"
@@ -125,7 +124,6 @@ def test_flux_path_encode_tar_then_torchrun_two_processes_then_load(assets, caps
     assert json.loads(meta["teacher"])["model"] == "ViT-B-32" and meta["steps"] == "2"
     assert json.loads(meta["data"])["vae"] == "flux-arch-vae.safetensors"
     # the text tower is the teacher's, frozen: same text embeddings (fp16 file)
-    import open_clip
     from latentclip.pixel_clip import load_pixel_clip
     teacher, tokenizer, _ = load_pixel_clip(assets / "vit-b-32.safetensors", "ViT-B-32")
     with torch.no_grad():
