@@ -77,7 +77,6 @@ def train_cost(case: str, steps: int, contrastive: float, root: Path) -> dict:
 
 
 def encode_cost(root: Path, size: int = 512) -> dict:
-    from PIL import Image
     from safetensors.torch import save_file
     from latentclip.comfy_vae import ComfyVAE, random_vae_state_dict
     from latentclip.encode import Teacher as PixelTeacher

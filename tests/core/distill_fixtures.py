@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
