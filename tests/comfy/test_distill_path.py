@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COMFYUI, REPO
+import comfy_server
+
+_harness = comfy_server._sibling("conftest", "latentclip_tests_comfy_conftest")  # whichever conftest is imported
+COMFYUI, REPO = _harness.COMFYUI, _harness.REPO
 
 CAPTIONS = ["a red circle on grey", "a blue square on white", "two green stripes", "a yellow dot left of a box"]
 
