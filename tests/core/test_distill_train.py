@@ -223,3 +223,13 @@ def test_world_comes_from_torchrun_first_then_slurm_then_one_process():
     assert world_from_env({**slurm, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}) == World(3, 3, 4)
     with pytest.raises(InputError, match=r"RANK=5 is outside 0..3"):
         world_from_env({"RANK": "5", "WORLD_SIZE": "4"})
+
+
+def test_shards_without_samples_are_one_clear_error(tmp_path, monkeypatch):
+    """img2dataset shards of failed downloads encode to empty shards: nothing to train on, said once."""
+    monkeypatch.delenv("RANK", raising=False)
+    data = write_dataset(tmp_path / "data", n=4)
+    from latentclip.train.shards import write_shard
+    write_shard(data / "000000.tar", [])
+    with pytest.raises(InputError, match=r"hold no samples"):
+        run(_settings(tmp_path, data, "run"), teacher=tiny_teacher(), log=lambda m: None)
