@@ -3,7 +3,7 @@
 Each verb is one entry in ``VERBS``: its name, a one-line help and its entry, a function (or ``"module:function"``,
 imported only when the verb runs) that takes the verb's own arguments as a list of strings and returns the exit
 status. So a verb can live next to the code it drives. Adding one: write ``def main(argv) -> int`` (argparse inside)
-in its module and add ``"encode": ("encode images to latents ...", "latentclip.encode:main"),`` to ``VERBS``.
+in its module and add ``"name": ("one-line help", "package.module:main"),`` to ``VERBS``.
 Older spellings keep working: ``python -m latentclip.api run`` and ``python -m latentclip.miniworld train|eval|search``.
 """
 from __future__ import annotations
@@ -67,6 +67,15 @@ def _miniworld(verb: str):
     return main
 
 
+def encode_main(argv) -> int:
+    from .encode import add_arguments, main as encode
+    p = argparse.ArgumentParser(prog="python -m latentclip encode",
+                                description="Images -> WebDataset shards of VAE latents and teacher embeddings, to "
+                                            "distil a Latent-CLIP for any VAE (docs/distill.md).")
+    add_arguments(p)
+    return encode(p.parse_args(argv))
+
+
 def run_main(argv) -> int:
     from .api import main as api_main
     return api_main(["run", *argv])
@@ -81,6 +90,8 @@ VERBS = {   # name: (help, "module:function" or a function)
     "eval": ("mini-world: zero-shot, retrieval, GenEval-mini and safety-mini of the shipped weights",
              _miniworld("eval")),
     "search": ("mini-world: inference-time search (best-of-N, prune, FK steering) on GenEval-mini", _miniworld("search")),
+    "encode": ("images -> shards of VAE latents and teacher embeddings, to distil a Latent-CLIP (docs/distill.md)",
+               encode_main),
     "train-miniworld": ("mini-world: retrain the VAE, pixel CLIP, Latent-CLIP and generator (18 min on 2 idle "
                         "cores)", _miniworld("train")),
 }

@@ -401,8 +401,11 @@ def write_safetensors(tensors: dict, path, metadata: dict) -> Path:
     return path
 
 
-def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False) -> Path:
-    """Write the weights needed to score latents, with config and VAE family in the metadata."""
+def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False, metadata: dict | None = None) -> Path:
+    """Write the weights needed to score latents, with config and VAE family in the metadata.
+
+    ``metadata``: more text entries (a distilled model's teacher, data and steps); they cannot
+    replace the format, config or family entries."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force)")
@@ -410,7 +413,7 @@ def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False) 
     target = _DTYPES[dtype] if dtype else None
     tensors = {k: (v.to(target) if target and v.is_floating_point() and k != "logit_scale" else v).detach().contiguous().cpu()
                for k, v in sd.items() if k != "attn_mask"}
-    meta = {"format": _FORMAT_NAME, "config": json.dumps(model.config), "vae_family": model.vae_family}
+    meta = {**(metadata or {}), "format": _FORMAT_NAME, "config": json.dumps(model.config), "vae_family": model.vae_family}
     return write_safetensors(tensors, out, meta)
 
 

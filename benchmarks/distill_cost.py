@@ -1,0 +1,133 @@
+"""What distilling a Latent-CLIP costs: seconds per training sample of the real trainer, and per encoded image.
+
+``python -m benchmarks.distill_cost [--configs mini,Latent-ViT-B-8-512,...] [--steps 4] [--encode]``
+
+Training: ``latentclip.train.distill.run`` itself (one process, this machine's device) on synthetic
+shards of 16-channel latents (64x64x16 for the 512-pixel configs, 8x8x16 for the mini-world's), with
+a randomly initialised teacher of the right text tower (ViT-B-32 for the B configs), cosine loss and
+with the caption-contrastive term. The first step is warm-up; the rest are timed from the trainer's
+own log (wall and process CPU seconds). Encoding (``--encode``, needs COMFYUI_PATH): one 512-pixel
+image through a real-size SD3/Flux-architecture VAE loaded by ComfyUI, and the ViT-B-32 teacher.
+Projections scale the per-sample cost linearly (no data loading, no multi-process overhead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: name -> (student config, teacher open_clip name or None for the mini teacher, latent side, batch)
+CASES = {
+    "mini": ("mini-latent", None, 8, 32),
+    "Latent-ViT-B-8-512": ("Latent-ViT-B-8-512", "ViT-B-32", 64, 8),
+    "Latent-ViT-B-4-512": ("Latent-ViT-B-4-512", "ViT-B-32", 64, 4),
+}
+
+
+def _teacher(name):
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from latentclip.configs import get_config
+    from latentclip.train.distill import Teacher
+    torch.manual_seed(0)
+    if name:
+        return Teacher(open_clip.create_model(name, pretrained=None).eval(), name, open_clip.get_model_config(name))
+    cfg = get_config("mini-latent")  # the mini pixel CLIP's towers: a 3-channel twin of the mini Latent-CLIP
+    vision = {**{k: v for k, v in cfg["vision_cfg"].items() if k not in ("latent_factor", "latent_channels")},
+              "patch_size": 8}
+    model = CLIP(cfg["embed_dim"], CLIPVisionCfg(**vision), CLIPTextCfg(**cfg["text_cfg"]))
+    return Teacher(model.eval(), "mini-teacher", {"embed_dim": cfg["embed_dim"], "vision_cfg": vision,
+                                                   "text_cfg": cfg["text_cfg"]})
+
+
+def _shards(folder: Path, teacher, side: int, n: int) -> Path:
+    from latentclip.train.shards import FORMAT, MANIFEST, Sample, write_shard
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    dim = teacher.config["embed_dim"]
+    write_shard(folder / "000000.tar", [Sample(f"{i:06d}", rng.standard_normal((16, side, side)).astype(np.float32),
+                                               rng.standard_normal(dim).astype(np.float32), f"a photo of thing {i}")
+                                        for i in range(n)])
+    (folder / MANIFEST).write_text(json.dumps({
+        "format": FORMAT, "version": 1, "family": "flux", "vae": "synthetic", "image_size": side * 8,
+        "latent_shape": [16, side, side], "teacher": {"model": teacher.name, "file": "-", "embed_dim": dim}}))
+    return folder
+
+
+def train_cost(case: str, steps: int, contrastive: float, root: Path) -> dict:
+    from latentclip.train.distill import LOG_FILE, Settings, run
+    config, teacher_name, side, batch = CASES[case]
+    teacher = _teacher(teacher_name)
+    data = _shards(root / f"{case}-{contrastive}-data", teacher, side, batch * (steps + 1))
+    work = root / f"{case}-{contrastive}-work"
+    s = Settings(data=str(data), teacher="", out=str(root / f"{case}-{contrastive}.safetensors"), work=str(work),
+                 config=config, batch=batch, steps=steps + 1, warmup=1, log_every=1, contrastive_weight=contrastive)
+    run(s, teacher=teacher, log=lambda m: None)
+    log = [json.loads(line) for line in (work / LOG_FILE).read_text().splitlines()]
+    timed = (len(log) - 1) * batch
+    return {"case": case, "latent": f"{side}x{side}x16", "batch": batch, "contrastive": contrastive,
+            "wall_s_per_sample": (log[-1]["wall_s"] - log[0]["wall_s"]) / timed,
+            "cpu_s_per_sample": (log[-1]["cpu_s"] - log[0]["cpu_s"]) / timed}
+
+
+def encode_cost(root: Path, size: int = 512) -> dict:
+    from safetensors.torch import save_file
+    from latentclip.comfy_vae import ComfyVAE, random_vae_state_dict
+    from latentclip.encode import Teacher as PixelTeacher
+    import open_clip
+    import logging
+    logging.disable(logging.WARNING)
+    save_file({k: v.half() for k, v in random_vae_state_dict("flux").items()}, str(root / "vae.safetensors"))
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "t.safetensors"))
+    vae = ComfyVAE(root / "vae.safetensors")
+    teacher = PixelTeacher(root / "t.safetensors", "ViT-B-32", torch.device("cpu"))
+    image = torch.rand(1, size, size, 3)
+    out = {}
+    for name, fn in (("vae_encode", lambda: vae.encode(image)), ("teacher_embed", lambda: teacher.embed(image))):
+        fn()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        out[name] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distill_cost", description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default=",".join(CASES))
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--encode", action="store_true", help="also time encoding one 512-pixel image (COMFYUI_PATH)")
+    p.add_argument("--json", default=None, help="write the results here too")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.configs.split(","):
+            for contrastive in (0.0, 0.5):
+                rows.append(train_cost(case, args.steps, contrastive, Path(tmp)))
+        encode = encode_cost(Path(tmp)) if args.encode else None
+    print(f"threads={torch.get_num_threads()} device=cpu (no GPU measured)")
+    print("| config | latent | batch | loss | CPU s / sample | wall s / sample | CPU core-hours, 10M samples | 100M samples |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        loss = "cosine + contrastive" if r["contrastive"] else "cosine"
+        c = r["cpu_s_per_sample"]
+        print(f"| {r['case']} | {r['latent']} | {r['batch']} | {loss} | {c:.4f} | {r['wall_s_per_sample']:.4f} | "
+              f"{c * 1e7 / 3600:,.0f} | {c * 1e8 / 3600:,.0f} |")
+    if encode:
+        for name, t in encode.items():
+            print(f"encode, 512 px, {name}: {t['cpu_s']:.2f} CPU s ({t['wall_s']:.2f} s wall) per image")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"train": rows, "encode": encode}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

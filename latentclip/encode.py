@@ -1,0 +1,232 @@
+"""``python -m latentclip encode``: images -> WebDataset shards of VAE latents and teacher embeddings.
+
+The distillation data. Each image is resized (shorter side) and centre-cropped to ``--size``
+pixels; the user's VAE, loaded by ComfyUI's own loader (``comfy_vae``), encodes the crop to the raw
+latent a ComfyUI LATENT would hold, and the teacher (any open_clip model from a local weights file,
+never downloaded) embeds the same crop. Input: a folder of images (captions from ``NAME.txt``
+beside them) or WebDataset tars as img2dataset writes them (``KEY.jpg``/``.png``/``.webp``,
+``KEY.txt``, ``KEY.json``). Output: ``shards.py``'s format, one output shard per input tar (or per
+``--shard-size`` images of a folder), written atomically, so a rerun skips finished shards. Under
+torchrun (or SLURM) every rank takes every WORLD_SIZE-th shard on its own GPU.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .train import distributed
+from .train.shards import (FORMAT, MANIFEST, Sample, atomic_write, lookup_family, tar_members,
+                           write_shard)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+@dataclass
+class Job:
+    """One output shard and the samples it is made from: (key, image path or (tar, span), caption, meta).
+
+    A tar's members are listed only when its shard is encoded (``items()``), so a rank never reads
+    the inputs of other ranks' or finished shards."""
+    out_name: str
+    listed: list | None = None
+    tar: Path | None = None
+
+    def items(self) -> list:
+        if self.listed is None:
+            self.listed = _tar_items(self.tar)
+        return self.listed
+
+
+def _folder_jobs(folder: Path, shard_size: int) -> list:
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    items = []
+    for p in images:
+        rel = p.relative_to(folder).with_suffix("")
+        key = "_".join(rel.parts).replace(".", "_")
+        caption_file = p.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        items.append((key, p, caption or None, {}))
+    return [Job(f"{i // shard_size:06d}.tar", items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def _tar_items(path: Path) -> list:
+    members = tar_members(path)
+    items = []
+    with open(path, "rb") as f:
+        def read(span):
+            f.seek(span[0])
+            return f.read(span[1])
+        for key, parts in members.items():
+            ext = next((e for e in IMAGE_EXTS if e in parts), None)
+            if ext is None:
+                continue  # img2dataset writes a .json (and .txt) for failed downloads too
+            caption = read(parts["txt"]).decode("utf-8", "replace").strip() if "txt" in parts else None
+            try:
+                meta = json.loads(read(parts["json"])) if "json" in parts else {}
+            except ValueError:
+                meta = {}
+            items.append((key.replace(".", "_"), (path, parts[ext]), caption or None, meta if isinstance(meta, dict) else {}))
+    return items
+
+
+def plan_jobs(inputs, shard_size: int = 1000) -> list:
+    """The output shards to make from folders of images and/or WebDataset tars, in a fixed order."""
+    jobs = []
+    for given in inputs:
+        path = Path(given)
+        tars = [path] if path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
+        if path.is_file() and path.suffix != ".tar":
+            raise InputError(f"input '{given}' is a file but not a .tar shard; expected a folder of images or .tar shards")
+        if tars:
+            jobs += [Job(t.name, tar=t) for t in tars]
+        elif path.is_dir():
+            jobs += _folder_jobs(path, shard_size)
+        else:
+            raise InputError(f"input '{given}' does not exist; expected a folder of images or WebDataset .tar shards")
+    names = [j.out_name for j in jobs]
+    if len(set(names)) != len(names):
+        raise InputError("two inputs would write the same output shard name; give tars with distinct names")
+    if not jobs:
+        raise InputError(f"no images found in {', '.join(map(str, inputs))}; expected {', '.join(IMAGE_EXTS)} files")
+    return jobs
+
+
+def load_image(source, size: int) -> torch.Tensor:
+    """[size, size, 3] float in [0, 1]: RGB, shorter side resized to ``size``, centre crop."""
+    from PIL import Image
+    import io
+    try:
+        if isinstance(source, Path):
+            img = Image.open(source)
+            name = str(source)
+        else:
+            path, (offset, length) = source
+            with open(path, "rb") as f:
+                f.seek(offset)
+                img = Image.open(io.BytesIO(f.read(length)))
+            name = f"{path.name} at byte {offset}"
+        img = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"image {name} could not be decoded ({str(e)[:100]}); expected a JPEG/PNG/WebP image") from None
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+class Teacher:
+    """An open_clip pixel CLIP from a local file: L2-normalised image embeddings of RGB crops."""
+
+    def __init__(self, path, model_name: str | None, device: torch.device):
+        import open_clip
+        from .train.distill import load_teacher
+        teacher = load_teacher(path, model_name)
+        self.model, self.name = teacher.model.to(device), teacher.name
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        size = cfg.get("size", 224)
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), device=device).view(1, 3, 1, 1)
+        self.embed_dim = int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else \
+            int(self.model.visual.output_dim)
+        self.device = device
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, E] float32 unit vectors for RGB images [B, H, W, 3] in [0, 1]."""
+        x = images.to(self.device).permute(0, 3, 1, 2)
+        x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        feats = self.model.encode_image((x - self.mean) / self.std)
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+
+def _manifest(args, family, teacher) -> dict:
+    side = args.size // family.factor
+    return {"format": FORMAT, "version": 1, "family": family.name, "vae": Path(args.vae).name,
+            "image_size": args.size, "latent_shape": [family.channels, side, side],
+            "teacher": {"model": teacher.name, "file": Path(args.teacher).name, "embed_dim": teacher.embed_dim}}
+
+
+def _check_manifest(out: Path, manifest: dict, is_main: bool) -> None:
+    path = out / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != manifest:
+            diff = [k for k in manifest if old.get(k) != manifest[k]]
+            raise InputError(f"--out '{out}' already holds shards made with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]}); use another --out folder to resume into")
+    elif is_main:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
+
+
+def encode(args, log=print) -> list:
+    """Encode every shard this rank owns that is not on disk yet; returns the shards written."""
+    world = distributed.world_from_env()
+    device = distributed.pick_device(world, args.device)
+    family = lookup_family(args.family)
+    if args.size % family.factor or args.size < family.factor:
+        raise InputError(f"--size {args.size} is not a multiple of family {family.name!r}'s factor {family.factor}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_jobs(args.input, args.shard_size)
+    mine = [j for i, j in enumerate(jobs) if i % world.size == world.rank]
+    todo = [j for j in mine if not (out / j.out_name).exists()]
+    teacher = Teacher(args.teacher, args.teacher_model, device)
+    manifest = _manifest(args, family, teacher)
+    _check_manifest(out, manifest, world.is_main)
+    log(f"rank {world.rank}/{world.size}: {len(mine)} of {len(jobs)} shards, {len(mine) - len(todo)} already done, "
+        f"{len(todo)} to encode on {device}")
+    if not todo:
+        return []
+    from .comfy_vae import ComfyVAE
+    vae = ComfyVAE(args.vae, args.comfyui, device)
+    vae.check_family(family)
+    written, start, done = [], time.perf_counter(), 0
+    for n, job in enumerate(todo):
+        samples = []
+        items = job.items()
+        for i in range(0, len(items), args.batch):
+            chunk = items[i:i + args.batch]
+            images = torch.stack([load_image(src, args.size) for _, src, _, _ in chunk])
+            latents = vae.encode(images)
+            embeds = teacher.embed(images)
+            for (key, _, caption, meta), lat, emb in zip(chunk, latents, embeds):
+                samples.append(Sample(key, lat.numpy(), emb.numpy(), caption, meta))
+            done += len(chunk)
+        write_shard(out / job.out_name, samples)
+        written.append(out / job.out_name)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        log(f"rank {world.rank}: {job.out_name} ({len(samples)} images) {n + 1}/{len(todo)} shards, {rate:.2f} images/s")
+    return written
+
+
+def add_arguments(p) -> None:
+    p.add_argument("input", nargs="+", help="folders of images (captions in NAME.txt) or WebDataset .tar shards")
+    p.add_argument("--out", required=True, help="folder for the latent shards (a rerun resumes there)")
+    p.add_argument("--vae", required=True, help="the VAE file (e.g. ComfyUI/models/vae/ae.safetensors)")
+    p.add_argument("--family", required=True, help="its VAE family (sd1, sdxl, sd3, flux, wan21, ...)")
+    p.add_argument("--teacher", required=True, help="the pixel CLIP's open_clip weights file (.safetensors/.bin)")
+    p.add_argument("--teacher-model", default=None, help="its open_clip architecture, e.g. ViT-B-32 (default: inferred)")
+    p.add_argument("--comfyui", default=None, help="ComfyUI tree (default: $COMFYUI_PATH)")
+    p.add_argument("--size", type=int, default=512, help="square crop side in pixels (default 512)")
+    p.add_argument("--batch", type=int, default=16, help="images per VAE/teacher batch")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per output shard for folder input")
+    p.add_argument("--device", default=None, help="default: this rank's GPU (LOCAL_RANK), else the CPU")
+
+
+def main(args) -> int:
+    if args.batch < 1 or args.shard_size < 1:
+        raise InputError(f"--batch {args.batch} and --shard-size {args.shard_size} must be at least 1")
+    encode(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0

@@ -1,0 +1,307 @@
+"""The distillation loop: a Latent-CLIP image tower learns a pixel CLIP teacher's image embeddings.
+
+The student is the pack's ``LatentCLIP``: its image tower (patch embedding for the family's
+channels, vision width/layers from a Latent-CLIP config) is trained; its text tower is a frozen copy
+of the teacher's, so the teacher's text embeddings, zero-shot prompts and every head trained on the
+teacher's space apply to the student unchanged. Loss: ``distill_loss``'s cosine regression on
+pre-encoded shards, plus (``contrastive_weight`` > 0) the caption-contrastive term over the global
+batch with the captions' hard negatives.
+
+Data order is a function of (seed, step) alone: each epoch is a seeded permutation of all samples
+(its last global batch topped up from the permutation's start), step s takes global rows
+[s*G, (s+1)*G) of it and rank r rows [r*B, (r+1)*B) of those. So N processes x batch B train on
+exactly what 1 process x batch N*B does, every sample is seen once per epoch across ranks, and a
+resumed run continues where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import configs as _configs
+from ..checkpoints import save
+from ..distill_loss import caption_contrastive, cosine_regression
+from ..errors import CheckpointError, InputError
+from ..model import LatentCLIP
+from . import distributed
+from .shards import ShardIndex, lookup_family
+
+RESUME_FILE = "resume.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class Settings:
+    data: str
+    teacher: str
+    out: str
+    work: str
+    config: str = "Latent-ViT-B-8-512"
+    teacher_model: str | None = None
+    batch: int = 64                 # per process
+    steps: int = 1000
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.2
+    grad_clip: float = 1.0
+    contrastive_weight: float = 0.0
+    init_vision: str = "teacher"    # or "random"
+    grad_checkpointing: bool = True
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 10
+    stop_after: int | None = None   # end this process after so many steps (a time-limited job); resume later
+    device: str | None = None
+    force: bool = False
+
+    def fingerprint(self, world_size: int) -> dict:
+        """What must not change between a run and its resumption."""
+        keep = ("config", "steps", "lr", "warmup", "weight_decay", "grad_clip", "contrastive_weight", "init_vision", "seed")
+        return {**{k: getattr(self, k) for k in keep}, "global_batch": self.batch * world_size,
+                "data": str(Path(self.data).resolve())}
+
+
+@dataclass
+class Teacher:
+    """The pixel CLIP: an ``open_clip.CLIP`` and its open_clip config (``embed_dim``, towers)."""
+    model: torch.nn.Module
+    name: str
+    config: dict = field(default_factory=dict)
+
+
+def load_teacher(path, model_name: str | None = None) -> Teacher:
+    """The teacher from its local weights file (never downloaded); InputError naming the file if it does not load."""
+    import open_clip
+    from ..pixel_clip import load_pixel_clip
+    try:
+        model, _, name = load_pixel_clip(path, model_name or None)
+    except CheckpointError as e:
+        raise InputError(f"teacher file '{Path(path).name}' does not load: {e}") from None
+    return Teacher(model, name, open_clip.get_model_config(name) or {})
+
+
+def student_config(config, teacher: Teacher, family, vae_name: str = "") -> dict:
+    """A Latent-CLIP config: ``config``'s image tower on ``family``'s latents, the teacher's text tower."""
+    base = _configs.get_config(config)
+    vision = {k: v for k, v in base["vision_cfg"].items() if k not in ("latent_n_channels", "latent_encoder_name")}
+    vision.update(latent_factor=family.factor, latent_channels=family.channels)
+    if vae_name:
+        vision["latent_encoder_name"] = vae_name[:200]
+    cfg = {"embed_dim": teacher.config.get("embed_dim"), "vae_family": family.name, "vision_cfg": vision,
+           "text_cfg": dict(teacher.config.get("text_cfg", {}))}
+    if teacher.config.get("quick_gelu"):
+        cfg["quick_gelu"] = True
+    try:
+        return _configs.validate_config(cfg)
+    except _configs.ConfigError as e:
+        raise InputError(f"teacher {teacher.name}'s text tower cannot be the text tower of a Latent-CLIP ({e})") from None
+
+
+def build_student(cfg: dict, teacher: Teacher, init_vision: str = "teacher") -> tuple[LatentCLIP, int]:
+    """The student with the teacher's text tower (frozen) and, for ``init_vision`` "teacher", every
+    image-tower tensor whose name and shape match the teacher's; returns it and that count."""
+    student = LatentCLIP(cfg)
+    t_sd = teacher.model.state_dict()
+    s_sd = student.clip.state_dict()
+    text = {k: v for k, v in t_sd.items() if not k.startswith("visual.")}
+    odd = sorted(set(text) ^ {k for k in s_sd if not k.startswith("visual.")})
+    if odd:
+        raise InputError(f"teacher {teacher.name}'s text tower does not fit the student's (differs in {odd[:3]})")
+    copied = {k: v for k, v in t_sd.items() if k.startswith("visual.") and k != "visual.conv1.weight"
+              and k in s_sd and s_sd[k].shape == v.shape} if init_vision == "teacher" else {}
+    student.clip.load_state_dict({**text, **copied}, strict=False)
+    student.requires_grad_(False)
+    student.clip.visual.requires_grad_(True)
+    return student, len(copied)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return math.ceil(n / global_batch)
+
+
+def global_rows(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
+    """The sample numbers of global batch ``step``: a seeded permutation per epoch, its last batch
+    topped up from the permutation's start (so a batch is always full)."""
+    per_epoch = steps_per_epoch(n, global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = np.concatenate([order, order[:per_epoch * global_batch - n]]) if per_epoch * global_batch > n else order
+    return order[pos * global_batch:(pos + 1) * global_batch]
+
+
+def lr_at(step: int, s: Settings) -> float:
+    """Linear warm-up then cosine decay to zero (open_clip's default schedule)."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return 0.5 * s.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(visual: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
+    decay, rest = [], []
+    for name, p in visual.named_parameters():
+        if p.requires_grad:
+            (rest if p.ndim < 2 or "ln_" in name or "embedding" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=s.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _text_rows(student: LatentCLIP, samples, world) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Teacher text embeddings of the global batch's captions and hard negatives (None without captions)."""
+    local = [(s.caption, s.negatives) for s in samples]
+    rows = [None] * world.size
+    if world.size > 1:
+        dist.all_gather_object(rows, local)
+    else:
+        rows = [local]
+    everything = [r for part in rows for r in part]
+    if any(caption is None for caption, _ in everything):
+        return None, None
+    with torch.no_grad():
+        text = student.encode_text([c for c, _ in everything]).float()
+        negatives = [n for _, negs in everything for n in negs]
+        neg = student.encode_text(negatives).float() if negatives else None
+    return text, neg
+
+
+def _save_resume(path: Path, step: int, visual, opt, fingerprint: dict) -> None:
+    from .shards import atomic_write
+    state = {"step": step, "visual": visual.state_dict(), "optimizer": opt.state_dict(),
+             "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+        raise InputError(f"resume file '{path}' could not be read ({str(e).splitlines()[0][:120]}); delete it to start over") from None
+    if state.get("fingerprint") != json.dumps(fingerprint, sort_keys=True):
+        old = json.loads(state.get("fingerprint", "{}"))
+        diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        raise InputError(f"--work '{path.parent}' holds a run with other settings ({', '.join(diff)}); "
+                         "use another --work folder or the same settings to resume")
+    visual.load_state_dict(state["visual"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
+    """Train (or resume) and, when ``s.steps`` are done, write the fp16 Latent-CLIP to ``s.out``.
+
+    Returns the written file, or None when ``stop_after`` ended this process first.
+    """
+    world = distributed.world_from_env()
+    device = distributed.pick_device(world, s.device)
+    say = (log or (lambda m: print(m, file=sys.stderr, flush=True))) if world.is_main else (lambda m: None)
+    if s.batch < 1 or s.steps < 1:
+        raise InputError(f"--batch {s.batch} and --steps {s.steps} must be at least 1")
+    out, work = Path(s.out), Path(s.work)
+    if out.exists() and not s.force:
+        raise InputError(f"--out '{out}' exists; refusing to overwrite it (use --force)")
+    index = ShardIndex(s.data)
+    manifest = index.manifest
+    if not len(index):
+        raise InputError(f"the shards in '{s.data}' hold no samples; expected the output of python -m latentclip encode")
+    family = lookup_family(manifest["family"])
+    teacher = teacher or load_teacher(s.teacher, s.teacher_model)
+    if teacher.name != manifest["teacher"]["model"] or teacher.config.get("embed_dim") != index.embed_dim:
+        raise InputError(f"the shards in '{s.data}' hold embeddings of teacher {manifest['teacher']['model']} "
+                         f"({index.embed_dim}-d) but --teacher is {teacher.name} ({teacher.config.get('embed_dim')}-d); "
+                         "the student's text tower must come from the teacher that made the embeddings")
+    distributed.init(world, device)
+    torch.manual_seed(s.seed)
+    cfg = student_config(s.config, teacher, family, manifest.get("vae", ""))
+    student, copied = build_student(cfg, teacher, s.init_vision)
+    del teacher
+    student.to(device)
+    visual = student.clip.visual
+    if s.grad_checkpointing:
+        visual.set_grad_checkpointing(True)
+    model = visual
+    if world.size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(visual, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = _optimizer(visual, s)
+    fingerprint = s.fingerprint(world.size)
+    resume = work / RESUME_FILE
+    step = _load_resume(resume, visual, opt, fingerprint) if resume.is_file() else 0
+    if world.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+    G = s.batch * world.size
+    say(f"distilling {teacher_name(manifest)} into a {family.name} Latent-CLIP: {len(index)} samples, "
+        f"{sum(p.numel() for p in visual.parameters()) / 1e6:.2f}M trained parameters ({copied} tensors from the "
+        f"teacher's image tower), {world.size} process(es) x batch {s.batch} on {device}, "
+        f"{steps_per_epoch(len(index), G)} steps per epoch" + (f", resuming at step {step}" if step else ""))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    logit_scale = student.clip.logit_scale.exp().item()
+    started, ran, t0, c0 = step, 0, time.perf_counter(), time.process_time()
+
+    def read_batch(at: int) -> list:
+        rows = global_rows(at, len(index), G, s.seed)[world.rank * s.batch:(world.rank + 1) * s.batch]
+        return [index[int(i)] for i in rows]
+
+    reader = ThreadPoolExecutor(1)  # the next batch is read from the shards while this one trains
+    upcoming = reader.submit(read_batch, step)
+    while step < s.steps and (s.stop_after is None or ran < s.stop_after):
+        samples = upcoming.result()
+        if step + 1 < s.steps:
+            upcoming = reader.submit(read_batch, step + 1)
+        latents = torch.from_numpy(np.stack([x.latent for x in samples])).float()
+        target = torch.from_numpy(np.stack([x.teacher for x in samples])).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, s)
+        with autocast:
+            feats = model(student.prepare_latents(latents.to(device=device)))
+        loss = cosine_regression(feats, target)
+        parts = {"cosine": float(loss.detach())}
+        if s.contrastive_weight:
+            text, negatives = _text_rows(student, samples, world)
+            if text is not None:
+                con = caption_contrastive(distributed.gather_rows(feats.float(), world), text, logit_scale, negatives)
+                parts["contrastive"] = float(con.detach())
+                loss = loss + s.contrastive_weight * world.size * con
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(visual.parameters(), s.grad_clip)
+        opt.step()
+        step, ran = step + 1, ran + 1
+        if world.is_main and (step % s.log_every == 0 or step == s.steps):
+            rate = ran * G / max(time.perf_counter() - t0, 1e-9)
+            record = {"step": step, **parts, "lr": lr_at(step - 1, s), "samples_per_s": rate,
+                      "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            with open(work / LOG_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            say(f"step {step}/{s.steps} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" {rate:.1f} samples/s")
+        if world.is_main and (step % s.save_every == 0 or step == s.steps or ran == s.stop_after):
+            _save_resume(resume, step, visual, opt, fingerprint)
+    reader.shutdown(cancel_futures=True)
+    written = None
+    if world.is_main and step >= s.steps:
+        meta = {"teacher": json.dumps({"model": manifest["teacher"]["model"], "file": manifest["teacher"]["file"]}),
+                "data": json.dumps({"folder": Path(s.data).name, "samples": len(index), "shards": len(index.shards),
+                                    "vae": manifest.get("vae", ""), "image_size": manifest.get("image_size")}),
+                "steps": str(step), "samples_seen": str(step * G),
+                "distill": json.dumps({k: v for k, v in asdict(s).items()
+                                       if k in ("lr", "warmup", "weight_decay", "contrastive_weight", "init_vision", "seed")}
+                                      | {"global_batch": G})}
+        written = save(student.float().eval(), out, dtype="fp16", force=s.force, metadata=meta)
+        say(f"wrote {written} after {step} steps ({step - started} in this run)")
+    if world.size > 1:
+        dist.barrier()
+    distributed.finish()
+    index.close()
+    return written
+
+
+def teacher_name(manifest: dict) -> str:
+    return manifest.get("teacher", {}).get("model", "the teacher")

@@ -1,0 +1,87 @@
+"""The launch edge: who am I in a torchrun / SLURM / single-process job, and on which device.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (single and multi node, rendezvous included); a SLURM
+``srun`` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, which are read as open_clip reads them
+(MASTER_ADDR and MASTER_PORT must then be exported by the batch script). Nothing else in the trainer
+looks at the environment.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env(env=None) -> World:
+    """This process's place in the job; torchrun's variables win over SLURM's."""
+    env = os.environ if env is None else env
+    for rank, size, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank in env and size in env:
+            try:
+                world = World(int(env[rank]), int(env.get(local, env[rank])), int(env[size]))
+            except ValueError:
+                raise InputError(f"{rank}={env[rank]!r}, {size}={env[size]!r} are not integers; "
+                                 "expected the launcher's rank and world size") from None
+            if not 0 <= world.rank < world.size:
+                raise InputError(f"{rank}={world.rank} is outside 0..{world.size - 1} ({size}={world.size})")
+            return world
+    return World()
+
+
+def pick_device(world: World, device: str | None = None) -> torch.device:
+    """``device`` if given, else this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(world: World, device: torch.device) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) when the job has more than one process."""
+    if world.size == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.setdefault("RANK", str(world.rank))
+    os.environ.setdefault("WORLD_SIZE", str(world.size))
+    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise InputError("MASTER_ADDR and MASTER_PORT are not set; launch with torchrun, or export them in the "
+                         "SLURM batch script (the first node's host name and a free port)")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_rows(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's rows of ``x`` in rank order; this rank's rows keep their gradient (others do not).
+
+    Used for the caption-contrastive term, whose negatives span the global batch. The loss built
+    on the result must be multiplied by the world size: DDP averages the per-rank gradients, and
+    each rank only backpropagates through its own rows.
+    """
+    if world.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world.size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[world.rank] = x
+    return torch.cat(parts)
