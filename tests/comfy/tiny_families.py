@@ -1,8 +1,9 @@
 """Tiny random diffusion models of 16-channel VAE families, built by ComfyUI's own classes.
 
-Flux (``comfy.supported_models.Flux``: ``comfy.ldm.flux``) and SD3 (``comfy.supported_models.SD3``:
-MMDiT) with tiny widths, so a real sampler runs on Flux/SD3 latents in about a second on CPU;
-their ``latent_format`` is ComfyUI's Flux / SD3, as for the real checkpoints. Also the random
+Flux (``comfy.supported_models.Flux``: ``comfy.ldm.flux``), SD3 (``comfy.supported_models.SD3``: MMDiT)
+and Wan 2.1 (``comfy.supported_models.WAN21_T2V``: ``comfy.ldm.wan``, 3-D latents) with tiny widths, so a
+real sampler runs on their latents in about a second on CPU; their ``latent_format`` is ComfyUI's Flux /
+SD3 / Wan21, as for the real checkpoints. Also the random
 16-channel Latent-CLIPs of those families. Used in-process and by the families fixture pack.
 """
 import importlib.util
@@ -13,7 +14,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CONTEXT, POOLED = 64, 32   # text context width and pooled vector width of the tiny models' CONDITIONING
-ARCHITECTURES = ("flux", "sd3")
+ARCHITECTURES = ("flux", "sd3", "wan21")
 
 
 def _harness():
@@ -43,11 +44,26 @@ def _sd3_config():
         "x_block_self_attn_layers": []})
 
 
+def _wan21_config():
+    import comfy.supported_models
+    return comfy.supported_models.WAN21_T2V({
+        "image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 4, "num_layers": 1,
+        "text_dim": CONTEXT, "freq_dim": 32, "in_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2)})
+
+
 def tiny_dit(architecture: str, seed: int = 0):
-    """A ModelPatcher around a tiny random Flux- or SD3-architecture model (float32)."""
-    cfg = {"flux": _flux_config, "sd3": _sd3_config}[architecture]()
+    """A ModelPatcher around a tiny random Flux-, SD3- or Wan-2.1-architecture model (float32)."""
+    cfg = {"flux": _flux_config, "sd3": _sd3_config, "wan21": _wan21_config}[architecture]()
     cfg.set_inference_dtype(torch.float32, None)
-    return _harness().tiny_model_patcher(cfg, seed)
+    patcher = _harness().tiny_model_patcher(cfg, seed)
+    if architecture == "sd3":  # MMDiT's pos_embed is a buffer made with torch.empty (a checkpoint fills it)
+        import numpy as np
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+        pos = patcher.model.diffusion_model.pos_embed
+        table = get_2d_sincos_pos_embed(pos.shape[-1], int(round(pos.shape[1] ** 0.5)))
+        with torch.inference_mode():
+            pos.copy_(torch.from_numpy(np.asarray(table, dtype=np.float32)).view(pos.shape))
+    return patcher
 
 
 def tiny_dit_conditioning(seed: int = 0, batch: int = 1):

@@ -1,7 +1,7 @@
-"""TEST-ONLY ComfyUI node pack (never shipped): tiny random Flux- and SD3-architecture models.
+"""TEST-ONLY ComfyUI node pack (never shipped): tiny random Flux-, SD3- and Wan-2.1-architecture models.
 
 ``LatentCLIPTestTinyDiT`` returns a tiny model built by ComfyUI's own classes (tests/comfy/tiny_families.py)
-and positive/negative CONDITIONING for it, so a real server samples 16-channel Flux/SD3 latents.
+and positive/negative CONDITIONING for it, so a real server samples 16-channel Flux/SD3/Wan latents.
 comfy_server.ComfyServer(extra_packs=[this folder]) symlinks it into the server's custom_nodes.
 """
 import importlib.util
@@ -36,4 +36,4 @@ class LatentCLIPTestTinyDiT:
 
 
 NODE_CLASS_MAPPINGS = {"LatentCLIPTestTinyDiT": LatentCLIPTestTinyDiT}
-NODE_DISPLAY_NAME_MAPPINGS = {"LatentCLIPTestTinyDiT": "Tiny Flux/SD3 model (Latent-CLIP tests only)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"LatentCLIPTestTinyDiT": "Tiny Flux/SD3/Wan model (Latent-CLIP tests only)"}
