@@ -80,7 +80,7 @@ def reported_scores(report):
 
 @pytest.mark.parametrize("family,shape", [("flux", (2, 16, SIDE, SIDE)), ("sd3", (2, 16, SIDE, SIDE)),
                                           ("wan21", (2, 16, 1, SIDE, SIDE))])
-def test_score_zero_shot_and_filter_read_the_family(server, family, shape):
+def test_score_zero_shot_select_and_filter_read_the_family(server, family, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(family)))
     name = write_latent(server, f"{family}.latent", x)
     graph = {
@@ -93,6 +93,8 @@ def test_score_zero_shot_and_filter_read_the_family(server, family, shape):
                                                                  "concepts": "blood", "threshold": 0.0,
                                                                  "action": "replace with zeros"}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"filtered-{family}"}},
+        "7": {"class_type": "LatentCLIPSelectBest", "inputs": {"latent_clip": ["1", 0], "samples": ["2", 0], "text": "a cat", "k": 1}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"best-{family}"}},
         **shown("3", "4"),
     }
     out = succeeded(server.run(graph))
@@ -101,6 +103,9 @@ def test_score_zero_shot_and_filter_read_the_family(server, family, shape):
     saved = sorted(server.output_dir.rglob(f"filtered-{family}*.latent"))[-1]
     filtered = safetensors.torch.load_file(str(saved))["latent_tensor"]
     assert tuple(filtered.shape) == shape and not filtered.any()      # threshold 0 flags all: zeroed, layout kept
+    best = int(torch.tensor(expected_scores(server, family, x, "a cat")).argmax())
+    kept = safetensors.torch.load_file(str(sorted(server.output_dir.rglob(f"best-{family}*.latent"))[-1]))["latent_tensor"]
+    assert torch.equal(kept, x[best:best + 1])                          # the best item, in the input's layout
 
 
 def test_a_multi_frame_wan_latent_is_refused(server):
