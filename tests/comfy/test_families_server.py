@@ -165,8 +165,8 @@ FLUX_RENO = pytest.mark.xfail(strict=True, reason="ReNO cannot backpropagate thr
                                "place to tensors autograd saved ('modified by an inplace operation'); docs/families.md")
 
 
-WAN_RENO = pytest.mark.xfail(strict=True, reason="ReNO refuses ComfyUI's Wan 2.1 model: weights made under inference mode "
-                              "that grad_through_comfy_ops does not reach; docs/families.md")
+WAN_RENO = pytest.mark.xfail(strict=True, reason="ReNO stops on ComfyUI's Wan 2.1 model: backward meets an inference tensor "
+                              "in its forward (not traced yet); docs/families.md")
 
 
 @pytest.mark.parametrize("family", [pytest.param("flux", marks=FLUX_RENO), "sd3", pytest.param("wan21", marks=WAN_RENO)])
