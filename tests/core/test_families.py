@@ -161,3 +161,15 @@ def test_every_shipped_config_agrees_with_its_family(name):
     fam = families.get_family(cfg.get("vae_family", "sdxl"))
     assert cfg["vision_cfg"].get("latent_channels", 4) == fam.channels
     assert configs.grid_size(cfg) * cfg["vision_cfg"]["patch_size"] * fam.factor == cfg["vision_cfg"]["image_size"]
+
+
+def test_the_metadata_family_counts_when_the_config_has_none(tmp_path):
+    """Bug fix: a file whose metadata config lacked vae_family loaded as SDXL even with vae_family "flux" beside it."""
+    import safetensors.torch
+    model = tiny("flux")
+    cfg = dict(model.config)
+    cfg.pop("vae_family")
+    sd = {k: v.contiguous() for k, v in model.open_clip_state_dict().items() if k != "attn_mask"}
+    safetensors.torch.save_file(sd, str(tmp_path / "x.safetensors"),
+                                metadata={"format": "latentclip", "config": json.dumps(cfg), "vae_family": "flux"})
+    assert latentclip.load(tmp_path / "x.safetensors").vae_family == "flux"
