@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from pathlib import Path
 
-WEIGHTS_DIR = Path(os.environ.get("LATENTCLIP_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+from . import families as _families
+from .families import WEIGHTS_DIR
+
 CONFIG_DIR = WEIGHTS_DIR / "configs"
 
 #: Head width open_clip uses when a config does not give head counts (all released configs).
 DEFAULT_HEAD_WIDTH = 64
 
-#: Latent channel count of each VAE family the project knows.
-VAE_FAMILY_CHANNELS = {"sdxl": 4, "sd1": 4, "mini": 4, "sd3": 16, "flux": 16}
+#: Latent channel count of each VAE family the project knows (from ``weights/families``).
+VAE_FAMILY_CHANNELS = {name: _families.get_family(name).channels for name in _families.family_names()}
 
 
 class ConfigError(ValueError):
@@ -105,14 +106,47 @@ def validate_config(cfg) -> dict:
         for key in _REQUIRED[prefix]:
             if key not in value:
                 raise ConfigError(f"{prefix}{key} is missing")
-    if "vae_family" in cfg and cfg["vae_family"] not in VAE_FAMILY_CHANNELS:
-        raise ConfigError(f"vae_family {_brief(cfg['vae_family'])} is unknown; expected one of {sorted(VAE_FAMILY_CHANNELS)}")
+    if "vae_family" in cfg:
+        _check_family(cfg)
     for tower, heads in head_counts(cfg).items():
         width = cfg[tower]["width"]
         if heads < 1 or width % heads:
             how = ("head_width " + str(cfg[tower].get("head_width", DEFAULT_HEAD_WIDTH))) if tower == "vision_cfg" else f"{heads} heads"
             raise ConfigError(f"{tower} width {width} cannot be split into attention heads of {how}")
     return copy.deepcopy(cfg)
+
+
+def _check_family(cfg: dict) -> None:
+    """The config's VAE family is known and agrees with its latent channels and factor."""
+    if cfg["vae_family"] not in VAE_FAMILY_CHANNELS:
+        raise ConfigError(f"vae_family {_brief(cfg['vae_family'])} is unknown; expected one of {sorted(VAE_FAMILY_CHANNELS)}")
+    family = _families.get_family(cfg["vae_family"])
+    v = cfg.get("vision_cfg") or {}
+    channels = v.get("latent_channels", v.get("latent_n_channels", 4))
+    factor = v.get("latent_factor", 8)
+    for key, value, want in (("latent_channels", channels, family.channels), ("latent_factor", factor, family.factor)):
+        if value != want:
+            raise ConfigError(f"vision_cfg.{key} is {value} but vae_family {family.name!r} has {key} {want}; "
+                              "a Latent-CLIP reads the latents of its family's VAE")
+
+
+def for_family(name_or_dict, family: str) -> dict:
+    """A copy of a config whose image tower reads ``family``'s latents (channels, factor, family set).
+
+    The token grid (``image_size / latent_factor / patch_size``) must stay whole: for a 16x or 32x VAE
+    pick a config whose patch size fits, or a ``weights/configs`` student config of that family.
+    """
+    cfg = get_config(name_or_dict)
+    fam = _families.get_family(family)
+    v = cfg["vision_cfg"]
+    for key in ("latent_n_channels", "latent_encoder_name"):
+        v.pop(key, None)
+    v.update(latent_channels=fam.channels, latent_factor=fam.factor)
+    cfg["vae_family"] = fam.name
+    if v["image_size"] % fam.factor or (v["image_size"] // fam.factor) % v["patch_size"]:
+        raise ConfigError(f"image_size {v['image_size']} with the {fam.name} VAE's factor {fam.factor} does not make "
+                          f"a whole grid of {v['patch_size']}-wide patches; choose another patch size")
+    return validate_config(cfg)
 
 
 def parse_config(text) -> dict:
@@ -198,6 +232,11 @@ def infer_config(state_dict: dict, metadata: dict | None = None) -> dict:
     if "config" in metadata:
         raw = metadata["config"]
         cfg = parse_config(raw) if isinstance(raw, str) else validate_config(raw)
+        if "vae_family" in metadata:
+            recorded = _metadata_value(metadata, "vae_family", "sdxl")
+            if cfg.setdefault("vae_family", recorded) != recorded:
+                raise ConfigError(f"the metadata's vae_family {recorded!r} disagrees with its config's {cfg['vae_family']!r}")
+            cfg = validate_config(cfg)
         check_config(cfg, state_dict)
         return cfg
     sd = state_dict
@@ -226,6 +265,10 @@ def infer_config(state_dict: dict, metadata: dict | None = None) -> dict:
             "heads": max(1, tw // DEFAULT_HEAD_WIDTH), "layers": text_layers}
     if t_mlp != 4.0:
         text["mlp_ratio"] = t_mlp
+    if "vae_family" not in metadata and c != VAE_FAMILY_CHANNELS["sdxl"]:
+        raise ConfigError(f"the file records no vae_family and its image tower reads {c}-channel latents; only "
+                          f"4-channel files may omit it (they are SDXL's); expected vae_family, one of "
+                          f"{_families.families_with_channels(c) or sorted(VAE_FAMILY_CHANNELS)}")
     family = _metadata_value(metadata, "vae_family", "sdxl")
     return validate_config({"embed_dim": embed, "vae_family": family, "vision_cfg": vision, "text_cfg": text})
 

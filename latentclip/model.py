@@ -15,6 +15,7 @@ from open_clip.transformer import LayerNormFp32
 
 from . import configs as _configs
 from .errors import InputError
+from .families import check_latents_for_family, image_latents
 
 _OUR_VISION_KEYS = ("latent_factor", "latent_channels", "latent_n_channels", "latent_encoder_name")
 
@@ -109,18 +110,13 @@ class LatentCLIP(nn.Module):
         return max(self.patch_size, self.latent_size // 4)
 
     def check_latents(self, latents, name: str = "latents") -> torch.Tensor:
-        """Validate raw VAE latents (NCHW) and raise InputError with one clear sentence if wrong."""
-        if not isinstance(latents, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor of shape [batch, {self.latent_channels}, height, width], got {type(latents).__name__}")
-        if latents.ndim != 4:
-            raise InputError(f"{name} must have 4 dimensions [batch, channels, height, width], got shape {list(latents.shape)}")
-        b, c, h, w = latents.shape
-        if b == 0:
-            raise InputError(f"{name} is an empty batch (shape {list(latents.shape)}); expected at least one latent")
-        if c != self.latent_channels:
-            raise InputError(
-                f"{name} has {c} channels but this Latent-CLIP reads {self.latent_channels}-channel "
-                f"{self.vae_family.upper()}-VAE latents; a {c}-channel latent comes from another VAE (e.g. SD3/Flux)")
+        """Validate raw VAE latents of this model's family; InputError with one clear sentence if wrong.
+
+        Returns image latents [B, C, H, W]: a 3-D family's single-frame [B, C, 1, H, W] as a view
+        without the frame axis (gradients reach the 5-D input), anything else unchanged.
+        """
+        latents = check_latents_for_family(latents, self.vae_family, name, channels=self.latent_channels)
+        h, w = latents.shape[-2:]
         side = self.min_latent_side()
         if min(h, w) < side:
             raise InputError(f"{name} is {h}x{w}, smaller than the {side}x{side} minimum this model can read (trained on {self.latent_size}x{self.latent_size})")
@@ -147,9 +143,8 @@ class LatentCLIP(nn.Module):
         return x
 
     def encode_latents(self, latents: torch.Tensor, policy: str = "resize", check: bool = True) -> torch.Tensor:
-        """Image features [B, E] of raw VAE latents [B, C, H, W] (not multiplied by a scale factor)."""
-        if check:
-            self.check_latents(latents)
+        """Image features [B, E] of raw VAE latents [B, C, H, W] or [B, C, 1, H, W] (not scaled)."""
+        latents = self.check_latents(latents) if check else image_latents(latents)
         x = self.prepare_latents(latents, policy)
         if x.shape[-1] == self.latent_size and x.shape[-2] == self.latent_size:
             return self.clip.encode_image(x)

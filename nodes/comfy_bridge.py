@@ -18,6 +18,7 @@ import folder_paths
 import latentclip
 import latentclip.pixel_clip
 from latentclip.errors import CheckpointError, InputError
+from latentclip.families import family_of_latent_format
 
 LATENT_CLIP_FOLDER = "latent_clip"
 OPEN_CLIP_FOLDER = "open_clip"
@@ -220,7 +221,8 @@ def cached_pixel_clips() -> int:
 
 # -- LATENT ------------------------------------------------------------------------------------
 def latent_samples(latent, model: latentclip.LatentCLIP, name: str = "samples") -> torch.Tensor:
-    """The validated ``samples`` tensor of a LATENT (never modified; callers must not write to it)."""
+    """The validated ``samples`` of a LATENT as image latents [B, C, H, W] (never modified; callers must
+    not write to it). A 3-D family's single frame [B, C, 1, H, W] comes as a view without the frame axis."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise InputError(f"{name} must be a LATENT (a dict with 'samples'), got {type(latent).__name__}")
     return model.check_latents(latent["samples"], name=name)
@@ -245,24 +247,24 @@ def text_lines(text: str, name: str) -> list[str]:
 
 
 # -- MODEL -------------------------------------------------------------------------------------
-_LATENT_FORMAT_FAMILY = {"SDXL": "sdxl", "SDXL_Playground_2_5": "sdxl", "SD15": "sd1", "SD3": "sd3",
-                         "Flux": "flux", "SC_Prior": "cascade", "SD_X4": "sd_x4", "Wan21": "wan"}
+def model_latent_format(model) -> str:
+    """The class name of a ComfyUI MODEL's latent format (a ModelPatcher or its BaseModel)."""
+    return type(getattr(model, "model", model).latent_format).__name__
 
 
-def model_vae_family(model) -> str:
-    """The VAE family of a ComfyUI MODEL (a ModelPatcher or its BaseModel), from its latent format."""
-    base = getattr(model, "model", model)
-    fmt = type(base.latent_format).__name__
-    return _LATENT_FORMAT_FAMILY.get(fmt, fmt.lower())
+def model_vae_family(model) -> str | None:
+    """The VAE family of a ComfyUI MODEL, from its latent format (weights/families); None if none maps it."""
+    return family_of_latent_format(model_latent_format(model))
 
 
 def check_vae_family(handle: LatentCLIPHandle, model) -> None:
-    """Refuse a Latent-CLIP trained on another VAE than the MODEL's, in one sentence."""
+    """Refuse a Latent-CLIP trained on another VAE than the MODEL's, in one sentence naming both."""
     family = model_vae_family(model)
-    compatible = {"sdxl": {"sdxl"}, "sd1": {"sd1"}}.get(handle.vae_family, {handle.vae_family})
-    if family not in compatible:
-        raise InputError(f"latent_clip reads {handle.vae_family.upper()}-VAE latents but the model makes "
-                         f"{family.upper()} latents; use a Latent-CLIP trained on the model's VAE")
+    if family != handle.vae_family:
+        makes = (f"{family.upper()} latents" if family else
+                 f"{model_latent_format(model)} latents, which no VAE family in weights/families covers")
+        raise InputError(f"latent_clip reads {handle.vae_family.upper()}-VAE latents but the model makes {makes}; "
+                         "use a Latent-CLIP trained on the model's VAE")
 
 
 # -- gradients through ComfyUI models ------------------------------------------------------------

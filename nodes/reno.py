@@ -158,11 +158,19 @@ def reno_working_memory(base, shape, steps: int, checkpointing: bool, pixel_term
 
 
 def check_reno_latent(x, base_model, specs, name: str) -> None:
-    """Refuse a latent the UNet or a Latent-CLIP reward cannot take, in one sentence naming ``name``."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] == 0:
+    """Refuse a latent the UNet or a Latent-CLIP reward cannot take, in one sentence naming ``name``.
+
+    A model with 3-D latents (Wan 2.1, Qwen-Image) takes [batch, channels, frames, height, width]; a
+    Latent-CLIP reward scores one frame (the image), so more frames are refused with such a reward.
+    """
+    video = getattr(base_model.latent_format, "latent_dimensions", 2) == 3
+    layout = "[batch, channels, 1, height, width]" if video else "[batch, channels, height, width]"
+    if not isinstance(x, torch.Tensor) or x.ndim != (5 if video else 4) or x.shape[0] == 0:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InputError(f"{name} must be a LATENT with samples [batch, channels, height, width] and at least "
-                         f"one item, got {got}")
+        raise InputError(f"{name} must be a LATENT with samples {layout} and at least one item, got {got}")
+    if video and x.shape[2] != 1 and any(isinstance(s, LatentTermSpec) for s in specs):
+        raise InputError(f"{name} has {x.shape[2]} latent frames but a Latent-CLIP reward scores single images; "
+                         f"expected {layout}")
     channels = base_model.latent_format.latent_channels
     if x.shape[1] != channels:
         raise InputError(f"{name} has {x.shape[1]} channels but the model makes {channels}-channel latents; "
@@ -355,7 +363,7 @@ class LatentCLIPReNO(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, reward, seed, iterations, learning_rate, optimizer,
                 grad_clip, regularization, gradient_checkpointing=True, steps=1, cfg=1.0) -> io.NodeOutput:
         samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
-        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[0] > 0:
+        if isinstance(samples, torch.Tensor) and samples.ndim in (4, 5) and samples.shape[0] > 0:
             samples = comfy.sample.fix_empty_latent_channels(model, samples)
         check_reno_latent(samples, model.model, reward, "latent_image")
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))

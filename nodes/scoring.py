@@ -133,8 +133,9 @@ class LatentCLIPSafetyFilter(io.ComfyNode):
         out = samples
         if action == "replace with zeros" and any(flags):
             out = dict(samples)
-            keep = torch.tensor([0.0 if f else 1.0 for f in flags], dtype=x.dtype, device=x.device)
-            out["samples"] = x * keep.view(-1, 1, 1, 1)  # a new tensor; the input stays untouched
+            raw = samples["samples"]  # its own layout ([B, C, 1, H, W] for a video VAE), not the checked view
+            keep = torch.tensor([0.0 if f else 1.0 for f in flags], dtype=raw.dtype, device=raw.device)
+            out["samples"] = raw * keep.view(-1, *[1] * (raw.ndim - 1))  # a new tensor; the input stays untouched
         table = [{n: round(float(p), 4) for n, p in zip(names, row)} for row in probs]
         report = "\n".join(f"#{i}: {'FLAGGED' if f else 'ok'} " + ", ".join(f"{n} {p:.2f}" for n, p in row.items())
                            for i, (f, row) in enumerate(zip(flags, table)))

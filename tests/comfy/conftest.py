@@ -162,7 +162,6 @@ def tiny_sdxl(seed=0):
     (see ../shared/notes/comfyui-facts.md, 'Tiny diffusion models for tests').
     """
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
     dtype, manual_cast = torch.float32, None
     if os.environ.get("LATENTCLIP_TEST_GPU") == "1":   # tests/gpu/run.sh: the dtype ComfyUI picks there (fp16)
@@ -178,6 +177,14 @@ def tiny_sdxl(seed=0):
         "use_temporal_resblock": False, "dtype": dtype})
     cfg.unet_config["num_head_channels"] = 16
     cfg.set_inference_dtype(dtype, manual_cast)
+    return tiny_model_patcher(cfg, seed)
+
+
+def tiny_model_patcher(cfg, seed=0):
+    """A ModelPatcher around ``cfg.get_model({})`` (a comfy.supported_models config) with random weights,
+    built as CheckpointLoaderSimple does (inference tensors); comfy.ops skips init, so every weight is set."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
     with torch.inference_mode():  # as CheckpointLoaderSimple runs: the weights are inference tensors
         model = cfg.get_model({})
         g = torch.Generator().manual_seed(seed)
@@ -185,7 +192,7 @@ def tiny_sdxl(seed=0):
             for name, p in model.named_parameters():
                 if p.ndim > 1:
                     p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-                elif "norm" in name and name.endswith("weight"):
+                elif ("norm" in name and name.endswith("weight")) or name.endswith(".scale"):
                     p.fill_(1.0)
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import latentclip
+from latentclip import configs
 from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_sdxl
 
 
@@ -208,8 +209,7 @@ def test_safety_guidance_patches_a_clone_and_sampling_leaves_inputs_alone(comfy,
 
 
 def test_guidance_with_a_wrong_vae_family_leaves_inputs_alone(comfy):
-    model = tiny_latent_clip(seed=4)
-    model.config["vae_family"] = model.vae_family = "sd3"
+    model = tiny_latent_clip(seed=4, cfg=configs.for_family("Latent-ViT-Tiny-test", "sd3"))
     path = comfy.models / "latent_clip" / "tiny-sd3-nomut.safetensors"
     if not path.exists():
         latentclip.save(model, path)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import latentclip
+from latentclip import configs
 import comfy_server as _srv
 import soak
 
@@ -51,8 +52,7 @@ def write_bad_checkpoints(folder, marker):
                                  "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(16, 8)},
                                 str(folder / "sd-checkpoint.safetensors"))
     torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}, "hook": Payload(marker)}, folder / "payload.pt")
-    sd3 = harness.tiny_latent_clip(seed=4)
-    sd3.config["vae_family"] = sd3.vae_family = "sd3"
+    sd3 = harness.tiny_latent_clip(seed=4, cfg=configs.for_family("Latent-ViT-Tiny-test", "sd3"))
     latentclip.save(sd3, folder / "tiny-sd3.safetensors")
 
 

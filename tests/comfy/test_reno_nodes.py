@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import latentclip
+from latentclip import configs
 from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_reward_latent_clip, tiny_sdxl
 
 
@@ -93,12 +94,9 @@ def test_interrupt_stops_within_one_iteration(comfy, reno_handle):
 
 
 def test_wrong_vae_family_is_refused(comfy):
-    model = tiny_latent_clip(seed=4)
-    model.config["vae_family"] = "sd3"
     path = comfy.models / "latent_clip" / "tiny-sd3.safetensors"
     if not path.exists():
-        model.vae_family = "sd3"
-        latentclip.save(model, path)
+        latentclip.save(tiny_latent_clip(seed=4, cfg=configs.for_family("Latent-ViT-Tiny-test", "sd3")), path)
     handle = comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
     with pytest.raises(ValueError, match="reads SD3-VAE latents but the model makes SDXL latents"):
         run_reno(comfy, tiny_sdxl(), reward_of(comfy, handle), {"samples": torch.zeros(1, 4, 32, 32)}, iterations=2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import latentclip
+from latentclip import configs
 from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_sdxl
 
 STEPS = 4
@@ -149,12 +150,9 @@ def test_particles_below_one_is_refused(comfy, handle):
 
 
 def test_a_reward_for_another_vae_is_refused(comfy, model):
-    m = tiny_latent_clip(seed=6)
     path = comfy.models / "latent_clip" / "tiny-search-sd3.safetensors"
     if not path.exists():
-        m.vae_family = "sd3"
-        m.config["vae_family"] = "sd3"
-        latentclip.save(m, path)
+        latentclip.save(tiny_latent_clip(seed=6, cfg=configs.for_family("Latent-ViT-Tiny-test", "sd3")), path)
     h = comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
     with pytest.raises(ValueError, match="reads SD3-VAE latents but the model makes SDXL latents"):
         sample(comfy, model, search_sampler(comfy, reward_of(comfy, h)), {"samples": torch.zeros(1, 4, 32, 32)})
