@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .train import distributed
-from .train.shards import (FORMAT, MANIFEST, Sample, atomic_write, lookup_family, tar_members,
+from .families import get_family
+from .train.shards import (FORMAT, MANIFEST, Sample, atomic_write, tar_members,
                            write_shard)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -174,7 +175,7 @@ def encode(args, log=print) -> list:
     """Encode every shard this rank owns that is not on disk yet; returns the shards written."""
     world = distributed.world_from_env()
     device = distributed.pick_device(world, args.device)
-    family = lookup_family(args.family)
+    family = get_family(args.family)
     if args.size % family.factor or args.size < family.factor:
         raise InputError(f"--size {args.size} is not a multiple of family {family.name!r}'s factor {family.factor}")
     out = Path(args.out)

@@ -33,7 +33,8 @@ from ..distill_loss import caption_contrastive, cosine_regression
 from ..errors import CheckpointError, InputError
 from ..model import LatentCLIP
 from . import distributed
-from .shards import ShardIndex, lookup_family
+from ..families import get_family
+from .shards import ShardIndex
 
 RESUME_FILE = "resume.pt"
 LOG_FILE = "log.jsonl"
@@ -212,7 +213,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     manifest = index.manifest
     if not len(index):
         raise InputError(f"the shards in '{s.data}' hold no samples; expected the output of python -m latentclip encode")
-    family = lookup_family(manifest["family"])
+    family = get_family(manifest["family"])
     teacher = teacher or load_teacher(s.teacher, s.teacher_model)
     if teacher.name != manifest["teacher"]["model"] or teacher.config.get("embed_dim") != index.embed_dim:
         raise InputError(f"the shards in '{s.data}' hold embeddings of teacher {manifest['teacher']['model']} "

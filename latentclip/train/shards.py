@@ -39,23 +39,6 @@ class Sample:
         return [n for n in neg if isinstance(n, str) and n.strip()] if isinstance(neg, list) else []
 
 
-def lookup_family(name: str):
-    """The VAE family ``name`` (channels, factor, dims) from ``latentclip.families``.
-
-    Until that module is merged, the channel table of ``configs`` (factor 8; wan21 3-D) stands in.
-    """
-    try:
-        from ..families import get_family
-    except ImportError:
-        from types import SimpleNamespace
-        from ..configs import VAE_FAMILY_CHANNELS
-        channels = {**VAE_FAMILY_CHANNELS, "wan21": 16, "mini16": 16}
-        if name not in channels:
-            raise InputError(f"VAE family {name!r} is unknown; expected one of {sorted(channels)}") from None
-        return SimpleNamespace(name=name, channels=channels[name], factor=8, dims=3 if name == "wan21" else 2)
-    return get_family(name)
-
-
 def split_key(name: str) -> tuple[str, str]:
     """WebDataset's (key, extension): the key ends at the first dot of the file name."""
     folder, _, base = name.rpartition("/")

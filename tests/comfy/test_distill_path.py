@@ -75,14 +75,6 @@ def _encode(assets, out, family, vae, source, *extra):
                  "--batch", "2", *extra])
 
 
-def _families_merged() -> bool:
-    try:
-        import latentclip.families  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def test_flux_path_encode_tar_then_torchrun_two_processes_then_load(assets, capsys):
     from latentclip.comfy_vae import ComfyVAE
     from latentclip.encode import load_image
@@ -153,8 +145,6 @@ def test_folder_encode_and_distil_one_process(assets, family, vae):
     index = ShardIndex(shards)
     assert [p.name for p in index.shards] == ["000000.tar", "000001.tar"] and len(index) == 4
     assert index[3].latent.shape == (16, 8, 8)  # a Wan latent is stored without its frame axis
-    if family == "wan21" and not _families_merged():
-        pytest.skip("the wan21 family is known to the loader once latentclip.families (branch families23) is merged")
     out = assets / f"{family}-latent-clip.safetensors"
     run(Settings(data=str(shards), teacher=str(assets / "vit-b-32.safetensors"), teacher_model="ViT-B-32",
                  config=str(assets / "student.json"), out=str(out), work=str(assets / f"{family}-work"),

@@ -21,7 +21,7 @@ import latentclip  # noqa: E402
 from latentclip.errors import InputError  # noqa: E402
 from latentclip.train.distill import (RESUME_FILE, Settings, build_student, global_rows, load_teacher, run,  # noqa: E402
                                       steps_per_epoch, student_config)
-from latentclip.train.shards import lookup_family  # noqa: E402
+from latentclip.families import get_family  # noqa: E402
 
 
 def _settings(root: Path, data: Path, name: str, **kw) -> Settings:
@@ -79,7 +79,7 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tmp_path, monkey
     run(one, teacher=tiny_teacher(), log=lambda m: None)
     a, b = _visual_state(Path(two.work)), _visual_state(Path(one.work))
     torch.manual_seed(one.seed)  # the start, built as run() builds it: training moved it far beyond the tolerance
-    start = build_student(student_config(one.config, tiny_teacher(), lookup_family("flux")), tiny_teacher())[0]
+    start = build_student(student_config(one.config, tiny_teacher(), get_family("flux")), tiny_teacher())[0]
     moved = {k: (a[k] - v).abs().max().item() for k, v in start.clip.visual.state_dict().items()}
     assert min(moved["conv1.weight"], moved["proj"], moved["transformer.resblocks.1.mlp.c_fc.weight"]) > 1e-3, moved
     for key in a:
