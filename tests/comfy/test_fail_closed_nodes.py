@@ -76,3 +76,13 @@ def test_fp16_filter_matches_fp32_on_large_latents(comfy, handles):
     assert [r["nudity"] for r in p_half] == pytest.approx([r["nudity"] for r in p_full], abs=0.02)
     scores = comfy.run_node("LatentCLIPScore", latent_clip=handles["fp16"], samples={"samples": x}, text="a cat").result[0]
     assert all(math.isfinite(s) for s in scores)
+
+
+def test_guidance_anchors_split_at_newline_only(comfy, handles, sdxl):
+    """Issue 21 item 8: U+2028 or NEL inside an anchor prompt does not make two anchors."""
+    patched = comfy.run_node("LatentCLIPSafetyGuidance", model=sdxl, latent_clip=handles["fp32"], concepts="a dog",
+                             anchors="a cat\u2028on a mat\na bird\x85in a tree\r\n", scale=0.1, start_percent=0.0,
+                             end_percent=1.0, threshold=0.0).result[0]
+    hooks = patched.model_options["sampler_post_cfg_function"]
+    (record,) = [fn.latent_clip_record for fn in hooks if hasattr(fn, "latent_clip_record")]
+    assert record.anchors == ["a cat\u2028on a mat", "a bird\x85in a tree"]
