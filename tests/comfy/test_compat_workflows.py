@@ -39,24 +39,16 @@ UI_FILES = [e for e in MANIFEST if e["format"] == "ui"]
 PIXEL_ARCH = "ViT-S-32"
 RUN_SIDE = 256           # px: a 32x32 latent, twice the tiny Latent-CLIP's minimum
 RENO_ITERATIONS = 2
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def _load(fixture):
     return json.loads((COMPAT / fixture).read_text())
 
 
-def _inputs_named(key):
-    """Every value of ``inputs[key]`` in any saved API graph (the model names the graphs expect)."""
-    return {node["inputs"][key] for f in API_FILES for node in _load(f).values()
-            if isinstance(node.get("inputs", {}).get(key), str)}
-
-
 def _write_stand_ins(srv):
     import latentclip
     import open_clip
-    loaders = {f: g for f in API_FILES for g in [_load(f)]}
-    for graph in loaders.values():
+    for graph in map(_load, API_FILES):
         for node in graph.values():
             name = node["inputs"].get("ckpt_name")
             if node["class_type"] == "CheckpointLoaderSimple":
@@ -113,7 +105,7 @@ def _missing_later_inputs(graph, info):
 def _known_refusal(graph, info, body):
     """Issue 21: search graphs saved before score_every_step existed are refused until search21's fix merges."""
     missing = _missing_later_inputs(graph, info)
-    return missing and all(graph[n]["class_type"] == "LatentCLIPSearchSampler" and name == "score_every_step"
+    return missing and "score_every_step" in json.dumps(body) and all(graph[n]["class_type"] == "LatentCLIPSearchSampler" and name == "score_every_step"
                            for n, name in missing)
 
 
