@@ -8,8 +8,10 @@ ProgressBar steps), fetches ``/history/{id}`` when the prompt is done, saves eve
 (files through ``/view``, ``text`` entries as .txt, other UI entries as .json; an existing file is
 never overwritten, the new one gets ``_1``, ``_2``, ...) and prints one line per output. Failures
 print the server's own message (before anything is downloaded) and exit non-zero:
-2 bad workflow file or --set, 3 prompt refused by validation (HTTP 400), 4 execution error,
-5 interrupted, 6 server unreachable, not answering JSON like ComfyUI, or timed out.
+2 bad arguments, workflow file, --set, --timeout or --out (all checked before anything is queued),
+3 prompt refused by validation (HTTP 400), 4 execution error, 5 interrupted, 6 server unreachable,
+not answering JSON like ComfyUI, or timed out, 7 an output could not be saved, 1 a bug in the runner.
+Every failure is one line on stderr.
 
 ComfyUI-free: only the standard library, plus aiohttp (shipped with ComfyUI) for the websocket;
 without aiohttp the runner polls ``/history`` instead.
@@ -20,8 +22,11 @@ import argparse
 import asyncio
 import copy
 import json
+import math
+import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-EXIT_USAGE, EXIT_INVALID, EXIT_EXECUTION, EXIT_INTERRUPTED, EXIT_SERVER = 2, 3, 4, 5, 6
+EXIT_USAGE, EXIT_INVALID, EXIT_EXECUTION, EXIT_INTERRUPTED, EXIT_SERVER, EXIT_OUTPUT = 2, 3, 4, 5, 6, 7
+EXIT_BUG = 1
+#: JSON nesting a workflow may have: an API graph is ~5 levels deep; far deeper is refused before Python's
+#: recursion limit turns ``deepcopy`` or ``json.dumps`` into a RecursionError traceback.
+MAX_JSON_DEPTH = 64
 UI_FORMAT_MESSAGE = ("{path} is a UI (save) workflow, not the API format; in ComfyUI use Workflow > "
                      "Export (API) (older front ends: enable dev mode, then Save (API Format)) and run that file")
 _HTTP_TIMEOUT = 30.0  # one request; the whole run is bounded by ``timeout``
@@ -69,6 +78,11 @@ class Interrupted(RunError):
     exit_code = EXIT_INTERRUPTED
 
 
+class OutputError(RunError):
+    """The prompt ran but an output could not be written into the output folder."""
+    exit_code = EXIT_OUTPUT
+
+
 @dataclass
 class SavedOutput:
     node_id: str
@@ -97,8 +111,27 @@ def is_ui_format(data) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
 
 
+def json_depth(value) -> int:
+    """How deeply lists and objects nest in ``value`` (iterative: any depth is safe to measure)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _check_depth(value, what: str):
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise WorkflowError(f"{what} nests lists/objects more than {MAX_JSON_DEPTH} levels deep; "
+                            "a ComfyUI workflow needs a handful")
+    return value
+
+
 def check_api_graph(data, path="the workflow") -> dict:
     """Return the API graph in ``data`` (also accepts a saved POST body ``{"prompt": graph}``)."""
+    _check_depth(data, str(path))
     if is_ui_format(data):
         raise WorkflowError(UI_FORMAT_MESSAGE.format(path=path))
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:
@@ -117,8 +150,14 @@ def load_workflow(path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise WorkflowError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise WorkflowError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "expected a JSON workflow as ComfyUI saves it") from None
     except json.JSONDecodeError as e:
         raise WorkflowError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise WorkflowError(f"{path} nests lists/objects more than {MAX_JSON_DEPTH} levels deep; "
+                            "a ComfyUI workflow needs a handful") from None
     return check_api_graph(data, str(path))
 
 
@@ -132,7 +171,10 @@ def parse_set(expr: str) -> tuple[str, str, object]:
         value = json.loads(raw)
     except ValueError:
         value = raw
-    return node_id, name, value
+    except RecursionError:
+        raise WorkflowError(f"--set {key.strip()}: the value nests lists/objects more than {MAX_JSON_DEPTH} "
+                            "levels deep; a ComfyUI input needs a handful") from None   # deeper than the check below allows
+    return node_id, name, _check_depth(value, f"--set {key.strip()}")
 
 
 def apply_sets(graph: dict, sets, warn: Callable[[str], None] | None = None) -> dict:
@@ -362,6 +404,29 @@ def _short(text: str, limit: int = 80) -> str:
     return repr(cut) + (f" (+{more} lines)" if more else "")
 
 
+def check_out_dir(out_dir) -> Path:
+    """Refuse an output folder that cannot receive files, before anything is queued (finding out after
+    the run would lose its outputs). A missing folder is created only when there is something to save;
+    here its nearest existing parent must be a folder this user can create entries in."""
+    out_dir = Path(out_dir)
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is not a folder")
+        if existing == out_dir:
+            fd, probe = tempfile.mkstemp(prefix=".latentclip-write-check-", dir=out_dir)
+            os.close(fd)
+            os.unlink(probe)
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(0, f"{existing} does not let this user create entries")
+    except OSError as e:
+        raise WorkflowError(f"output folder {out_dir} cannot be used ({e.strerror or type(e).__name__}); "
+                            "expected a folder this user can create files in") from None
+    return out_dir
+
+
 def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir) -> list:
     """Save every UI output of a history entry; returns one SavedOutput per output."""
     out_dir = Path(out_dir) if out_dir else None
@@ -414,6 +479,10 @@ def run_workflow(graph: dict, server: str, out_dir=None, on_event=None, timeout:
     ``await asyncio.to_thread(run_workflow, ...)`` so the caller's loop keeps running.
     """
     graph = check_api_graph(graph)
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise WorkflowError(f"--timeout must be a positive number of seconds, got {timeout!r}")
+    if out_dir:
+        check_out_dir(out_dir)
     client = Client(server)
     start = time.monotonic()
     deadline = start + timeout
@@ -427,7 +496,12 @@ def run_workflow(graph: dict, server: str, out_dir=None, on_event=None, timeout:
     except RunError:
         result.outputs = save_outputs(None, graph, entry.get("outputs") or {}, None)  # listed, not fetched
         raise
-    result.outputs = save_outputs(client, graph, entry.get("outputs") or {}, out_dir)
+    try:
+        result.outputs = save_outputs(client, graph, entry.get("outputs") or {}, out_dir)
+    except OSError as e:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        raise OutputError(f"prompt {prompt_id} ran, but cannot save its outputs into {out_dir}: "
+                          f"{e.strerror or e}{where[:200]}", result=result) from None
     result.seconds = time.monotonic() - start
     return result
 
@@ -480,8 +554,26 @@ def _run_command(args) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``error:`` line (and exit 2), like every other failure."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        self.exit(EXIT_USAGE)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m latentclip.api",
+    parser = _OneLineParser(prog="python -m latentclip.api",
                                      description="Run an API-format ComfyUI workflow on a ComfyUI server.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="submit a workflow, show progress, save its outputs")
@@ -490,17 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE",
                      help="set an input before submitting; VALUE is JSON when it parses, else text (repeatable)")
     run.add_argument("--out", default=None, metavar="DIR", help="save outputs here (default: only print them)")
-    run.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    run.add_argument("--timeout", type=_seconds, default=600.0, help="give up after this many seconds (default 600)")
     run.set_defaults(func=_run_command)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "timeout", 1) <= 0:
-        print("error: --timeout must be positive", file=sys.stderr)
-        return EXIT_USAGE
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:   # --help, or a bad command line already reported in one line
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
         return args.func(args)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -508,6 +600,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("stopped waiting (the prompt may still run on the server)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:   # a bug here: still one line, never a traceback in the user's script
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"error: the runner failed unexpectedly ({type(e).__name__}: {first}); please report it",
+              file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -341,7 +341,23 @@ def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
     bad = next((k for k, v in sd.items() if not torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float()).all()), None)
     if bad is not None:
         raise CheckpointError(f"{_describe(path)} stores NaN or infinite values in {bad!r}; expected finite weights")
+    _check_not_blank(sd, path)
     return sd, meta, cfg
+
+
+def _check_not_blank(sd: dict, path: Path) -> None:
+    """Refuse a tower whose weights are all zero (a truncated download, a placeholder): it would load and
+    give every latent, or every prompt, the same features. Real weights stop the scan at the first tensor."""
+    def blank(keys):
+        return all(not (sd[k] if sd[k].dtype in _FINITE_CHECKED else sd[k].float()).any() for k in keys)
+    visual = [k for k in sd if k.startswith("visual.")]
+    text = [k for k in sd if not k.startswith("visual.") and k not in ("logit_scale", "attn_mask")]
+    blank_visual, blank_text = blank(visual), blank(text)
+    if blank_visual or blank_text:
+        which = ("every weight" if blank_visual and blank_text else
+                 "every image-tower weight (visual.*)" if blank_visual else "every text-tower weight")
+        raise CheckpointError(f"{_describe(path)} has {which} zero; expected trained Latent-CLIP weights "
+                              "(an incomplete download or a placeholder file?)")
 
 
 def load_state_dict(path) -> tuple[dict, dict]:

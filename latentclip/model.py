@@ -28,6 +28,29 @@ _OUR_VISION_KEYS = ("latent_factor", "latent_channels", "latent_n_channels", "la
 RESIZE_POLICIES = ("resize", "native")
 
 
+class Fp32PatchEmbed(nn.Conv2d):
+    """``visual.conv1`` of a half-precision tower, computed and returned in fp32.
+
+    An fp16 patch embedding overflows (|output| > 65504) on latents of large magnitude (~3e4 with
+    B-8-512 shapes, random weights; the latent itself turns inf when cast to fp16 above 65504), and
+    one inf makes every feature NaN. In fp32 the stem stays finite and ``ln_pre`` brings the tokens
+    back to unit scale, so the transformer after it keeps the model's dtype (tests/core/test_fail_closed.py).
+    """
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.float()
+        return F.conv2d(x.float(), self.weight.float(), bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StemLayerNorm(LayerNormFp32):
+    """``visual.ln_pre`` after an fp32 stem: normalises in fp32, hands the transformer its own dtype."""
+
+    tower_dtype = None
+
+    def forward(self, x):
+        return super().forward(x).to(self.tower_dtype or x.dtype)
+
+
 def build_open_clip(cfg: dict) -> CLIP:
     """Plain ``open_clip.CLIP`` for ``cfg`` with the latent patch embedding: the reference model."""
     v = {k: val for k, val in cfg["vision_cfg"].items() if k not in _OUR_VISION_KEYS}
@@ -85,6 +108,11 @@ class LatentCLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.clip.visual.conv1.weight.dtype  # LayerNorms may stay fp32 in a half model
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype latents enter the tower in: fp32 for a half model (its stem runs in fp32)."""
+        return torch.float32 if isinstance(self.clip.visual.conv1, Fp32PatchEmbed) else self.dtype
+
     def _apply(self, fn, *args, **kwargs):
         self._text_cache.clear()  # cached embeddings follow the old device/dtype
         out = super()._apply(fn, *args, **kwargs)
@@ -97,11 +125,14 @@ class LatentCLIP(nn.Module):
                 if isinstance(module, nn.LayerNorm):
                     module.__class__ = LayerNormFp32
                     nn.Module._apply(module, lambda t: t.float(), recurse=False)
+            visual = self.clip.visual
+            visual.conv1.__class__, visual.ln_pre.__class__ = Fp32PatchEmbed, StemLayerNorm
             if half == torch.bfloat16:
                 for name in ("token_embedding", "transformer", "ln_final"):
                     getattr(self.clip, name).float()
                 for name in ("positional_embedding", "text_projection"):
                     getattr(self.clip, name).data = getattr(self.clip, name).data.float()
+        self.clip.visual.ln_pre.tower_dtype = half   # read by StemLayerNorm only
         return out
 
     # -- latents -------------------------------------------------------------------------------
@@ -128,7 +159,7 @@ class LatentCLIP(nn.Module):
         """Bring latents to the model's device/dtype and, for policy "resize", the trained size."""
         if policy not in RESIZE_POLICIES:
             raise InputError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
-        x = latents.to(device=self.device, dtype=self.dtype)
+        x = latents.to(device=self.device, dtype=self.input_dtype)
         h, w = x.shape[-2:]
         s = self.latent_size
         if policy == "resize" and (h, w) != (s, s):
@@ -137,7 +168,7 @@ class LatentCLIP(nn.Module):
             else:
                 # float32: antialiased bilinear has no bf16 kernel on CPU
                 x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=False,
-                                  antialias=True).to(self.dtype)
+                                  antialias=True).to(self.input_dtype)
         elif policy == "native" and (h % self.patch_size or w % self.patch_size):
             raise InputError(f"latents of {h}x{w} are not a multiple of the patch size {self.patch_size}; use policy 'resize'")
         return x

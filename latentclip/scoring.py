@@ -5,6 +5,8 @@ float32 tensors on the CPU-independent device of the model. Text embeddings are 
 """
 from __future__ import annotations
 
+import string
+
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +18,46 @@ ZERO_SHOT_SCALE = 100.0
 
 
 def split_lines(text: str, name: str = "text") -> list[str]:
-    """Non-empty stripped lines of a multiline widget; InputError if there are none."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    """Non-empty stripped lines of a multiline widget; InputError if there are none.
+
+    Only "\n" ends a line (a "\r" before it is stripped): ``str.splitlines`` would also split at
+    U+2028, NEL and form feeds pasted inside a prompt, turning one prompt into two."""
+    lines = [line.strip() for line in (text or "").split("\n") if line.strip()]
     if not lines:
         raise InputError(f"{name} is empty; expected at least one non-empty line")
     return lines
+
+
+def check_template(template: str, name: str = "template") -> str:
+    """``template`` if it holds exactly one plain ``{}`` (literal braces doubled), else one InputError."""
+    literal = "(literal braces are written '{{' and '}}')"
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        raise InputError(f"{name} {template!r} has an unmatched brace; expected '{{}}' where the label goes "
+                         f"{literal}") from None
+    if not fields:
+        raise InputError(f"{name} {template!r} has no '{{}}' where the label goes; expected exactly one")
+    if len(fields) > 1:
+        raise InputError(f"{name} {template!r} has {len(fields)} placeholders; expected '{{}}' exactly once, "
+                         f"where the label goes {literal}")
+    field, conv, spec = fields[0]
+    if field or conv or spec:
+        shown = "{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        raise InputError(f"{name} {template!r} has the placeholder {shown!r}; expected a plain '{{}}' where "
+                         f"the label goes {literal}")
+    return template
+
+
+def check_finite_features(features: torch.Tensor, name: str = "samples") -> torch.Tensor:
+    """Features [B, E] if all finite; else one InputError naming the items, so no NaN score reaches a
+    ranking (``topk`` puts NaN first) or a report. Safety probabilities skip this: the filter flags them."""
+    bad = (~torch.isfinite(features).all(-1)).nonzero().flatten().tolist()
+    if bad:
+        items = ", ".join(f"#{i}" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise InputError(f"{name} {items} gave Latent-CLIP features that are not finite (the latent's magnitude "
+                         f"overflows the model's arithmetic); expected raw VAE latents of ordinary magnitude")
+    return features
 
 
 def texts_for_batch(texts: list[str], batch: int, name: str = "text") -> list[str]:
@@ -46,6 +83,7 @@ def cosine(model: LatentCLIP, latents: torch.Tensor, texts, policy: str = "resiz
     texts = texts_for_batch(texts, model.check_latents(latents).shape[0])
     uniq = list(dict.fromkeys(texts))
     img, txt = embed(model, latents, uniq, policy)
+    check_finite_features(img)
     idx = torch.tensor([uniq.index(t) for t in texts], device=img.device)
     return (img * txt[idx]).sum(-1)
 
@@ -60,9 +98,9 @@ def zero_shot(model: LatentCLIP, latents: torch.Tensor, labels: list[str], templ
     """Probabilities [B, L] over labels, softmax(100 * cos) as the authors compute them."""
     if not labels:
         raise InputError("labels is empty; expected at least one label")
-    if "{}" not in template:
-        raise InputError(f"template {template!r} has no '{{}}' where the label goes")
+    check_template(template)
     img, txt = embed(model, model.check_latents(latents), [template.format(label) for label in labels], policy)
+    check_finite_features(img)
     return (ZERO_SHOT_SCALE * img @ txt.T).softmax(-1)
 
 

@@ -246,7 +246,7 @@ class LatentCLIPSafetyGuidance(io.ComfyNode):
                 end_percent=1.0, threshold=0.0) -> io.NodeOutput:
         check_vae_family(latent_clip, model)
         concept_list = text_lines(concepts, "concepts")
-        anchor_list = [line.strip() for line in (anchors or "").splitlines() if line.strip()]
+        anchor_list = [line.strip() for line in (anchors or "").split("\n") if line.strip()]   # "\n" only, as split_lines
         if start_percent > end_percent:
             raise InputError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
                              "expected start_percent <= end_percent")

@@ -1,5 +1,6 @@
 """Scoring nodes: score, zero-shot classify, pick the best of a batch, flag concepts; no VAE decode."""
 import json
+import math
 
 import torch
 from comfy_api.latest import io, ui
@@ -129,15 +130,19 @@ class LatentCLIPSafetyFilter(io.ComfyNode):
         x = latent_samples(samples, model)
         names = text_lines(concepts, "concepts")
         probs = scoring.concept_probabilities(model, x, names).cpu()  # [B, K]
-        flags = (probs > threshold).any(-1).tolist()
+        unknown = ~torch.isfinite(probs)   # the filter fails closed: a NaN/inf probability counts as flagged
+        flags = ((probs > threshold) | unknown).any(-1).tolist()
         out = samples
         if action == "replace with zeros" and any(flags):
             out = dict(samples)
             raw = samples["samples"]  # its own layout ([B, C, 1, H, W] for a video VAE), not the checked view
             keep = torch.tensor([0.0 if f else 1.0 for f in flags], dtype=raw.dtype, device=raw.device)
             out["samples"] = raw * keep.view(-1, *[1] * (raw.ndim - 1))  # a new tensor; the input stays untouched
-        table = [{n: round(float(p), 4) for n, p in zip(names, row)} for row in probs]
-        report = "\n".join(f"#{i}: {'FLAGGED' if f else 'ok'} " + ", ".join(f"{n} {p:.2f}" for n, p in row.items())
+        table = [{n: round(float(p), 4) if math.isfinite(p) else None for n, p in zip(names, row.tolist())}
+                 for row in probs]   # null, not NaN: strict JSON readers reject NaN
+        report = "\n".join(f"#{i}: {'FLAGGED' if f else 'ok'} " + ", ".join(
+                               f"{n} {p:.2f}" if p is not None else f"{n} not finite (counted as flagged)"
+                               for n, p in row.items())
                            for i, (f, row) in enumerate(zip(flags, table)))
         return io.NodeOutput(out, json.dumps(flags), json.dumps(table), report, ui=ui.PreviewText(report))
 

@@ -1,0 +1,121 @@
+"""Issue 21 item 7: every failure of the headless runner is one line on stderr and an exit code, and an
+unusable --out is refused before anything is queued (the stand-in server records every request)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from latentclip import api
+from test_api_standin import GRAPH, StandIn, history
+
+
+@pytest.fixture
+def standin():
+    server = StandIn()
+    server.thread.start()
+    server.script(history("success", [["execution_success", {"prompt_id": "p1"}]]))
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture
+def workflow(tmp_path):
+    path = tmp_path / "wf.api.json"
+    path.write_text(json.dumps(GRAPH))
+    return path
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _posted(standin):
+    return [path for method, path in standin.requests if method == "POST"]
+
+
+@pytest.mark.parametrize("case", ["a-file", "under-a-file", "read-only"])
+def test_an_unusable_out_folder_is_refused_before_queuing(standin, workflow, tmp_path, capsys, case):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    out = {"a-file": blocker, "under-a-file": blocker / "out"}.get(case)
+    if case == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o500)
+    code = api.main(["run", str(workflow), "--server", standin.url, "--out", str(out), "--timeout", "20"])
+    line = _one_line_error(capsys)
+    assert code == api.EXIT_USAGE and str(out) in line and "output folder" in line
+    assert _posted(standin) == []          # nothing ran on the server
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_run_workflow_checks_the_folder_before_submitting(standin, tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(api.WorkflowError, match="output folder"):
+        api.run_workflow(GRAPH, standin.url, out_dir=tmp_path / "blocker" / "out", timeout=20)
+    assert _posted(standin) == []
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{\x00}", '{"1": {"class_type": "Caf\u00e9"}}'.encode("latin-1")])
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(content)
+    assert api.main(["run", str(path)]) == api.EXIT_USAGE
+    line = _one_line_error(capsys)
+    assert "not UTF-8" in line and str(path) in line
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_json_is_one_line(tmp_path, capsys, depth):
+    path = tmp_path / "deep.json"
+    inner = "[" * depth + "]" * depth
+    path.write_text('{"1": {"class_type": "X", "inputs": {"v": ' + inner + '}}}')
+    assert api.main(["run", str(path)]) == api.EXIT_USAGE
+    line = _one_line_error(capsys)
+    assert "nest" in line and str(path) in line
+
+
+def test_a_deeply_nested_set_value_is_one_line(workflow, capsys):
+    deep = "[" * 100_000 + "]" * 100_000
+    assert api.main(["run", str(workflow), "--set", f"3.text={deep}"]) == api.EXIT_USAGE
+    assert "nest" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "abc", ""])
+def test_a_timeout_that_is_not_a_positive_number_is_one_line(standin, workflow, capsys, value):
+    assert api.main(["run", str(workflow), "--server", standin.url, "--timeout", value]) == api.EXIT_USAGE
+    assert "--timeout" in _one_line_error(capsys)
+    assert _posted(standin) == []
+
+
+def test_argument_errors_are_one_line(capsys):
+    assert api.main(["run"]) == api.EXIT_USAGE
+    _one_line_error(capsys)
+    assert api.main(["walk", "x.json"]) == api.EXIT_USAGE
+    _one_line_error(capsys)
+
+
+def test_a_failure_while_saving_is_one_line(standin, workflow, tmp_path, capsys):
+    """The folder was fine when checked but a download cannot be written (a name too long for the file system)."""
+    standin.routes[("GET", "/history/p1")] = (200, json.dumps(history("success", [], outputs={
+        "6": {"latents": [{"filename": "x" * 300 + ".latent", "subfolder": "", "type": "output"}]}})).encode())
+    code = api.main(["run", str(workflow), "--server", standin.url, "--out", str(tmp_path / "out"), "--timeout", "20"])
+    line = _one_line_error(capsys)
+    assert code == api.EXIT_OUTPUT and "cannot save" in line
+
+
+def test_the_command_line_prints_no_traceback(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b"\xff")
+    proc = subprocess.run([sys.executable, "-m", "latentclip.api", "run", str(path), "--timeout", "nan"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == api.EXIT_USAGE and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
