@@ -16,22 +16,25 @@ from test_gpu_inputs import reno_reward  # noqa: F401  (fixture)
 BATCH = 2
 
 
-def saved_for_backward(comfy, fn, monkeypatch) -> tuple[int, int]:
+def saved_for_backward(comfy, fn) -> tuple[int, int]:
     """(weight-copy bytes, other bytes) of the distinct storages saved for backward while ``fn`` runs.
     A weight copy is what comfy.ops' weight/bias functions hand back (recorded through the identity
     ``grad_through_comfy_ops`` appends)."""
     bridge = sys.modules[sys.modules[comfy.node("LatentCLIPReNO").__module__].__name__.rsplit(".", 1)[0] + ".comfy_bridge"]
     copies, seen = {}, {}     # copies are held until the end, so no other tensor reuses their addresses
-    monkeypatch.setattr(bridge, "_identity", lambda t: copies.setdefault(t.untyped_storage().data_ptr(), t))
+    real = bridge._identity
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    monkeypatch.undo()
+    bridge._identity = lambda t: copies.setdefault(t.untyped_storage().data_ptr(), t)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        bridge._identity = real
     return (sum(n for p, n in seen.items() if p in copies), sum(n for p, n in seen.items() if p not in copies))
 
 
@@ -42,7 +45,7 @@ def run(comfy, reward, model, checkpointing, iterations):
                    gradient_checkpointing=checkpointing, steps=1, cfg=1.0)
 
 
-def test_the_request_covers_the_weight_copies_kept_for_backward(comfy, reno_reward, monkeypatch):  # noqa: F811
+def test_the_request_covers_the_weight_copies_kept_for_backward(comfy, reno_reward):  # noqa: F811
     reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
     model = tiny_sdxl()
     unet = model.model.diffusion_model
@@ -50,7 +53,7 @@ def test_the_request_covers_the_weight_copies_kept_for_backward(comfy, reno_rewa
     kept, asked = {}, {}
     for checkpointing in (True, False):
         run(comfy, reno_reward[1], model, checkpointing, 1)            # warm-up: text features, first loads
-        kept[checkpointing] = saved_for_backward(comfy, lambda: run(comfy, reno_reward[1], model, checkpointing, 1), monkeypatch)
+        kept[checkpointing] = saved_for_backward(comfy, lambda: run(comfy, reno_reward[1], model, checkpointing, 1))
         asked[checkpointing] = reno.reno_working_memory(model.model, (BATCH, 4, 32, 32), 1, checkpointing, 0)
         estimate = reno.weight_copy_bytes(unet, 1, checkpointing) * 4  # float32
         copies, other = kept[checkpointing]

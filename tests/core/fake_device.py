@@ -57,6 +57,10 @@ class FakeDeviceTensor(torch.Tensor):
     def is_cuda(self):
         return True
 
+    @property
+    def is_cpu(self):
+        return False
+
     def __repr__(self):
         return f"FakeDeviceTensor({self.elem!r}, device='{DEVICE}')"
 
