@@ -12,7 +12,6 @@ activations per parameter are far larger, so this shows the weight-copy term, no
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -48,10 +47,7 @@ def main(argv=None) -> int:
     if harness.COMFYUI is None:
         raise SystemExit(harness.SKIP_REASON)
     comfy = harness.Comfy(harness.COMFYUI, Path(tempfile.mkdtemp(prefix="lc-measure-")))
-    model = harness.tiny_latent_clip(seed=3)
-    with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(100.0))
-    latentclip.save(model, comfy.models / "latent_clip" / "tiny.safetensors")
+    latentclip.save(harness.tiny_reward_latent_clip(seed=3), comfy.models / "latent_clip" / "tiny.safetensors")
     handle = comfy.run_node("LatentCLIPLoader", ckpt_name="tiny.safetensors", device="default", dtype="fp32").result[0]
     reward = comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=0.01).result[0]
     reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
