@@ -3,8 +3,8 @@
 Under HIGH_VRAM, ComfyUI's UNet offload device is the GPU. The pack caches its Latent-CLIPs and pixel
 CLIP at module level between prompts, so with that offload device they were built on the card and
 "unloading" them (ComfyUI's free_memory, POST /free) left them there. On this CPU machine
-``torch.device("meta")`` stands in for the GPU: a model ComfyUI has not loaded must hold nothing on it,
-and unloading moves a loaded one back to the CPU.
+``torch.device("meta")`` stands in for the GPU: the handles must offload to the CPU (where ComfyUI's
+unload then moves them) and a model ComfyUI has not loaded must hold nothing on the GPU.
 """
 import sys
 
