@@ -43,6 +43,11 @@ def test_cached_models_are_built_and_offloaded_on_the_cpu_under_highvram(comfy, 
     pixel = open_clip.create_model("ViT-S-32", pretrained=None).state_dict()
     safetensors.torch.save_file({k: v.contiguous() for k, v in pixel.items()},
                                 str(comfy.models / "open_clip" / "highvram-pixel.safetensors"))
-    for handle in (b.load_latent_clip("highvram.safetensors", dtype="fp32"), b.load_pixel_clip("highvram-pixel.safetensors")):
-        assert handle.patcher.load_device == GPU and handle.patcher.offload_device == CPU
-        assert devices(handle.patcher.model) == {CPU}          # cached between prompts: nothing on the GPU
+    try:
+        for handle in (b.load_latent_clip("highvram.safetensors", dtype="fp32"), b.load_pixel_clip("highvram-pixel.safetensors")):
+            assert handle.patcher.load_device == GPU and handle.patcher.offload_device == CPU
+            assert devices(handle.patcher.model) == {CPU}          # cached between prompts: nothing on the GPU
+    finally:   # the stand-in GPU's handles must not meet later tests in this session
+        with b._cache_lock:
+            for key in [k for k, h in b._cache.items() if h.patcher.load_device == GPU]:
+                del b._cache[key]
