@@ -62,18 +62,50 @@ def checkpoint_layers(module) -> list:
     return [m for m in longest if has_weights(m)]
 
 
+def _replaying_dict_arguments(forward, args, kwargs):
+    """``forward`` for ``torch.utils.checkpoint``: the recompute sees its dict arguments as the forward did.
+
+    A model may change a dict it hands to every layer while it runs (ComfyUI's UNet sets
+    ``transformer_options["block"]`` before each block, and its transformers set ``"block_index"``);
+    by backward it holds the last values, so a block-keyed patch (attn1/attn2 replace: IPAdapter,
+    regional prompting) would run in the forward but not in the recompute and the gradient would be
+    wrong. The dicts' entries at call time are put back for the recompute, and what the model left in
+    them after it (a shallow copy: nested objects are shared)."""
+    dicts = [a for a in (*args, *kwargs.values()) if isinstance(a, dict)]
+    seen = [dict(d) for d in dicts]
+    calls = []
+
+    def run(*a, **k):
+        if not calls:
+            calls.append(1)
+            return forward(*a, **k)
+        later = [dict(d) for d in dicts]
+        for d, state in zip(dicts, seen):
+            d.clear()
+            d.update(state)
+        try:
+            return forward(*a, **k)
+        finally:
+            for d, state in zip(dicts, later):
+                d.clear()
+                d.update(state)
+    return run
+
+
 @contextlib.contextmanager
 def checkpointed(modules):
     """Gradient checkpointing for the duration: each module's activations are recomputed in backward
-    instead of stored (one more forward pass, far less memory). Only the instances are patched (an
-    instance ``forward`` attribute), and only while grad is enabled; everything is put back on exit."""
+    instead of stored (one more forward pass, far less memory), with the dict arguments it was called
+    with as they were then. Only the instances are patched (an instance ``forward`` attribute), and only
+    while grad is enabled; everything is put back on exit."""
     patched = []
 
     def wrap(forward):
         def checkpointed_forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_replaying_dict_arguments(forward, args, kwargs), *args,
+                                                     use_reentrant=False, **kwargs)
         return checkpointed_forward
 
     try:

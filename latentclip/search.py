@@ -237,7 +237,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
             break
         if settings.strategy == "prune":
             k = max(1, math.ceil(alive * settings.keep))
-            order = torch.argsort(grid, dim=0, descending=True, stable=True)[:k]      # [k, B]
+            order = torch.argsort(grid, dim=0, descending=True, stable=True)[:k].cpu()  # [k, B], lineage is on the CPU
             history["events"].append({"step": cut, "kind": "prune", "kept": k, "kept_slots": slot_ids.gather(0, order).T.tolist()})
             x, slot_ids = _gather(x, order, batch), slot_ids.gather(0, order)
             carry = None if carry is None else _gather(carry, order, batch)

@@ -87,6 +87,14 @@ class GradModelHandle:
         """Like ``load`` but with weights and buffers autograd may save (see ``ready_for_grad``)."""
         return ready_for_grad(self.load())
 
+    def load_for_grad_with(self, unet_patcher) -> torch.nn.Module:
+        """``load_for_grad`` for a sampling run, before its first model call: the model as sampling loaded
+        it with the UNet (an additional model of the MODEL), else loaded now in one list with the UNet.
+        A load of its own later, mid-sampling, would let model management offload the UNet to make room."""
+        if all(p.model is not self.patcher.model for p in mm.loaded_models()):   # sampling loads a clone
+            mm.load_models_gpu([unet_patcher, self.patcher])   # WholeModelPatcher loads itself whole
+        return ready_for_grad(self.patcher.model)
+
 
 class LatentCLIPHandle(GradModelHandle):
     """What flows on a LATENT_CLIP socket: a Latent-CLIP inside a ComfyUI ModelPatcher."""
@@ -168,9 +176,13 @@ def naming_the_input(error: CheckpointError, input_name: str, value: str) -> Che
 
 
 def _devices(device: str = "default"):
+    """(load device, offload device). The offload device is the CPU in every VRAM mode: the pack keeps
+    these models in a module-level cache between prompts, so with ComfyUI's UNet offload device
+    (the GPU under --highvram / --gpu-only) they would stay on the card after ComfyUI unloads them and
+    after POST /free."""
     if device == "cpu":
         return torch.device("cpu"), torch.device("cpu")
-    return mm.get_torch_device(), mm.unet_offload_device()
+    return mm.get_torch_device(), torch.device("cpu")
 
 
 def _file_key(path: str) -> tuple:

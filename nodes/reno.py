@@ -142,11 +142,25 @@ CHECKPOINTED_SHARE = 0.38
 DECODE_BYTES_PER_PIXEL = 0.025 * 2**20
 
 
+def weight_copy_bytes(unet, steps: int, checkpointing: bool) -> int:
+    """Bytes of the UNet weight copies a ReNO forward keeps for backward (``grad_through_comfy_ops`` makes
+    comfy.ops copy every weight in grad mode, at each step). Without checkpointing all of them stay; with
+    it, those of the layers outside the checkpointed ones, plus one layer's, remade in its recompute."""
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    total = size(unet)
+    if not checkpointing:
+        return total * steps
+    layers = [size(m) for m in checkpoint_layers(unet)]
+    return (total - sum(layers)) * steps + max(layers, default=0)
+
+
 def reno_working_memory(base, shape, steps: int, checkpointing: bool, pixel_terms: int) -> int:
     """Bytes ReNO's backward pass needs beyond the weights (the estimate ReNO asks ComfyUI to free).
 
-    UNet: batch x steps x latent pixels x parameters x ACTIVATION_BYTES_PER_PARAM_PIXEL, scaled by the
-    dtype's size / 4 and by CHECKPOINTED_SHARE with checkpointing; plus one decode per pixel-CLIP term.
+    UNet activations: batch x steps x latent pixels x parameters x ACTIVATION_BYTES_PER_PARAM_PIXEL,
+    scaled by CHECKPOINTED_SHARE with checkpointing (calibrated on SD2.1 and SDXL with plain weights);
+    plus the weight copies kept for backward (``weight_copy_bytes``), both in the compute dtype; plus
+    one decode per pixel-CLIP term.
     """
     params = sum(p.numel() for p in base.diffusion_model.parameters())
     dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
@@ -154,6 +168,7 @@ def reno_working_memory(base, shape, steps: int, checkpointing: bool, pixel_term
     unet = pixels * steps * params * ACTIVATION_BYTES_PER_PARAM_PIXEL * mm.dtype_size(dtype) / 4
     if checkpointing:
         unet *= CHECKPOINTED_SHARE
+    unet += weight_copy_bytes(base.diffusion_model, steps, checkpointing) * mm.dtype_size(dtype)
     return int(unet + pixel_terms * pixels * 64 * DECODE_BYTES_PER_PIXEL)
 
 

@@ -54,13 +54,18 @@ class GuidanceRecord:
         self.model = None
 
     def model_for_run(self, handle):
-        """The Latent-CLIP for this sampling run, loaded (for grad) once per run: a load at every model
-        call would let model management shuffle the UNet mid-sampling. Sampling itself loaded it
-        already, with the UNet (it is one of the MODEL's additional models)."""
+        """The Latent-CLIP for this sampling run: made ready when sampling loaded its models
+        (``make_prepare_wrapper``), before the first model call; loaded here only for a sampler that
+        skips ComfyUI's preparation."""
         if self.model is None:
             self.model = handle.load_for_grad()
             self.current()["loads"] += 1
         return self.model
+
+    def prepare_for_run(self, handle, unet_patcher) -> None:
+        """Once per run, as sampling loads its models: the Latent-CLIP loaded with the UNet, ready for grad."""
+        self.model = handle.load_for_grad_with(unet_patcher)
+        self.current()["loads"] += 1
 
     def finish_sampling(self) -> None:
         self.model = None   # hold no reference between runs: ComfyUI may offload or free it
@@ -213,6 +218,17 @@ def make_run_wrapper(record: GuidanceRecord):
     return latent_clip_safety_run
 
 
+def make_prepare_wrapper(record: GuidanceRecord, handle):
+    """PREPARE_SAMPLING wrapper: sampling loads the UNet and this Latent-CLIP in one list (it is an
+    additional model of the MODEL); the run's Latent-CLIP is taken from there before the first step,
+    so no load happens mid-sampling, where it could offload the UNet on a small card."""
+    def latent_clip_safety_prepare(executor, model, *args, **kwargs):
+        out = executor(model, *args, **kwargs)
+        record.prepare_for_run(handle, model)
+        return out
+    return latent_clip_safety_prepare
+
+
 class LatentCLIPSafetyGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -263,6 +279,8 @@ class LatentCLIPSafetyGuidance(io.ComfyNode):
                                                         sigma_start, sigma_end, threshold))
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY,
                                make_run_wrapper(record))
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, PATCH_KEY,
+                               make_prepare_wrapper(record, latent_clip))
         # Let sampling load the Latent-CLIP with the UNet (memory planning); one entry per Latent-CLIP.
         extra = m.get_additional_models_with_key(PATCH_KEY)
         if not any(p.model is latent_clip.patcher.model for p in extra):

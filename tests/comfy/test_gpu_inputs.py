@@ -243,8 +243,8 @@ def test_reno_asks_model_management_for_its_working_memory(comfy, reno_reward, m
 def test_safety_guidance_loads_its_model_once_per_sampling_run(comfy, reno_reward, monkeypatch):
     handle = reno_reward[0]
     loads = []
-    real = type(handle).load_for_grad
-    monkeypatch.setattr(type(handle), "load_for_grad", lambda self: loads.append(1) or real(self))
+    real = type(handle).load_for_grad_with
+    monkeypatch.setattr(type(handle), "load_for_grad_with", lambda self, unet: loads.append(1) or real(self, unet))
     patched = comfy.run_node("LatentCLIPSafetyGuidance", model=tiny_sdxl(), latent_clip=handle, concepts="a dog",
                              anchors="", scale=0.1, start_percent=0.0, end_percent=1.0, threshold=0.0).result[0]
     with emulated_moves():
