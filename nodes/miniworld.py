@@ -31,10 +31,10 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models_base
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from latentclip.errors import InputError
-from latentclip.miniworld import generator as G
+from latentclip.miniworld import generator as G, judge, scenes
 from latentclip.miniworld.vae import MiniVAE, load_vae
 
 from .comfy_bridge import LATENT_CLIP_FOLDER, OPEN_CLIP_FOLDER, register_model_folders
@@ -247,3 +247,36 @@ class LatentCLIPMiniWorldLoader(io.ComfyNode):
 
 NODES = [LatentCLIPMiniWorldLoader]
 register_mini_folders()
+
+
+class LatentCLIPMiniWorldJudge(io.ComfyNode):
+    """The mini-world's pixel judge (``latentclip.miniworld.judge``) as a node: whether each image shows the prompt."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LatentCLIPMiniWorldJudge",
+            display_name="Mini-world Judge",
+            category="latent_clip/mini-world",
+            description="Checks decoded mini-world images against a prompt of the grammar with an analytic pixel "
+                        "judge (colour segmentation and shape features, no CLIP): per image ok/no and what failed.",
+            inputs=[io.Image.Input("images", tooltip="64x64 images from VAE Decode with the mini-world VAE"),
+                    io.String.Input("prompt", default="a red circle", tooltip="A prompt of the mini-world grammar")],
+            outputs=[io.Int.Output(display_name="correct"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, images, prompt) -> io.NodeOutput:
+        spec = scenes.parse(prompt)   # InputError naming the prompt if it is not of the grammar
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
+            raise InputError(f"images must be an IMAGE batch [batch, height, width, 3], got "
+                             f"{list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        verdicts = [judge.check(img, spec) for img in images]
+        lines = [f"{i}: {'ok' if v['ok'] else 'no'}" + ("" if v["ok"] else " (" + ", ".join(
+            k for k, x in v.items() if k != "ok" and x is False) + ")") for i, v in enumerate(verdicts)]
+        correct = sum(v["ok"] for v in verdicts)
+        report = f"judge: {correct}/{len(verdicts)} images show {prompt!r}\n" + "\n".join(lines)
+        return io.NodeOutput(correct, report, ui=ui.PreviewText(report))
+
+
+NODES.append(LatentCLIPMiniWorldJudge)

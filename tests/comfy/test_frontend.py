@@ -17,7 +17,8 @@ playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is no
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
               pytest.mark.usefixtures("server_log_on_failure")]
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))   # UI format: the Templates browser's cards
 
 
@@ -58,7 +59,7 @@ def test_overlap_check_sees_a_covered_node():
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_ui_workflow_loads_with_the_api_graphs_values_and_no_node_covers_another(page, path):
     ui = json.loads(path.read_text())
-    api = json.loads((EXAMPLES / ui["extra"]["latentclip"]["api"]).read_text())
+    api = json.loads((REPO / ui["extra"]["latentclip"]["api"]).read_text())
     close_dialogs(page)
     nodes = page.evaluate("""async (wf) => {
         await window.app.loadGraphData(wf);
