@@ -263,6 +263,7 @@ class LatentCLIPMiniWorldJudge(io.ComfyNode):
             inputs=[io.Image.Input("images", tooltip="64x64 images from VAE Decode with the mini-world VAE"),
                     io.String.Input("prompt", default="a red circle", tooltip="A prompt of the mini-world grammar")],
             outputs=[io.Int.Output(display_name="correct"), io.String.Output(display_name="report")],
+            is_output_node=True,
         )
 
     @classmethod

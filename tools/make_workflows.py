@@ -397,7 +397,7 @@ def start_search():
 
 
 #: Measured settings (docs/miniworld_comfyui.md): the guidance scale and ReNO's iterations on the mini-world.
-SAFETY_SCALE = 0.5
+SAFETY_SCALE = 1.0
 RENO_ITERATIONS = 15
 START_HERE = {
     "latent_clip_start_score": (start_score, "Start here. The mini generator makes 8 latents for the prompt; "
