@@ -28,10 +28,19 @@ TURBO = "sd_xl_turbo_1.0_fp16.safetensors"
 #: first use and keeps listing the repo id, so the workflows run before and after the download unchanged.
 LCLIP = "wendlerc/latent-clip-b-8-512-34b-80k"
 PIXEL_CLIP = "open_clip_pytorch_model.bin"
-WHERE = (f"Model files:\n- models/checkpoints/{TURBO} (stabilityai/sdxl-turbo)\n"
-         f"- the SDXL-VAE Latent-CLIP {LCLIP}: Load Latent-CLIP downloads and converts it on the first run "
-         "(about 0.3 GB, into models/latent_clip); offline, put its converted file there by hand "
-         "(`python -m latentclip convert epoch_34.pt ...`) or pick any other file of models/latent_clip.")
+CHECKPOINT_SOURCES = {TURBO: "stabilityai/sdxl-turbo", "sd_xl_base_1.0.safetensors": "stabilityai/stable-diffusion-xl-base-1.0"}
+LCLIP_WHERE = (f"- the SDXL-VAE Latent-CLIP {LCLIP}: Load Latent-CLIP downloads and converts it on the first run "
+               "(about 0.3 GB, into models/latent_clip); offline, put its converted file there by hand "
+               "(`python -m latentclip convert epoch_34.pt ...`) or pick any other file of models/latent_clip.")
+
+
+def where(graph: dict) -> str:
+    """The note's 'Model files' paragraph: the checkpoint this graph loads, then the Latent-CLIP."""
+    ckpts = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"})
+    lines = [f"- models/checkpoints/{c} ({CHECKPOINT_SOURCES.get(c, 'any SDXL-family checkpoint')})" for c in ckpts]
+    return "Model files:\n" + "\n".join(lines + [LCLIP_WHERE])
+
+
 #: Where the api graphs live, relative to the repository root (shared by the runner, tests and users).
 API_DIR = "workflows/api"
 
@@ -225,7 +234,7 @@ def search_prune_turbo():
 
 WORKFLOWS.update({
     "latent_clip_search_fk_sdxl": (search_fk_sdxl, "Inference-time search on SDXL (20 steps, euler_ancestral): 4 "
-                                   f"particles, FK steering every 2 steps from step 7 (start 0 = auto, 3/8 of the steps) on Latent-CLIP rewards of x0 "
+                                   f"particles, FK steering every 2 steps from step 5 (start 0 = auto: a quarter of the steps) on Latent-CLIP rewards of x0 "
                                    f"predictions, no decode until the winner. models/checkpoints/{SDXL_BASE}."),
     "latent_clip_search_prune_turbo": (search_prune_turbo, "Few-step best-of-8 with pruning (SDXL-Turbo, 4 lcm steps): "
                                        "the worse half of the particles is dropped after steps 1 and 2, saving their "
@@ -541,7 +550,7 @@ def to_ui(graph: dict, info: dict, note: str, api_path: str = "") -> dict:
     nodes.append({"id": note_id, "type": "Note", "pos": [40, 40 + TITLE_H], "size": [NOTE_W, NOTE_H],
                   "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": "Read me",
                   "properties": {}, "widgets_values": [note + "\n\n" + (MINI_WHERE if "LatentCLIPMiniWorldLoader" in
-                                                                          {n["class_type"] for n in graph.values()} else WHERE)]})
+                                                                          {n["class_type"] for n in graph.values()} else where(graph))]})
     return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]},
                                                    "latentclip": {"api": api_path}}, "version": 0.4}
