@@ -106,6 +106,25 @@ def open_pack_templates(page, search: str = ""):
         page.get_by_placeholder("Search templates").first.fill(search, timeout=30_000)
 
 
+def open_card(page, path) -> str:
+    """Click ``path``'s card in the Templates browser; returns the JS condition 'its workflow is loaded'.
+
+    A click made while the dialog still animates (a loaded 2-core CI machine) can be lost: the card is
+    clicked again, from a freshly opened browser, before the caller calls it a failure."""
+    expected = len(json.loads(path.read_text())["nodes"])
+    loaded = f"() => window.app.graph._nodes.length === {expected}"
+    for _ in range(3):
+        open_pack_templates(page, path.stem)
+        page.evaluate("() => window.app.graph.clear()")
+        page.locator(f'[data-testid="template-workflow-{path.stem}"]').first.click(timeout=30_000)
+        try:
+            page.wait_for_function(loaded, timeout=20_000)
+            break
+        except playwright.Error:
+            continue
+    return loaded
+
+
 def test_templates_browser_shows_the_cards_with_pictures_and_opens_one(page):
     """Open Templates in the sidebar, pick this pack: a card with a drawn picture per workflow; a click loads it."""
     open_pack_templates(page)
@@ -118,21 +137,7 @@ def test_templates_browser_shows_the_cards_with_pictures_and_opens_one(page):
         page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle(),
                                timeout=30_000)
     first = WORKFLOWS[0]
-    expected = len(json.loads(first.read_text())["nodes"])
-    loaded = f"() => window.app.graph._nodes.length === {expected}"
-    # A click made while the dialog still animates (a loaded 2-core CI machine) can be lost: the card is
-    # clicked again, from a freshly opened browser, before the test calls it a failure.
-    for attempt in range(3):
-        if attempt:
-            open_pack_templates(page)
-        page.get_by_placeholder("Search templates").first.fill(first.stem, timeout=30_000)
-        page.evaluate("() => window.app.graph.clear()")
-        page.locator(f'[data-testid="template-workflow-{first.stem}"]').first.click(timeout=30_000)
-        try:
-            page.wait_for_function(loaded, timeout=20_000)
-            break
-        except playwright.Error:
-            continue
+    loaded = open_card(page, first)
     assert page.evaluate(loaded), ("the template card did not load its workflow", page.evaluate(
         "() => window.app.graph._nodes.length"), page.locator(".p-dialog-mask").count())
     close_dialogs(page)
@@ -175,8 +180,15 @@ def test_node_help_opens_the_packs_page_in_the_front_end(page, comfy_server):
 START_HERE = [p for p in WORKFLOWS if p.stem.startswith("Start here")]
 
 
-def test_every_start_here_card_is_served():
+def test_searching_start_here_shows_exactly_the_start_here_cards(page):
+    """The way the README sends a newcomer to them (the dialog keeps the server's unsorted order)."""
     assert len(START_HERE) >= 7
+    open_pack_templates(page, "Start here")
+    page.wait_for_timeout(1000)
+    shown = page.evaluate("() => [...document.querySelectorAll('[data-testid^=template-workflow-]')]"
+                          ".map(e => e.dataset.testid.slice('template-workflow-'.length))")
+    assert sorted(shown) == sorted(p.stem for p in START_HERE)
+    close_dialogs(page)
 
 
 @pytest.mark.parametrize("path", START_HERE, ids=lambda p: p.stem)
@@ -184,19 +196,7 @@ def test_start_here_card_opens_queues_and_shows_a_result_within_30_s(page, comfy
     """As a newcomer does: Templates -> this pack -> the card; Queue; decoded images appear on the canvas within
     30 s, and the run ends without an error (everything from weights/mini, no download)."""
     before = set(comfy_server.get("/history"))
-    open_pack_templates(page, "Start here")
-    expected = len(json.loads(path.read_text())["nodes"])
-    loaded = f"() => window.app.graph._nodes.length === {expected}"
-    for attempt in range(3):   # a click during the dialog's animation can be lost (see above)
-        if attempt:
-            open_pack_templates(page, "Start here")
-        page.evaluate("() => window.app.graph.clear()")
-        page.locator(f'[data-testid="template-workflow-{path.stem}"]').first.click(timeout=30_000)
-        try:
-            page.wait_for_function(loaded, timeout=20_000)
-            break
-        except playwright.Error:
-            continue
+    page.wait_for_function(open_card(page, path), timeout=5_000)
     close_dialogs(page)
     start = time.monotonic()
     page.evaluate("() => window.app.queuePrompt(0, 1)")   # the Run button
