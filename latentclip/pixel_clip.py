@@ -11,8 +11,16 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .checkpoints import read_state_dict
+from .checkpoints import read_safetensors_header, read_state_dict
 from .errors import CheckpointError
+
+#: The format tag of the mini-world's pixel CLIP files (``latentclip.miniworld.clips.save_clip``).
+MINI_PIXEL_FORMAT = "latentclip-mini-pixel-clip"
+
+
+def tokenizer_of(model):
+    """open_clip's BPE tokenizer at ``model``'s text context length."""
+    return open_clip.SimpleTokenizer(context_length=model.context_length)
 
 
 def _signature_from_state_dict(sd: dict) -> dict | None:
@@ -70,8 +78,17 @@ def check_model_name(model_name: str) -> str:
 
 
 def load_pixel_clip(path, model_name: str | None = None, device="cpu", dtype=torch.float32):
-    """(model, tokenizer, model_name) from an open_clip weight file, read without unpickling code."""
+    """(model, tokenizer, model_name) from an open_clip weight file, read without unpickling code.
+
+    The mini-world's pixel CLIP (a file tagged with its own format, architecture in its metadata) is read
+    by its own reader; ``model_name`` does not apply to it."""
     path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file() and \
+            read_safetensors_header(path).get("__metadata__", {}).get("format") == MINI_PIXEL_FORMAT:
+        from .miniworld.clips import load_pixel_clip as load_mini
+        with torch.inference_mode(False):
+            mini = load_mini(path).clip.to(device=device, dtype=dtype)
+        return mini, tokenizer_of(mini), "mini-world pixel CLIP"
     if model_name:
         check_model_name(model_name)
     raw, _ = read_state_dict(path)

@@ -1,14 +1,16 @@
 """Writes the example workflows from one API-format definition each, and a thumbnail per workflow.
 
-    python tools/make_workflows.py --server http://127.0.0.1:8188 [--out example_workflows]
+    python tools/make_workflows.py --server http://127.0.0.1:8188 [--out example_workflows] [--api-out workflows/api]
 
-For each entry of WORKFLOWS: ``<out>/<title>.json`` in UI (save) format, which ComfyUI's Templates browser
-lists as a card named by the file, with ``<out>/<title>.jpg`` as its picture; and ``<out>/api/<slug>.json``
-in API format for scripts (``python -m latentclip.api run``); the Templates browser does not look into
-subfolders. The UI format is derived with the live server's /object_info (widget order, socket types), so
+For each entry of WORKFLOWS: ``example_workflows/<title>.json`` in UI (save) format, which ComfyUI's Templates
+browser lists as a card named by the file, with ``<title>.jpg`` as its picture; and ``workflows/api/<slug>.json``
+in API format, the graph scripts, the headless runner (``python -m latentclip.api run``) and the tests share.
+ComfyUI lists every ``*.json`` directly inside a pack's ``example_workflows/`` and ``workflows/`` as a template
+card (an API graph there would open as an empty canvas), never a subfolder's: hence ``workflows/api/``.
+The UI format is derived with the live server's /object_info (widget order, socket types), so
 the files match the nodes as the server defines them. Nodes are laid out in columns by graph depth, each
 sized from its slot and widget counts no smaller than the front end draws it, so no node covers another.
-The folder's generated files are replaced: they are artefacts of this script.
+The folders' generated files are replaced: they are artefacts of this script.
 """
 from __future__ import annotations
 
@@ -19,13 +21,28 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+REPO = Path(__file__).resolve().parent.parent
+
 TURBO = "sd_xl_turbo_1.0_fp16.safetensors"
-LCLIP = "latent-clip-b-8-512.safetensors"
+#: A released Latent-CLIP is named by its Hugging Face repo id: Load Latent-CLIP downloads and converts it on
+#: first use and keeps listing the repo id, so the workflows run before and after the download unchanged.
+LCLIP = "wendlerc/latent-clip-b-8-512-34b-80k"
 PIXEL_CLIP = "open_clip_pytorch_model.bin"
-WHERE = (f"Model files:\n- models/checkpoints/{TURBO} (stabilityai/sdxl-turbo)\n"
-         f"- models/latent_clip/{LCLIP}: an SDXL-VAE Latent-CLIP, e.g. wendlerc/latent-clip-b-8-512-34b-80k "
-         "checkpoints/epoch_34.pt, converted with `python -m latentclip convert epoch_34.pt "
-         f"{LCLIP} --dtype fp16` (or dropped in as it is).")
+CHECKPOINT_SOURCES = {TURBO: "stabilityai/sdxl-turbo", "sd_xl_base_1.0.safetensors": "stabilityai/stable-diffusion-xl-base-1.0"}
+LCLIP_WHERE = (f"- the SDXL-VAE Latent-CLIP {LCLIP}: Load Latent-CLIP downloads and converts it on the first run "
+               "(about 0.3 GB, into models/latent_clip); offline, put its converted file there by hand "
+               "(`python -m latentclip convert epoch_34.pt ...`) or pick any other file of models/latent_clip.")
+
+
+def where(graph: dict) -> str:
+    """The note's 'Model files' paragraph: the checkpoint this graph loads, then the Latent-CLIP."""
+    ckpts = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"})
+    lines = [f"- models/checkpoints/{c} ({CHECKPOINT_SOURCES.get(c, 'any SDXL-family checkpoint')})" for c in ckpts]
+    return "Model files:\n" + "\n".join(lines + [LCLIP_WHERE])
+
+
+#: Where the api graphs live, relative to the repository root (shared by the runner, tests and users).
+API_DIR = "workflows/api"
 
 
 def node(class_type, title=None, **inputs):
@@ -217,7 +234,7 @@ def search_prune_turbo():
 
 WORKFLOWS.update({
     "latent_clip_search_fk_sdxl": (search_fk_sdxl, "Inference-time search on SDXL (20 steps, euler_ancestral): 4 "
-                                   f"particles, FK steering every 2 steps from step 7 (start 0 = auto, 3/8 of the steps) on Latent-CLIP rewards of x0 "
+                                   f"particles, FK steering every 2 steps from step 5 (start 0 = auto: a quarter of the steps) on Latent-CLIP rewards of x0 "
                                    f"predictions, no decode until the winner. models/checkpoints/{SDXL_BASE}."),
     "latent_clip_search_prune_turbo": (search_prune_turbo, "Few-step best-of-8 with pruning (SDXL-Turbo, 4 lcm steps): "
                                        "the worse half of the particles is dropped after steps 1 and 2, saving their "
@@ -237,6 +254,191 @@ TITLES = {
     "latent_clip_search_fk_sdxl": "Search with FK steering - SDXL 20 steps",
     "latent_clip_search_prune_turbo": "Search best-of-8 with pruning - SDXL-Turbo",
 }
+
+
+# -- "Start here": the mini-world, no downloads (issue 22) -----------------------------------------------
+MINI_LCLIP = "mini/mini-latent-clip.safetensors"
+MINI_PIXEL_CLIP = "mini/mini-pixel-clip.safetensors"
+MINI_WHERE = ("No downloads: everything ships in the pack's weights/mini (a 64x64 world of coloured circles, squares "
+              "and triangles; prompts like 'a red circle', 'two blue squares', 'a green triangle to the left of a "
+              "yellow circle'). Runs in seconds on a CPU. The Mini-world Judge checks each image against the prompt "
+              "by pixels, independently of every CLIP.")
+
+
+def mini_front(prompt, batch=8, seed=0, sampler=True):
+    """The mini generator (a rectified flow, 4 Euler steps, cfg 1), its text encoder, an empty 64x64 batch and the
+    mini Latent-CLIP through the pack's own loader."""
+    g = {
+        "1": node("LatentCLIPMiniWorldLoader", "Load mini-world (no downloads)", world="mini"),
+        "2": node("CLIPTextEncode", "Prompt (mini-world grammar)", text=prompt, clip=["1", 1]),
+        "3": node("CLIPTextEncode", "Empty prompt (unconditional)", text="", clip=["1", 1]),
+        "4": node("EmptyLatentImage", "64x64 batch", width=64, height=64, batch_size=batch),
+        "8": node("LatentCLIPLoader", "Load the mini Latent-CLIP", ckpt_name=MINI_LCLIP, device="default", dtype="auto"),
+    }
+    if sampler:
+        g["5"] = node("KSampler", "Mini generator, 4 steps", model=["1", 0], seed=seed, steps=4, cfg=1.0,
+                      sampler_name="euler", scheduler="simple", positive=["2", 0], negative=["3", 0],
+                      latent_image=["4", 0], denoise=1.0)
+    return g
+
+
+def see(g, first_id: int, latent, prompt, title, prefix=None):
+    """Decode ``latent`` with the mini VAE, show the images and the judge's verdicts; returns the next free id."""
+    g[str(first_id)] = node("VAEDecode", f"Decode: {title}", samples=latent, vae=["1", 2])
+    g[str(first_id + 1)] = (node("SaveImage", title, images=[str(first_id), 0], filename_prefix=prefix) if prefix
+                            else node("PreviewImage", title, images=[str(first_id), 0]))
+    g[str(first_id + 2)] = node("LatentCLIPMiniWorldJudge", f"Judge: {title}", images=[str(first_id), 0], prompt=prompt)
+    return first_id + 3
+
+
+def start_score():
+    prompt = "a blue triangle"
+    g = mini_front(prompt, batch=8, seed=1)
+    g.update({
+        "9": node("LatentCLIPScore", "Score every latent (no decode)", latent_clip=["8", 0], samples=["5", 0], text=prompt),
+        "10": node("PreviewAny", "Scores", source=["9", 1]),
+        "11": node("LatentCLIPSelectBest", "Keep the best 2 (no decode)", latent_clip=["8", 0], samples=["5", 0],
+                   text=prompt, k=2),
+    })
+    n = see(g, 12, ["5", 0], prompt, "all 8 candidates")
+    see(g, n, ["11", 0], prompt, "the best 2 by Latent-CLIP", prefix="start_here_best")
+    return g
+
+
+def start_zero_shot():
+    g = mini_front("a yellow object", batch=8, seed=2)
+    g.update({
+        "9": node("LatentCLIPZeroShot", "Which shape? (latents)", latent_clip=["8", 0], samples=["5", 0],
+                  labels="circle\nsquare\ntriangle", template="a yellow {}"),
+        "10": node("PreviewAny", "Shape per latent", source=["9", 0]),
+        "11": node("VAEDecode", "Decode", samples=["5", 0], vae=["1", 2]),
+        "12": node("PreviewImage", "The images", images=["11", 0]),
+        "13": node("VAEEncode", "Encode the images again", pixels=["11", 0], vae=["1", 2]),
+        "14": node("LatentCLIPZeroShot", "Which shape? (re-encoded)", latent_clip=["8", 0], samples=["13", 0],
+                   labels="circle\nsquare\ntriangle", template="a yellow {}"),
+        "15": node("PreviewAny", "Shape per re-encoded latent", source=["14", 0]),
+    })
+    return g
+
+
+def start_safety():
+    """'a red object' leaves the shape open: the generator draws a triangle in about 40% of its images."""
+    prompt = "a red object"
+    g = mini_front(prompt, batch=8, seed=3)
+    g.update({
+        "9": node("LatentCLIPSafetyFilter", "Flag triangles, blank them", latent_clip=["8", 0], samples=["5", 0],
+                  concepts="a triangle", threshold=0.5, action="replace with zeros"),
+        "10": node("PreviewAny", "Filter report", source=["9", 3]),
+        "11": node("LatentCLIPSafetyGuidance", "Steer away from triangles (every step)", model=["1", 0],
+                   latent_clip=["8", 0], concepts="a triangle", anchors="a circle\na square", scale=SAFETY_SCALE,
+                   start_percent=0.0, end_percent=1.0, threshold=0.0),
+        "12": node("KSampler", "Same seed, guided", model=["11", 0], seed=3, steps=4, cfg=1.0, sampler_name="euler",
+                   scheduler="simple", positive=["2", 0], negative=["3", 0], latent_image=["4", 0], denoise=1.0),
+        "13": node("LatentCLIPGuidanceReport", "How often guidance fired", model=["11", 0], samples=["12", 0]),
+        "14": node("PreviewAny", "Guidance report", source=["13", 0]),
+    })
+    n = see(g, 15, ["5", 0], prompt, "unguided")
+    n = see(g, n, ["9", 0], prompt, "filtered (blank = flagged)")
+    see(g, n, ["12", 0], prompt, "guided", prefix="start_here_guided")
+    return g
+
+
+def start_reno(pixel=False):
+    prompt = "a green square above a red circle"
+    g = mini_front(prompt, batch=4, seed=0, sampler=False)
+    if pixel:
+        g["9"] = node("PixelCLIPReward", "Pixel-CLIP reward (decodes every iteration)", clip_name=MINI_PIXEL_CLIP,
+                      model_name="", vae=["1", 2], text=prompt, weight=0.01)
+    else:
+        g["9"] = node("LatentCLIPReward", "Latent-CLIP reward (no decode)", latent_clip=["8", 0], text=prompt,
+                      mode="match", weight=0.01)
+    g["10"] = node("LatentCLIPReNO", "ReNO: optimise the initial noise", model=["1", 0], positive=["2", 0],
+                   negative=["3", 0], latent_image=["4", 0], reward=["9", 0], seed=0, iterations=RENO_ITERATIONS,
+                   learning_rate=0.0, optimizer="sgd", grad_clip=0.1, regularization=0.01,
+                   gradient_checkpointing=False, steps=4, cfg=1.0)
+    g["11"] = node("PreviewImage", "Reward per iteration", images=["10", 3])
+    g["12"] = node("PreviewAny", "History (JSON)", source=["10", 2])
+    n = see(g, 13, ["10", 1], prompt, "initial noise")
+    see(g, n, ["10", 0], prompt, "after ReNO", prefix="start_here_reno_pixel" if pixel else "start_here_reno")
+    return g
+
+
+def start_reno_sampler():
+    prompt = "two yellow circles"
+    g = mini_front(prompt, batch=4, seed=4, sampler=False)
+    g.update({
+        "9": node("LatentCLIPReward", "Latent-CLIP reward", latent_clip=["8", 0], text=prompt, mode="match", weight=0.01),
+        "5": node("LatentCLIPReNOSampler", "ReNO sampler", reward=["9", 0], seed=0, iterations=RENO_ITERATIONS,
+                  learning_rate=0.0, optimizer="sgd", grad_clip=0.1, regularization=0.01, gradient_checkpointing=False),
+        "6": node("BasicScheduler", "4 steps", scheduler="simple", steps=4, denoise=1.0, model=["1", 0]),
+        "7": node("SamplerCustom", "SamplerCustom with the ReNO sampler", add_noise=True, noise_seed=4, cfg=1.0,
+                  model=["1", 0], positive=["2", 0], negative=["3", 0], sampler=["5", 0], sigmas=["6", 0],
+                  latent_image=["4", 0]),
+    })
+    see(g, 10, ["7", 0], prompt, "ReNO sampler result", prefix="start_here_reno_sampler")
+    return g
+
+
+def start_search():
+    """The three strategies side by side on one prompt, 8 particles over 8 steps each (64 model calls per image)."""
+    prompt = "a red triangle to the left of a blue circle"
+    g = mini_front(prompt, batch=2, seed=5, sampler=False)
+    g.update({
+        "5": node("KSamplerSelect", "Stochastic stepping", sampler_name="euler_ancestral"),
+        "6": node("BasicScheduler", "8 steps", scheduler="simple", steps=8, denoise=1.0, model=["1", 0]),
+        "9": node("LatentCLIPReward", "Latent-CLIP reward (no decode)", latent_clip=["8", 0], text=prompt,
+                  mode="match", weight=0.01),
+    })
+    n = 10
+    for strategy, extra in (("best_of_n", {}), ("prune", {"prune_steps": "3, 5"}), ("fk_steering", {"start": 2})):
+        settings = dict(particles=8, strategy=strategy, potential="difference", temperature=30.0, interval=1, start=0,
+                        prune_steps="", keep=0.5, seed=0, max_batch=0, score_every_step=True)
+        settings.update(extra)
+        g[str(n)] = node("LatentCLIPSearchSampler", f"Search: {strategy}", reward=["9", 0], sampler=["5", 0], **settings)
+        g[str(n + 1)] = node("SamplerCustom", f"SamplerCustom ({strategy})", add_noise=True, noise_seed=5, cfg=1.0,
+                             model=["1", 0], positive=["2", 0], negative=["3", 0], sampler=[str(n), 0],
+                             sigmas=["6", 0], latent_image=["4", 0])
+        g[str(n + 2)] = node("LatentCLIPSearchHistory", f"History ({strategy})", sampler=[str(n), 0],
+                             samples=[str(n + 1), 0])
+        g[str(n + 3)] = node("PreviewImage", f"Rewards per step ({strategy})", images=[str(n + 2), 1])
+        n = see(g, n + 4, [str(n + 1), 0], prompt, f"{strategy} winners")
+    return g
+
+
+#: Measured settings (docs/miniworld_comfyui.md): the guidance scale and ReNO's iterations on the mini-world.
+SAFETY_SCALE = 1.0
+RENO_ITERATIONS = 15
+START_HERE = {
+    "latent_clip_start_score": (start_score, "Start here. The mini generator makes 8 latents for the prompt; "
+                                "Latent-CLIP scores them without decoding and keeps the best 2."),
+    "latent_clip_start_zero_shot": (start_zero_shot, "Zero-shot: which shape is in each latent, read by the "
+                                    "Latent-CLIP from the generator's latents and from VAE-encoded images."),
+    "latent_clip_start_safety": (start_safety, "Safety on latents: 'a red object' often comes out as a triangle. "
+                                 "The filter flags and blanks triangles after sampling; the guidance patch steers "
+                                 "the same seeds away from triangles while sampling (with a report)."),
+    "latent_clip_start_reno": (lambda: start_reno(False), "ReNO with a Latent-CLIP reward: the initial noise of 4 "
+                               "images is optimised so that the 4-step generator draws the prompt; no decode in the "
+                               "loop. Compare 'initial noise' with 'after ReNO'."),
+    "latent_clip_start_reno_pixel": (lambda: start_reno(True), "ReNO with the pixel-CLIP baseline reward: the same "
+                                     "loop, but every iteration decodes with the mini VAE and scores with the mini "
+                                     "pixel CLIP."),
+    "latent_clip_start_reno_sampler": (start_reno_sampler, "ReNO as a SAMPLER inside SamplerCustom (add_noise on), "
+                                       "with the generator's own 4-step schedule."),
+    "latent_clip_start_search": (start_search, "Inference-time search with each strategy: best-of-8, prune and FK "
+                                 "steering, 8 particles x 8 steps each (equal model calls), steered by Latent-CLIP "
+                                 "rewards of x0 predictions; each with its reward history."),
+}
+START_TITLES = {
+    "latent_clip_start_score": "Start here 1 - Score and pick the best (mini-world, no downloads)",
+    "latent_clip_start_zero_shot": "Start here 2 - Zero-shot classification (mini-world)",
+    "latent_clip_start_safety": "Start here 3 - Safety filter and guidance (mini-world)",
+    "latent_clip_start_reno": "Start here 4 - ReNO with a Latent-CLIP reward (mini-world)",
+    "latent_clip_start_reno_pixel": "Start here 5 - ReNO with the pixel-CLIP reward (mini-world)",
+    "latent_clip_start_reno_sampler": "Start here 6 - ReNO sampler in SamplerCustom (mini-world)",
+    "latent_clip_start_search": "Start here 7 - Search, every strategy (mini-world)",
+}
+WORKFLOWS = {**START_HERE, **WORKFLOWS}
+TITLES.update(START_TITLES)
 
 
 def title_of(slug: str) -> str:
@@ -347,7 +549,8 @@ def to_ui(graph: dict, info: dict, note: str, api_path: str = "") -> dict:
     note_id = max(int(n) for n in graph) + 1
     nodes.append({"id": note_id, "type": "Note", "pos": [40, 40 + TITLE_H], "size": [NOTE_W, NOTE_H],
                   "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": "Read me",
-                  "properties": {}, "widgets_values": [note + "\n\n" + WHERE]})
+                  "properties": {}, "widgets_values": [note + "\n\n" + (MINI_WHERE if "LatentCLIPMiniWorldLoader" in
+                                                                          {n["class_type"] for n in graph.values()} else where(graph))]})
     return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]},
                                                    "latentclip": {"api": api_path}}, "version": 0.4}
@@ -429,25 +632,27 @@ def _clear(folder: Path, patterns) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True, help="a running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "example_workflows"))
+    parser.add_argument("--out", default=str(REPO / "example_workflows"), help="UI cards with pictures")
+    parser.add_argument("--api-out", default=str(REPO / API_DIR), help="API-format graphs")
     args = parser.parse_args(argv)
     with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
         info = json.load(r)
-    out = Path(args.out)
-    (out / "api").mkdir(parents=True, exist_ok=True)
+    out, api_out = Path(args.out), Path(args.api_out)
+    out.mkdir(parents=True, exist_ok=True)
+    api_out.mkdir(parents=True, exist_ok=True)
     _clear(out, ("*.json", "*.jpg"))
-    _clear(out / "api", ("*.json",))
+    _clear(api_out, ("*.json",))
     for slug, (build, note) in WORKFLOWS.items():
         graph = build()
         missing = sorted({s["class_type"] for s in graph.values()} - set(info))
         if missing:
             raise SystemExit(f"{slug}: the server lacks nodes {missing}")
         title = title_of(slug)
-        (out / "api" / f"{slug}.json").write_text(json.dumps(graph, indent=2) + "\n")
-        ui = to_ui(graph, info, note, api_path=f"api/{slug}.json")
+        (api_out / f"{slug}.json").write_text(json.dumps(graph, indent=2) + "\n")
+        ui = to_ui(graph, info, note, api_path=f"{API_DIR}/{slug}.json")
         (out / f"{title}.json").write_text(json.dumps(ui, indent=2) + "\n")
         thumbnail(ui, title).save(out / f"{title}.jpg", quality=88, optimize=True)
-        print(f"wrote {out / title}.json, .jpg and {out / 'api' / slug}.json")
+        print(f"wrote {out / title}.json, .jpg and {api_out / slug}.json")
     return 0
 
 

@@ -21,6 +21,7 @@ from .. import checkpoints as _ckpt
 from .files import build_from_metadata, read_tagged
 from ..errors import InputError
 from ..model import LatentCLIP
+from ..pixel_clip import MINI_PIXEL_FORMAT as _PIXEL_FORMAT
 
 #: One text tower for both CLIPs. 16 tokens hold the longest caption (12); the 49408-row token
 #: table of open_clip's vocabulary is most of each file, hence the narrow width.
@@ -37,7 +38,6 @@ PIXEL_CFG = {"embed_dim": EMBED_DIM,
              "text_cfg": TEXT_CFG}
 PIXEL_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 PIXEL_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-_PIXEL_FORMAT = "latentclip-mini-pixel-clip"
 
 
 def tokenizer():

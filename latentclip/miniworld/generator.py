@@ -105,7 +105,7 @@ class CrossAttention(nn.Module):
 
 
 def _time_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
     a = 1000.0 * t.float()[:, None] * freqs[None]
     return torch.cat([a.sin(), a.cos()], dim=-1)
 

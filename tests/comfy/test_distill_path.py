@@ -172,3 +172,35 @@ def test_teacher_that_does_not_load_is_one_clear_error(assets, capsys, tmp_path)
                  "--comfyui", str(COMFYUI), "--size", "64"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: teacher file 'teacher.bin' does not load"), err
+
+
+def test_the_distilled_flux_latent_clip_runs_the_nodes_in_a_real_server(assets):
+    """The torchrun test's file, as a user would use it: in models/latent_clip of a real server, scoring,
+    the safety filter, safety guidance and FK search on a tiny Flux-architecture model's 16-channel latents."""
+    out = assets / "flux-latent-clip.safetensors"
+    if not out.exists():
+        pytest.skip("needs the file the torchrun test of this module distils")
+    import shutil
+    import latentclip
+    import test_families_server as fam
+    srv = comfy_server.ComfyServer(COMFYUI, extra_packs=[fam.FIXTURE_PACK])
+    shutil.copyfile(out, srv.models / "latent_clip" / "distilled-flux.safetensors")
+    with srv:
+        x = torch.randn(2, 16, fam.SIDE, fam.SIDE, generator=torch.Generator().manual_seed(5))
+        name = fam.write_latent(srv, "distilled.latent", x)
+        graph = {"1": fam.loader("distilled-flux.safetensors"),
+                 "2": {"class_type": "LoadLatent", "inputs": {"latent": name}},
+                 "3": {"class_type": "LatentCLIPScore", "inputs": {"latent_clip": ["1", 0], "samples": ["2", 0],
+                                                                   "text": CAPTIONS[0]}},
+                 "5": {"class_type": "LatentCLIPSafetyFilter", "inputs": {"latent_clip": ["1", 0], "samples": ["2", 0],
+                                                                          "concepts": "blood", "threshold": 0.5,
+                                                                          "action": "flag only"}},
+                 "95": {"class_type": "PreviewAny", "inputs": {"source": ["5", 3]}}, **fam.shown("3")}
+        scored = fam.succeeded(srv.run(graph))
+        model = latentclip.load(srv.models / "latent_clip" / "distilled-flux.safetensors", device="cpu", dtype=torch.float32)
+        want = latentclip.clip_score(model, x, CAPTIONS[0]).tolist()
+        assert fam.reported_scores(scored["3"]["text"][0]) == pytest.approx(want, abs=5e-3)
+        steered = fam.succeeded(srv.run(fam.sampling_graph("flux", "distilled-flux.safetensors"), timeout=240))
+        assert "guided 3/3" in steered["22"]["text"][0]
+        history = json.loads(steered["935"]["text"][0])["history"]
+        assert [e["kind"] for e in history["events"]] == ["resample"] * 3

@@ -5,6 +5,7 @@ Skipped unless ComfyUI, Playwright and a Chromium binary are available.
 import json
 import os
 import shutil
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -17,7 +18,8 @@ playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is no
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
               pytest.mark.usefixtures("server_log_on_failure")]
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))   # UI format: the Templates browser's cards
 
 
@@ -58,7 +60,7 @@ def test_overlap_check_sees_a_covered_node():
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_ui_workflow_loads_with_the_api_graphs_values_and_no_node_covers_another(page, path):
     ui = json.loads(path.read_text())
-    api = json.loads((EXAMPLES / ui["extra"]["latentclip"]["api"]).read_text())
+    api = json.loads((REPO / ui["extra"]["latentclip"]["api"]).read_text())
     close_dialogs(page)
     nodes = page.evaluate("""async (wf) => {
         await window.app.loadGraphData(wf);
@@ -93,16 +95,41 @@ def test_templates_browser_lists_only_ui_workflows_each_with_a_picture(page, com
         assert status == 200 and bytes(jpg)[:3] == b"\xff\xd8\xff", name
 
 
-def open_pack_templates(page):
+def open_pack_templates(page, search: str = ""):
+    """Templates -> this pack; ``search`` typed into the dialog's search box. The dialog draws the first 12 cards
+    and more on scrolling, in the server's order (ComfyUI globs the folder unsorted), so tests find a card by
+    searching for it, as a user with many cards does."""
     close_dialogs(page)
     page.locator(".side-bar-button", has_text="Templates").first.click(timeout=30_000)
     page.get_by_text(_srv.PACK_NAME, exact=True).first.click(timeout=30_000)
+    if search:
+        page.get_by_placeholder("Search templates").first.fill(search, timeout=30_000)
+
+
+def open_card(page, path) -> str:
+    """Click ``path``'s card in the Templates browser; returns the JS condition 'its workflow is loaded'.
+
+    A click made while the dialog still animates (a loaded 2-core CI machine) can be lost: the card is
+    clicked again, from a freshly opened browser, before the caller calls it a failure."""
+    expected = len(json.loads(path.read_text())["nodes"])
+    loaded = f"() => window.app.graph._nodes.length === {expected}"
+    for _ in range(3):
+        open_pack_templates(page, path.stem)
+        page.evaluate("() => window.app.graph.clear()")
+        page.locator(f'[data-testid="template-workflow-{path.stem}"]').first.click(timeout=30_000)
+        try:
+            page.wait_for_function(loaded, timeout=20_000)
+            break
+        except playwright.Error:
+            continue
+    return loaded
 
 
 def test_templates_browser_shows_the_cards_with_pictures_and_opens_one(page):
     """Open Templates in the sidebar, pick this pack: a card with a drawn picture per workflow; a click loads it."""
     open_pack_templates(page)
     for path in WORKFLOWS:
+        page.get_by_placeholder("Search templates").first.fill(path.stem, timeout=30_000)
         card = page.locator(f'[data-testid="template-workflow-{path.stem}"]').first
         card.scroll_into_view_if_needed(timeout=30_000)
         img = card.locator("img").first
@@ -110,20 +137,7 @@ def test_templates_browser_shows_the_cards_with_pictures_and_opens_one(page):
         page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle(),
                                timeout=30_000)
     first = WORKFLOWS[0]
-    expected = len(json.loads(first.read_text())["nodes"])
-    loaded = f"() => window.app.graph._nodes.length === {expected}"
-    # A click made while the dialog still animates (a loaded 2-core CI machine) can be lost: the card is
-    # clicked again, from a freshly opened browser, before the test calls it a failure.
-    for attempt in range(3):
-        if attempt:
-            open_pack_templates(page)
-        page.evaluate("() => window.app.graph.clear()")
-        page.locator(f'[data-testid="template-workflow-{first.stem}"]').first.click(timeout=30_000)
-        try:
-            page.wait_for_function(loaded, timeout=20_000)
-            break
-        except playwright.Error:
-            continue
+    loaded = open_card(page, first)
     assert page.evaluate(loaded), ("the template card did not load its workflow", page.evaluate(
         "() => window.app.graph._nodes.length"), page.locator(".p-dialog-mask").count())
     close_dialogs(page)
@@ -161,3 +175,40 @@ def test_node_help_opens_the_packs_page_in_the_front_end(page, comfy_server):
         assert name in text, name
     assert any(url.endswith(f"/extensions/{_srv.PACK_NAME}/docs/LatentCLIPScore.md") and status == 200
                for url, status in fetched), fetched
+
+
+START_HERE = [p for p in WORKFLOWS if p.stem.startswith("Start here")]
+
+
+def test_searching_start_here_shows_exactly_the_start_here_cards(page):
+    """The way the README sends a newcomer to them (the dialog keeps the server's unsorted order)."""
+    assert len(START_HERE) >= 7
+    open_pack_templates(page, "Start here")
+    page.wait_for_timeout(1000)
+    shown = page.evaluate("() => [...document.querySelectorAll('[data-testid^=template-workflow-]')]"
+                          ".map(e => e.dataset.testid.slice('template-workflow-'.length))")
+    assert sorted(shown) == sorted(p.stem for p in START_HERE)
+    close_dialogs(page)
+
+
+@pytest.mark.parametrize("path", START_HERE, ids=lambda p: p.stem)
+def test_start_here_card_opens_queues_and_shows_a_result_within_30_s(page, comfy_server, path):
+    """As a newcomer does: Templates -> this pack -> the card; Queue; decoded images appear on the canvas within
+    30 s, and the run ends without an error (everything from weights/mini, no download)."""
+    before = set(comfy_server.get("/history"))
+    page.wait_for_function(open_card(page, path), timeout=5_000)
+    close_dialogs(page)
+    start = time.monotonic()
+    page.evaluate("() => window.app.queuePrompt(0, 1)")   # the Run button
+    new = []
+    while not new and time.monotonic() - start < 30:
+        new = [entry for pid, entry in comfy_server.get("/history").items() if pid not in before]
+        time.sleep(0.2)
+    assert len(new) == 1 and "execution_success" in _srv.status_messages(new[0]), new
+    # what the canvas shows: images on every image node, and the judge's text
+    left_ms = max(1000, int(1000 * (30 - (time.monotonic() - start))))
+    page.wait_for_function("""() => {
+        const out = window.app.nodeOutputs, nodes = window.app.graph._nodes;
+        const shown = (n) => out[String(n.id)] && ((out[String(n.id)].images || []).length || (out[String(n.id)].text || []).length);
+        return nodes.filter(n => ['PreviewImage', 'SaveImage', 'LatentCLIPMiniWorldJudge'].includes(n.type)).every(shown);
+    }""", timeout=left_ms)

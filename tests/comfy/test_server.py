@@ -234,22 +234,23 @@ def ui_workflow_problems(data: dict, info: dict) -> list:
     return problems
 
 
-EXAMPLES = REPO / "example_workflows"
+EXAMPLES = REPO / "example_workflows"   # UI cards for the Templates browser
+API_GRAPHS = REPO / "workflows" / "api"   # the same graphs in API format (runner, tests, users)
 
 
 def test_shipped_workflows_use_known_nodes_and_wire_required_inputs(object_info):
-    api_files = sorted((EXAMPLES / "api").glob("*.json"))
+    api_files = sorted(API_GRAPHS.glob("*.json"))
     ui_files = sorted(EXAMPLES.glob("*.json"))
     assert len(api_files) == len(ui_files) >= 7
     assert sorted(json.loads(p.read_text())["extra"]["latentclip"]["api"] for p in ui_files) == \
-        sorted(f"api/{p.name}" for p in api_files)
+        sorted(f"workflows/api/{p.name}" for p in api_files)
     problems = []
     for path in api_files:
         graph = api.check_api_graph(json.loads(path.read_text()), path.name)
         problems += [f"{path.name}: {p}" for p in api_workflow_problems(graph, object_info)]
     for path in ui_files:
         data = json.loads(path.read_text())
-        assert api.is_ui_format(data), f"{path.name} is not in UI format; API-format files go in example_workflows/api/"
+        assert api.is_ui_format(data), f"{path.name} is not in UI format; API-format files go in workflows/api/"
         problems += [f"{path.name}: {p}" for p in ui_workflow_problems(data, object_info)]
     assert not problems, "\n".join(problems)
 
@@ -268,7 +269,8 @@ def test_workflow_checks_catch_mistakes(object_info):
 
 
 def test_shipped_workflows_are_what_the_generator_writes(object_info, tmp_path):
-    """example_workflows/ is tools/make_workflows.py's output for the current definitions (none stale, none missing)."""
+    """example_workflows/ and workflows/api/ are tools/make_workflows.py's output for the current definitions (none
+    stale, none missing)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("latentclip_make_workflows", REPO / "tools" / "make_workflows.py")
     make = importlib.util.module_from_spec(spec)
@@ -279,9 +281,9 @@ def test_shipped_workflows_are_what_the_generator_writes(object_info, tmp_path):
         title = make.title_of(slug)
         expected_ui.add(f"{title}.json")
         expected_api.add(f"{slug}.json")
-        assert json.loads((EXAMPLES / "api" / f"{slug}.json").read_text()) == graph, slug
-        ui = make.to_ui(graph, object_info, note, api_path=f"api/{slug}.json")
+        assert json.loads((API_GRAPHS / f"{slug}.json").read_text()) == graph, slug
+        ui = make.to_ui(graph, object_info, note, api_path=f"workflows/api/{slug}.json")
         assert json.loads((EXAMPLES / f"{title}.json").read_text()) == json.loads(json.dumps(ui)), title
         assert (EXAMPLES / f"{title}.jpg").is_file()
     assert {p.name for p in EXAMPLES.glob("*.json")} == expected_ui
-    assert {p.name for p in (EXAMPLES / "api").glob("*.json")} == expected_api
+    assert {p.name for p in API_GRAPHS.glob("*.json")} == expected_api
