@@ -12,18 +12,33 @@ import folder_paths
 from comfy_api.latest import io
 
 from latentclip import hub
+from latentclip.checkpoints import read_safetensors_header
 
 from .comfy_bridge import LATENT_CLIP_FOLDER, load_latent_clip, model_file_problem
+from .miniworld import WEIGHTS_DIR as SHIPPED_WEIGHTS
 
 LatentCLIPType = io.Custom("LATENT_CLIP")
 
 
 def loadable_files() -> list:
     """Files in models/latent_clip that are regular files (or links to one): no FIFO, socket, dangling link or
-    other entry the loader would then refuse (ComfyUI's listing keeps every name os.walk yields)."""
+    other entry the loader would then refuse (ComfyUI's listing keeps every name os.walk yields). Of the pack's
+    own weights/ folder (the mini-worlds) only the Latent-CLIPs are listed, not their generators and VAEs."""
     folders = folder_paths.get_folder_paths(LATENT_CLIP_FOLDER)
     return [name for name in folder_paths.get_filename_list(LATENT_CLIP_FOLDER)
-            if any(os.path.isfile(os.path.join(folder, name)) for folder in folders)]
+            if any(os.path.isfile(os.path.join(folder, name)) and _latent_clip_or_user_file(folder, name)
+                   for folder in folders)]
+
+
+def _latent_clip_or_user_file(folder: str, name: str) -> bool:
+    """False for a file of the pack's weights/ whose header names another format (a mini generator, VAE, pixel CLIP)."""
+    if os.path.realpath(folder) != os.path.realpath(SHIPPED_WEIGHTS):
+        return True
+    try:
+        meta = read_safetensors_header(os.path.join(folder, name)).get("__metadata__") or {}
+    except Exception:  # unreadable: the loader's own error explains it when picked
+        return True
+    return meta.get("format", "latentclip") == "latentclip"
 
 
 def ckpt_options() -> list:

@@ -10,7 +10,7 @@ from latentclip.errors import CheckpointError, InputError
 
 COMFY_FORMATS = {"SD15": "sd1", "SDXL": "sdxl", "SDXL_Playground_2_5": "sdxl", "SD3": "sd3", "Flux": "flux",
                  "Wan21": "wan21", "Wan22": "wan22", "HunyuanImage21": "hunyuan_image21",
-                 "MiniWorld": "mini", "MiniWorld16": "mini16"}
+                 "Mini": "mini", "Mini16": "mini16"}
 
 
 def test_every_family_file_loads_with_its_shape():
