@@ -27,7 +27,7 @@ CONFIG_DIR = WEIGHTS_DIR / "configs"
 DEFAULT_HEAD_WIDTH = 64
 
 #: Latent channel count of each VAE family the project knows.
-VAE_FAMILY_CHANNELS = {"sdxl": 4, "sd1": 4, "mini": 4, "sd3": 16, "flux": 16}
+VAE_FAMILY_CHANNELS = {"sdxl": 4, "sd1": 4, "mini": 4, "mini16": 16, "sd3": 16, "flux": 16}
 
 
 class ConfigError(ValueError):

@@ -55,7 +55,7 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 def train_vae(seed: int, recipe: dict, progress_every: int = 50) -> tuple[MiniVAE, dict]:
     _seed_all(seed)
     r = recipe["vae"]
-    vae = MiniVAE(tuple(r["channels"]))
+    vae = MiniVAE(tuple(r["channels"]), r.get("latent_channels", 4))
     opt = torch.optim.Adam(vae.parameters(), lr=r["lr"])
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
