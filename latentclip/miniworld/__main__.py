@@ -37,7 +37,8 @@ def _eval(args) -> int:
         from . import mini16
         result = mini16.evaluate_family(args.weights or str(WEIGHTS_DIR / "mini16"), prompts=prompts, n=args.n,
                                         per_prompt=args.per_prompt, geneval_prompts=pairs,
-                                        geneval_seeds=tuple(range(args.seeds)), generation=not args.no_generation)
+                                        geneval_seeds=tuple(range(args.seeds)), generation=not args.no_generation,
+                                        head_n=args.head_n)
         print(mini16.format_table(result))
         if args.json:
             print(f"wrote {write_json(result, args.json)}")
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=400, help="held-out images per zero-shot task")
     e.add_argument("--per-prompt", type=int, default=8, help="retrieval images per caption")
     e.add_argument("--judge-n", type=int, default=600, help="held-out scenes for the judge's accuracy")
+    e.add_argument("--head-n", type=int, default=1000, help="mini16: held-out scenes for the head transfer")
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(func=_eval)
     s = sub.add_parser("search", help="inference-time search on the mini generator: baseline, best-of-N, prune, FK "

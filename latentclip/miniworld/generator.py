@@ -240,6 +240,10 @@ def train_generator(vae, seed: int = 0, recipe: dict | None = None, log=print, p
         lat = torch.cat([vae.encode(images_to_tensor(batch.images[i:i + 500])) for i in range(0, r["pool"], 500)])
     config = CONFIG if vae.latent_channels == 4 else {**CONFIG, "latent_channels": vae.latent_channels}
     model = MiniGenerator(config)
+    if r.get("init_from"):   # warm start: every tensor of that generator whose shape fits (not the latent statistics)
+        init, own = load_generator(r["init_from"]).state_dict(), model.state_dict()
+        model.load_state_dict({k: v for k, v in init.items() if k in own and own[k].shape == v.shape
+                               and not k.startswith("latent_")}, strict=False)
     model.latent_mean.copy_(lat.mean(dim=(0, 2, 3)))
     model.latent_std.copy_(lat.std(dim=(0, 2, 3)))
     data = model.from_raw(lat)

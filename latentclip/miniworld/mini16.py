@@ -57,10 +57,14 @@ STUDENT_CFG["vae_family"] = FAMILY
 STUDENT_CFG["vision_cfg"]["latent_channels"] = CHANNELS
 
 RECIPE = {
-    "vae": {**_train.RECIPE["vae"], "latent_channels": CHANNELS, "steps": 300},
-    "generator": _gen.RECIPE,
-    "student": {"steps": 500, "batch": 128, "lr": 1e-3, "warmup": 25, "weight_decay": 0.05, "pool": 50000,
-                "contrastive_weight": 0.5, "contrastive_logit_scale": 100.0, "init_from_teacher": True},
+    # warm start from the 4-channel mini VAE's trunk (all but the two convs that touch the latent), as CPU is short
+    "vae": {**_train.RECIPE["vae"], "latent_channels": CHANNELS, "steps": 60,
+            "init_from": str(WEIGHTS_DIR / "mini" / "mini-vae.safetensors")},
+    # the shipped generator's recipe, warm-started from it (all but the latent-side convs), shortened for the CPU
+    "generator": {**_gen.RECIPE, "steps": 120, "batch": 64, "pool": 4000, "lr": 2e-3, "warmup": 10,
+                  "init_from": str(WEIGHTS_DIR / "mini" / _gen.FILE)},
+    "student": {"steps": 250, "batch": 128, "lr": 3e-3, "warmup": 10, "weight_decay": 0.05, "pool": 4000,
+                "contrastive_weight": 0.1, "contrastive_logit_scale": 20.0, "init_from_teacher": True},
     "head": {"labels": ["no triangle", "triangle"], "hidden": 64, "train_scenes": 6000, "test_scenes": 1000,
              "steps": 300, "lr": 1e-2, "weight_decay": 1e-4},
     "threads_per_worker": 1,
@@ -133,18 +137,27 @@ def teacher_text_embeddings(teacher, texts: list[str]) -> dict:
     return dict(zip(texts, feats))
 
 
-def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every: int = 50):
+def teacher_targets(teacher, seed: int, pool: int) -> tuple[torch.Tensor, float]:
+    """The teacher's normalised image embeddings of the student's pool, and the CPU seconds they took
+    (pre-encoding needs no VAE, so it can run before the VAE is trained)."""
+    c0 = time.process_time()
+    images, _, _ = _train.make_pool(seed, pool)
+    return teacher_image_embeddings(teacher, images), time.process_time() - c0
+
+
+def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every: int = 50, targets=None):
     """Distil the student; returns (student, info). ``info['train_cpu_seconds']`` is the CPU time of
-    the training steps alone (the pool's latents and teacher embeddings, pre-encoding, are timed apart)."""
+    the training steps alone (the pool's latents and teacher embeddings, pre-encoding, are timed apart).
+    ``targets``: ``teacher_targets(teacher, seed, pool)`` computed beforehand (the same tensors)."""
     r = {**RECIPE["student"], **(recipe or {})}
     torch.manual_seed(seed + 21)
     c0, w0 = time.process_time(), time.time()
     images, captions, truesets = _train.make_pool(seed, r["pool"])   # the 4-channel CLIPs' stream
     latents = _train.encode_pool(vae, images)
-    target = teacher_image_embeddings(teacher, images)
+    target, target_cpu = targets if targets is not None else teacher_targets(teacher, seed, r["pool"])
     del images
     text = teacher_text_embeddings(teacher, S.all_captions())
-    pre = {"cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - w0, 1)}
+    pre = {"cpu_seconds": round(time.process_time() - c0 + target_cpu, 1), "wall_seconds": round(time.time() - w0, 1)}
     log(f"student: pool of {r['pool']} pre-encoded (latents + teacher embeddings) in {pre['cpu_seconds']} s CPU")
     student = build_student(teacher, r["init_from_teacher"], r.get("config"))
     params = [p for p in student.clip.parameters() if p.requires_grad]
@@ -211,7 +224,7 @@ def train_head(teacher, seed: int, recipe: dict | None = None):
         loss.backward()
         opt.step()
     head.eval().requires_grad_(False)
-    return head, {"final_loss": round(float(loss), 5), "train_scenes": r["train_scenes"],
+    return head, {"final_loss": round(float(loss.detach()), 5), "train_scenes": r["train_scenes"],
                   "train_accuracy": float((head(x).argmax(1) == y).float().mean())}
 
 
@@ -252,29 +265,49 @@ def _wait_for(path: Path) -> None:
         time.sleep(1)
 
 
+def stage_a(seed: int, recipe: dict, out: Path) -> dict:
+    """Worker A: the VAE, then the generator on its latents."""
+    info = {}
+    c0 = time.process_time()
+    torch.set_num_threads(recipe["vae"].get("threads", recipe["threads_per_worker"]))  # bitwise: per recipe
+    vae, info["vae"] = _train.train_vae(seed, recipe)
+    torch.set_num_threads(recipe["threads_per_worker"])
+    info["vae"]["cpu_seconds"] = round(time.process_time() - c0, 1)
+    save_vae(vae, out / FILES["vae"], {"seed": str(seed), "family": FAMILY})
+    c0 = time.process_time()
+    gen, info["generator"] = _gen.train_generator(vae, seed, recipe["generator"], log=log)
+    info["generator"]["cpu_seconds"] = round(time.process_time() - c0, 1)
+    _gen.save_generator(gen, out / FILES["generator"], {"seed": seed, "family": FAMILY})
+    return info
+
+
+def stage_b(seed: int, recipe: dict, out: Path) -> dict:
+    """Worker B: once the VAE is written, the student; then ``stage_head``."""
+    info = {}
+    teacher = _clips.load_pixel_clip(TEACHER)
+    _wait_for(out / FILES["vae"])
+    vae = load_vae(out / FILES["vae"])
+    student, info["student"] = distill(vae, teacher, seed, recipe["student"])
+    _ckpt.save(student, out / FILES["latent"], dtype="fp16")
+    info.update(stage_head(seed, recipe, out, teacher))
+    return info
+
+
+def stage_head(seed: int, recipe: dict, out: Path, teacher=None) -> dict:
+    """The head (teacher embeddings only) and the contrastive recipe's cost: independent of the VAE."""
+    from ..heads import save_head
+    teacher = teacher or _clips.load_pixel_clip(TEACHER)
+    info = {}
+    head, info["head"] = train_head(teacher, seed, recipe["head"])
+    save_head(head, out / FILES["head"], {"seed": seed, "family_of_student": FAMILY})
+    info["contrastive_cost"] = contrastive_cpu_per_step(seed)
+    return info
+
+
 def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
     torch.set_num_threads(recipe["threads_per_worker"])
     try:
-        out, info = Path(out), {}
-        if which == "a":   # VAE, then the generator on its latents
-            c0 = time.process_time()
-            vae, info["vae"] = _train.train_vae(seed, recipe)
-            info["vae"]["cpu_seconds"] = round(time.process_time() - c0, 1)
-            save_vae(vae, out / FILES["vae"], {"seed": str(seed), "family": FAMILY})
-            c0 = time.process_time()
-            gen, info["generator"] = _gen.train_generator(vae, seed, recipe["generator"], log=log)
-            info["generator"]["cpu_seconds"] = round(time.process_time() - c0, 1)
-            _gen.save_generator(gen, out / FILES["generator"], {"seed": seed, "family": FAMILY})
-        else:              # the student and the head, once the VAE is there
-            teacher = _clips.load_pixel_clip(TEACHER)
-            _wait_for(out / FILES["vae"])
-            vae = load_vae(out / FILES["vae"])
-            student, info["student"] = distill(vae, teacher, seed, recipe["student"])
-            _ckpt.save(student, out / FILES["latent"], dtype="fp16")
-            head, info["head"] = train_head(teacher, seed, recipe["head"])
-            from ..heads import save_head
-            save_head(head, out / FILES["head"], {"seed": seed, "family_of_student": FAMILY})
-            info["contrastive_cost"] = contrastive_cpu_per_step(seed)
+        info = (stage_a if which == "a" else stage_b)(seed, recipe, Path(out))
         queue.put((which, info, None))
     except BaseException as e:  # report, do not hang the parent
         import traceback
@@ -374,13 +407,33 @@ def load_world(directory):
                  _ckpt.load(d / FILES["latent"]), _clips.load_pixel_clip(TEACHER))
 
 
+def reward_seconds(world, n: int = 32, repeats: int = 5) -> dict:
+    """Seconds per image of one reward evaluation with its backward pass (what ReNO adds to the
+    generator's own cost each iteration): the distilled Latent-CLIP vs decode + pixel teacher."""
+    from .geneval import make_reward
+    from .generator import noise_for
+    prompts = ["a red circle to the left of a blue square"] * n
+    with torch.no_grad():
+        z = world.generator.sample(noise_for(range(n), channels=world.generator.latent_channels), prompts)
+    out = {}
+    for kind in ("latent", "pixel", "latent", "pixel"):   # twice, interleaved: the second pass counts
+        reward = make_reward(world, kind, prompts)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            x = z.clone().requires_grad_(True)
+            reward.loss(x).sum().backward()
+        out[kind] = (time.perf_counter() - t) / (repeats * n)
+    out["ratio"] = out["latent"] / out["pixel"]
+    return out
+
+
 def _mean4(accs: dict) -> float:
     return float(np.mean([accs[t] for t in ("shape", "color", "count", "retrieval")]))
 
 
 def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None, n: int = 400, per_prompt: int = 8,
                     geneval_prompts=None, geneval_seeds=None, generation: bool = True, info: dict | None = None,
-                    log=log) -> dict:
+                    head_n: int = 1000, log=log) -> dict:
     """The scores ``eval --family mini16`` writes: zero_shot, geneval, distill, heads (issue 23's keys)."""
     from . import eval as E
     from . import geneval as G
@@ -416,24 +469,41 @@ def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None
     }
     if student.get("train_cpu_seconds") and cost.get("cpu_seconds"):
         result["distill"]["cpu_ratio"] = student["train_cpu_seconds"] / cost["cpu_seconds"]
-    result["heads"] = head_transfer(load_head(d / FILES["head"]), world.pixel_clip, world.vae, world.latent_clip)
+    result["heads"] = head_transfer(load_head(d / FILES["head"]), world.pixel_clip, world.vae, world.latent_clip, head_n)
     log(f"heads: {result['heads']}")
     result["settings"] = {"images_per_task": n, "retrieval_captions": len(ret["captions"]), "seed": E.EVAL_SEED,
                           "threads": torch.get_num_threads()}
     if generation:
         seeds = tuple(geneval_seeds or G.SEEDS)
         pairs = geneval_prompts or G.default_prompts()
-        gen = G.evaluate(world, pairs, seeds=seeds, runs=G.RUNS, log=log)
-        result["settings"]["geneval"] = gen.pop("settings")
-        fk = MS.evaluate(world, pairs, seeds, runs=FK_RUNS, log=log)
-        result["settings"]["fk"] = {"particles": 8, "steps": MS.STEPS, "eta": MS.ETA, **MS.FK}
-        result["geneval"] = {**gen, **fk}
-        for reno in ("reno", "fk"):
-            lat, pix = result["geneval"][f"{reno}_latent"], result["geneval"][f"{reno}_pixel"]
-            result["geneval"][f"{reno}_latent_vs_pixel"] = {
-                "overall_points": 100 * (lat["overall"] - pix["overall"]),
-                "time_ratio": lat["seconds_per_image"] / pix["seconds_per_image"]}
+        parts = [generation_scores(world, pairs, seeds, runs, log) for runs in (G.RUNS, FK_RUNS)]
+        result["geneval"] = {k: v for part in parts for k, v in part.items() if k != "settings"}
+        result["settings"].update({k: v for part in parts for k, v in part["settings"].items()})
+        result["reward_seconds_per_image"] = reward_seconds(world)
+        compare_rewards(result["geneval"])
     return result
+
+
+def generation_scores(world, pairs, seeds, runs, log=log) -> dict:
+    """GenEval-mini of ``runs`` on the mini16 generator: ReNO runs (``geneval.RUNS``) or FK runs (``FK_RUNS``)."""
+    from . import geneval as G
+    from . import search as MS
+    if set(runs) <= set(G.RUNS):
+        out = G.evaluate(world, pairs, seeds=seeds, runs=runs, log=log)
+        out["settings"] = {"geneval": out["settings"]}
+        return out
+    out = MS.evaluate(world, pairs, seeds, runs=runs, log=log)
+    out["settings"] = {"fk": {"particles": 8, "steps": MS.STEPS, "eta": MS.ETA, **MS.FK}}
+    return out
+
+
+def compare_rewards(geneval: dict) -> dict:
+    """Adds ``reno_latent_vs_pixel`` and ``fk_latent_vs_pixel``: points and time ratio of the distilled reward."""
+    for run in ("reno", "fk"):
+        lat, pix = geneval[f"{run}_latent"], geneval[f"{run}_pixel"]
+        geneval[f"{run}_latent_vs_pixel"] = {"overall_points": 100 * (lat["overall"] - pix["overall"]),
+                                             "time_ratio": lat["seconds_per_image"] / pix["seconds_per_image"]}
+    return geneval
 
 
 def format_table(r: dict) -> str:
