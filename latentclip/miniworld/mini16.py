@@ -480,7 +480,8 @@ def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None
         result["geneval"] = {k: v for part in parts for k, v in part.items() if k != "settings"}
         result["settings"].update({k: v for part in parts for k, v in part["settings"].items()})
         result["reward_seconds_per_image"] = reward_seconds(world)
-        result["geneval"]["fk_interleaved_seconds_per_image"] = fk_seconds_interleaved(world, pairs, seeds)
+        for method in ("reno", "fk"):
+            result["geneval"][f"{method}_interleaved_seconds_per_image"] = seconds_interleaved(world, pairs, method, seeds)
         compare_rewards(result["geneval"])
     return result
 
@@ -498,24 +499,30 @@ def generation_scores(world, pairs, seeds, runs, log=log) -> dict:
     return out
 
 
-def fk_seconds_interleaved(world, pairs, seeds=(0,), items: int = 16, rounds: int = 2) -> dict:
-    """Seconds per image of ``fk_latent`` and ``fk_pixel`` timed alternately on the same items (the
-    search evaluation runs one after the other, so on a shared machine its timings see different loads);
-    the last round counts."""
+def seconds_interleaved(world, pairs, method: str, seeds=(0,), items: int = 16, rounds: int = 2) -> dict:
+    """Seconds per image of the latent and the pixel reward's runs of ``method`` ("reno" or "fk"), timed
+    alternately on the same items: on a shared machine, runs timed at different moments see different
+    loads (the FK evaluation runs one run after the other). The last round counts."""
+    from . import geneval as G
     from . import search as MS
+    from .generator import noise_for
     chosen = [(p, int(sd)) for _, p in pairs for sd in seeds][:items]
+    prompts, sds = [p for p, _ in chosen], [sd for _, sd in chosen]
     out = {}
     for _ in range(rounds):
-        for run in FK_RUNS:
+        for kind in ("latent", "pixel"):
             t = time.perf_counter()
-            MS.run_batch(world, run, [p for p, _ in chosen], [sd for _, sd in chosen], 8)
-            out[run] = (time.perf_counter() - t) / len(chosen)
+            if method == "fk":
+                MS.run_batch(world, f"fk_{kind}", prompts, sds, 8)
+            else:
+                G.reno_latents(world, kind, prompts, noise_for(sds, channels=world.generator.latent_channels))
+            out[f"{method}_{kind}"] = (time.perf_counter() - t) / len(chosen)
     return {**out, "items": len(chosen)}
 
 
 def compare_rewards(geneval: dict) -> dict:
     """Adds ``reno_latent_vs_pixel`` and ``fk_latent_vs_pixel``: points and time ratio of the distilled reward
-    (for FK from ``fk_seconds_interleaved`` when present as ``fk_interleaved_seconds_per_image``)."""
+    (from ``seconds_interleaved`` when present as ``<method>_interleaved_seconds_per_image``)."""
     for run in ("reno", "fk"):
         lat, pix = geneval[f"{run}_latent"], geneval[f"{run}_pixel"]
         inter = geneval.get(f"{run}_interleaved_seconds_per_image")
