@@ -15,6 +15,8 @@ Forms and defaults (``s = exp(logit_scale)``, ``cos`` of L2-normalised features)
   similarity above the margin is penalised: ``weight * s * relu(cos_max_smooth - margin)``.
 * ``PixelCLIPMatch``: ReNO's pixel CLIP loss on a differentiably decoded image, same form as
   ``LatentMatch`` (the baseline Latent-CLIP replaces).
+* ``LatentHead``: a head (``latentclip.heads``) on the Latent-CLIP's image embedding; ``-log p``
+  of a label to raise it ("increase") or ``-log(1 - p)`` to lower it ("decrease"), weight 1.
 """
 from __future__ import annotations
 
@@ -216,6 +218,30 @@ class PixelCLIPMatch(RewardTerm):
         txt = _per_item(self.text_features.to(img.device), img.shape[0], f"{self.name} text")
         cos = (img * txt).sum(-1)
         return self.constant - self.logit_scale * cos, {"cos": cos.detach()}
+
+
+class LatentHead(RewardTerm):
+    """Raise or lower a head's probability of one label: ``-log p`` or ``-log(1 - p)`` per item."""
+
+    MODES = ("increase", "decrease")
+
+    def __init__(self, model, head, label: str, mode: str = "increase", weight: float = 1.0,
+                 name: str = "head", policy: str = "resize"):
+        from .heads import check_compatible
+        require_trainable_graph(model, "the Latent-CLIP model")
+        if mode not in self.MODES:
+            raise InputError(f"{name} mode must be one of {self.MODES}, got {mode!r}")
+        check_compatible(head, model)
+        self.model, self.head, self.mode, self.name, self.policy = model, head, mode, name, policy
+        self.index = head.label_index(label)
+        self.label = label
+        self.weight = _weight(weight, name)
+
+    def evaluate(self, latents):
+        logp = self.head(self.model.encode_latents(latents, policy=self.policy)).float().log_softmax(-1)[:, self.index]
+        p = logp.exp()
+        loss = -logp if self.mode == "increase" else -torch.log1p(-p.clamp(max=1 - 1e-6))
+        return loss, {"p": p.detach()}
 
 
 class RewardSum:

@@ -6,7 +6,7 @@ import importlib
 
 from .comfy_bridge import register_model_folders
 
-_FAMILIES = ("loaders", "scoring", "reno", "safety", "search", "miniworld")
+_FAMILIES = ("loaders", "scoring", "reno", "safety", "search", "miniworld", "heads")
 
 NODE_LIST = []
 for _name in _FAMILIES:

@@ -56,7 +56,7 @@ def reward_patchers(specs) -> list:
     """The ModelPatchers the reward terms run (Latent-CLIPs, pixel CLIPs, VAEs), without loading them."""
     out = []
     for spec in specs:
-        if isinstance(spec, LatentTermSpec):
+        if isinstance(spec, LatentTermSpec) or hasattr(spec, "build_term"):
             out.append(spec.handle.patcher)
         else:
             out += [load_pixel_clip(spec.clip_name, spec.model_name).patcher, spec.vae.patcher]
@@ -67,6 +67,9 @@ def build_reward(specs, base_model, batch: int):
     """Core reward terms for ``specs``; the ComfyUI modules (VAE decoders) needing grad through comfy.ops."""
     terms, grad_modules = [], []
     for spec in specs:
+        if hasattr(spec, "build_term"):   # terms defined by other node modules (nodes/heads.py)
+            terms.append(spec.build_term(base_model, len(terms)))
+            continue
         texts = list(spec.texts)
         if len(texts) not in (1, batch) and not (isinstance(spec, LatentTermSpec) and spec.mode == "avoid"):
             raise InputError(f"reward text has {len(texts)} lines but the batch has {batch} latents; expected 1 line or {batch}")

@@ -8,9 +8,16 @@ from ..configs import WEIGHTS_DIR
 from .search import RUNS as MS_RUNS
 
 
+FAMILIES = ("mini", "mini16")
+
+
 def _train(args) -> int:
+    if args.family == "mini16":
+        from .mini16 import train_family
+        train_family(out=args.out or str(WEIGHTS_DIR / "mini16"), seed=args.seed, evaluate=not args.no_eval)
+        return 0
     from .train import train_all
-    train_all(out=args.out, seed=args.seed, evaluate=not args.no_eval)
+    train_all(out=args.out or str(WEIGHTS_DIR / "mini"), seed=args.seed, evaluate=not args.no_eval)
     return 0
 
 
@@ -26,7 +33,17 @@ def _eval(args) -> int:
         prompts = [p for _, p in pairs]
         for p in prompts:
             parse(p)
-    result = evaluate_dir(args.weights, prompts=prompts, n=args.n, per_prompt=args.per_prompt, judge_n=args.judge_n,
+    if args.family == "mini16":
+        from . import mini16
+        result = mini16.evaluate_family(args.weights or str(WEIGHTS_DIR / "mini16"), prompts=prompts, n=args.n,
+                                        per_prompt=args.per_prompt, geneval_prompts=pairs,
+                                        geneval_seeds=tuple(range(args.seeds)), generation=not args.no_generation,
+                                        head_n=args.head_n)
+        print(mini16.format_table(result))
+        if args.json:
+            print(f"wrote {write_json(result, args.json)}")
+        return 0
+    result = evaluate_dir(args.weights or str(WEIGHTS_DIR / "mini"), prompts=prompts, n=args.n, per_prompt=args.per_prompt, judge_n=args.judge_n,
                           geneval_prompts=pairs, geneval_seeds=tuple(range(args.seeds)), generation=not args.no_generation)
     print(format_table(result))
     if args.json:
@@ -80,13 +97,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentclip.miniworld", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train VAE, pixel CLIP, Latent-CLIP and generator (18 min on 2 idle cores, "
-                       "about 53 min on a busy machine)")
-    t.add_argument("--out", default=str(WEIGHTS_DIR / "mini"), help="a new or empty directory")
+                       "about 53 min on a busy machine; --family mini16: the 16-channel family)")
+    t.add_argument("--out", default=None, help="a new or empty directory (default weights/<family>)")
+    t.add_argument("--family", default="mini", choices=FAMILIES,
+                   help="mini: the 4-channel world; mini16: the 16-channel VAE, generator and distilled Latent-CLIP")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the manifest")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="score the weights on held-out scenes; print a table")
-    e.add_argument("--weights", default=str(WEIGHTS_DIR / "mini"))
+    e.add_argument("--weights", default=None, help="weights directory (default weights/<family>)")
+    e.add_argument("--family", default="mini", choices=FAMILIES,
+                   help="mini16: zero_shot, geneval (ReNO and FK), distill and heads of the 16-channel family")
     e.add_argument("--json", default=None, help="also write the scores to this JSON file")
     e.add_argument("--prompts", default=None, help="file of grammar prompts, one a line ('category: prompt' or a bare "
                    "prompt): restricts retrieval to them and is GenEval-mini's prompt set")
@@ -95,6 +116,7 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=400, help="held-out images per zero-shot task")
     e.add_argument("--per-prompt", type=int, default=8, help="retrieval images per caption")
     e.add_argument("--judge-n", type=int, default=600, help="held-out scenes for the judge's accuracy")
+    e.add_argument("--head-n", type=int, default=1000, help="mini16: held-out scenes for the head transfer")
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(func=_eval)
     s = sub.add_parser("search", help="inference-time search on the mini generator: baseline, best-of-N, prune, FK "

@@ -117,20 +117,22 @@ class MiniGenerator(nn.Module):
         super().__init__()
         self.config = dict(config or CONFIG)
         ch, cd, tw = self.config["channels"], self.config["cond_dim"], self.config["text_width"]
+        #: latent channels: 4 for the mini VAE (the shipped config has no key), 16 for mini16's
+        self.latent_channels = lc = int(self.config.get("latent_channels", 4))
         self.text = TextEncoder(tw, self.config["text_layers"])
         self.time = nn.Sequential(nn.Linear(64, cd), nn.SiLU(), nn.Linear(cd, cd))
         self.text_proj = nn.Linear(tw, cd)
-        self.inp = nn.Conv2d(4, ch, 3, padding=1)
+        self.inp = nn.Conv2d(lc, ch, 3, padding=1)
         self.pos = nn.Parameter(torch.randn(1, ch, 8, 8) * 0.02)
         n = self.config["blocks"]
         self.blocks = nn.ModuleList(Block(ch, cd) for _ in range(n))
         self.xattn = nn.ModuleList(CrossAttention(ch, tw) for _ in range(2))
         self.out_norm = nn.GroupNorm(8, ch)
-        self.out = nn.Conv2d(ch, 4, 3, padding=1)
+        self.out = nn.Conv2d(ch, lc, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.register_buffer("latent_mean", torch.zeros(4))
-        self.register_buffer("latent_std", torch.ones(4))
+        self.register_buffer("latent_mean", torch.zeros(lc))
+        self.register_buffer("latent_std", torch.ones(lc))
 
     # -- latent space --------------------------------------------------------------------------
     def to_raw(self, z: torch.Tensor) -> torch.Tensor:
@@ -167,15 +169,15 @@ class MiniGenerator(nn.Module):
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, noise: torch.Tensor, prompts, steps: int = STEPS, cfg: float = CFG, x0_hook=None,
                cond=None) -> torch.Tensor:
-        """Raw latents [B, 4, 8, 8] from noise [B, 4, 8, 8] by ``steps`` Euler steps; differentiable.
+        """Raw latents [B, C, 8, 8] from noise [B, C, 8, 8] by ``steps`` Euler steps; differentiable.
 
         prompts: one prompt or one per item. x0_hook(x0_raw, t, step) -> x0_raw may edit the
         predicted clean latent at every step (the safety guidance step plugs in here); the
         velocity is then recomputed from it, so the last step lands on the edited prediction. cond: precomputed ``prepare(prompts)``.
         """
-        if not isinstance(noise, torch.Tensor) or noise.ndim != 4 or tuple(noise.shape[1:]) != (4, 8, 8):
+        if not isinstance(noise, torch.Tensor) or noise.ndim != 4 or tuple(noise.shape[1:]) != (self.latent_channels, 8, 8):
             shape = list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise InputError(f"noise must be a tensor [batch, 4, 8, 8], got {shape}")
+            raise InputError(f"noise must be a tensor [batch, {self.latent_channels}, 8, 8], got {shape}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
         cond, uncond = cond if cond is not None else self.prepare(prompts, noise.shape[0])
@@ -211,9 +213,10 @@ class MiniGenerator(nn.Module):
         return generate
 
 
-def noise_for(seeds, device="cpu") -> torch.Tensor:
-    """One standard Gaussian noise [4, 8, 8] per integer seed, stacked (reproducible anywhere)."""
-    return torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+def noise_for(seeds, device="cpu", channels: int = 4) -> torch.Tensor:
+    """One standard Gaussian noise [channels, 8, 8] per integer seed, stacked (reproducible anywhere)."""
+    return torch.stack([torch.randn(channels, 8, 8, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(device)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -235,14 +238,19 @@ def train_generator(vae, seed: int = 0, recipe: dict | None = None, log=print, p
     with torch.no_grad():
         from .vae import images_to_tensor
         lat = torch.cat([vae.encode(images_to_tensor(batch.images[i:i + 500])) for i in range(0, r["pool"], 500)])
-    model = MiniGenerator()
+    config = CONFIG if vae.latent_channels == 4 else {**CONFIG, "latent_channels": vae.latent_channels}
+    model = MiniGenerator(config)
+    if r.get("init_from"):   # warm start: every tensor of that generator whose shape fits (not the latent statistics)
+        init, own = load_generator(r["init_from"]).state_dict(), model.state_dict()
+        model.load_state_dict({k: v for k, v in init.items() if k in own and own[k].shape == v.shape
+                               and not k.startswith("latent_")}, strict=False)
     model.latent_mean.copy_(lat.mean(dim=(0, 2, 3)))
     model.latent_std.copy_(lat.std(dim=(0, 2, 3)))
     data = model.from_raw(lat)
     scenes = batch.scenes
     log(f"generator: pool of {r['pool']} latents encoded in {time.time() - t0:.0f} s; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
-    ema = MiniGenerator()
+    ema = MiniGenerator(config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)

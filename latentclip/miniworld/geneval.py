@@ -140,7 +140,8 @@ def decode(world: World, latents: torch.Tensor) -> torch.Tensor:
 def _chunk(world: World, run: str, chunk, settings=None):
     """Latents of one run for one batch of (category, prompt, seed) items, its wall time, its loss curve."""
     from .generator import noise_for
-    prompts, noise = [p for _, p, _ in chunk], noise_for([sd for _, _, sd in chunk])
+    prompts = [p for _, p, _ in chunk]
+    noise = noise_for([sd for _, _, sd in chunk], channels=world.generator.latent_channels)
     t0 = time.perf_counter()
     if run == "baseline":
         return baseline_latents(world, prompts, noise), time.perf_counter() - t0, None

@@ -113,12 +113,12 @@ def stochastic_advance(generator, cond, batch: int, steps: int = STEPS, eta: flo
     return advance
 
 
-def particle_noise(seeds, particles: int) -> torch.Tensor:
+def particle_noise(seeds, particles: int, channels: int = 4) -> torch.Tensor:
     """Slot-major initial noises: slot 0 of an item is ``noise_for(seed)``, slot s its own seeded draw."""
     from .generator import noise_for
-    rows = [noise_for(seeds)]
+    rows = [noise_for(seeds, channels=channels)]
     for s in range(1, particles):
-        rows.append(noise_for([int(sd) * 1000 + 7919 * s for sd in seeds]))
+        rows.append(noise_for([int(sd) * 1000 + 7919 * s for sd in seeds], channels=channels))
     return torch.cat(rows)
 
 
@@ -158,7 +158,7 @@ def run_batch(world, run: str, prompts, seeds, particles: int, steps: int = STEP
         cond = world.generator.prepare(prompts, batch)
     advance = stochastic_advance(world.generator, cond, batch, steps, eta, seed, noise,
                                  lookahead=lookahead and st.strategy == "fk_steering")
-    x = particle_noise(seeds, st.particles)
+    x = particle_noise(seeds, st.particles, world.generator.latent_channels)
     res = search(advance, x, steps, score, batch, st)
     res.samples = world.generator.to_raw(res.samples)   # the sampler's state is standardised; rewards saw raw x0
     return res

@@ -55,7 +55,12 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 def train_vae(seed: int, recipe: dict, progress_every: int = 50) -> tuple[MiniVAE, dict]:
     _seed_all(seed)
     r = recipe["vae"]
-    vae = MiniVAE(tuple(r["channels"]))
+    vae = MiniVAE(tuple(r["channels"]), r.get("latent_channels", 4))
+    if r.get("init_from"):   # warm start: every tensor of that VAE whose shape fits (not the latent statistics)
+        init = load_vae(r["init_from"]).state_dict()
+        own = vae.state_dict()
+        vae.load_state_dict({k: init[k] for k in own if k in init and init[k].shape == own[k].shape
+                             and not k.startswith(("latent_", "scale"))}, strict=False)
     opt = torch.optim.Adam(vae.parameters(), lr=r["lr"])
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()

@@ -36,22 +36,23 @@ class ResBlock(nn.Module):
 class MiniVAE(nn.Module):
     """KL-regularised conv autoencoder; images are NCHW floats in [0, 1]."""
 
-    def __init__(self, channels=(32, 64, 96)):
+    def __init__(self, channels=(32, 64, 96), latent_channels: int = LATENT_CHANNELS):
         super().__init__()
         c1, c2, c3 = channels
         self.channels = tuple(channels)
+        self.latent_channels = int(latent_channels)
         self.encoder = nn.Sequential(
             nn.PixelUnshuffle(2), nn.Conv2d(12, c1, 3, padding=1), ResBlock(c1),      # 32x32
             nn.Conv2d(c1, c2, 4, stride=2, padding=1), ResBlock(c2),                   # 16x16
             nn.Conv2d(c2, c3, 4, stride=2, padding=1), ResBlock(c3), nn.SiLU(),        # 8x8
-            nn.Conv2d(c3, 2 * LATENT_CHANNELS, 3, padding=1))
+            nn.Conv2d(c3, 2 * self.latent_channels, 3, padding=1))
         self.decoder = nn.Sequential(
-            nn.Conv2d(LATENT_CHANNELS, c3, 3, padding=1), ResBlock(c3),
+            nn.Conv2d(self.latent_channels, c3, 3, padding=1), ResBlock(c3),
             nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c3, c2, 3, padding=1), ResBlock(c2),
             nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, c1, 3, padding=1), ResBlock(c1), nn.SiLU(),
             nn.Conv2d(c1, 12, 3, padding=1), nn.PixelShuffle(2))
-        self.register_buffer("latent_mean", torch.zeros(LATENT_CHANNELS))
-        self.register_buffer("latent_std", torch.ones(LATENT_CHANNELS))
+        self.register_buffer("latent_mean", torch.zeros(self.latent_channels))
+        self.register_buffer("latent_std", torch.ones(self.latent_channels))
         self.register_buffer("scale", torch.ones(()))
 
     @property
@@ -65,14 +66,14 @@ class MiniVAE(nn.Module):
             raise InputError(f"images must be a tensor [batch, 3, 64, 64] with values in [0, 1], got {shape}")
 
     def posterior(self, images: torch.Tensor):
-        """Mean and log-variance [B, 4, 8, 8] of q(z | image)."""
+        """Mean and log-variance [B, C, 8, 8] of q(z | image) (C = ``latent_channels``)."""
         self._check_images(images)
         h = self.encoder(images.to(self.scale.dtype) * 2 - 1)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-12, 6)
 
     def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Raw latents [B, 4, 8, 8]: the posterior mean, or a sample when ``sample``."""
+        """Raw latents [B, C, 8, 8]: the posterior mean, or a sample when ``sample``."""
         mean, logvar = self.posterior(images)
         if not sample:
             return mean
@@ -81,9 +82,10 @@ class MiniVAE(nn.Module):
 
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Images [B, 3, 64, 64] in [0, 1] from raw latents; differentiable."""
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             shape = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise InputError(f"latents must be a tensor [batch, 4, 8, 8] of raw mini-VAE latents, got {shape}")
+            raise InputError(f"latents must be a tensor [batch, {self.latent_channels}, 8, 8] of raw mini-VAE latents, "
+                             f"got {shape}")
         x = (self.decoder(latents) + 1) / 2
         return x.clamp(0, 1) if clamp else x
 
@@ -121,6 +123,8 @@ def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     meta = {"format": "latentclip-mini-vae", "channels": json.dumps(list(vae.channels)),
             "scale_factor": repr(vae.scale_factor), **(extra or {})}
+    if vae.latent_channels != LATENT_CHANNELS:  # the 4-channel file keeps its original metadata
+        meta["latent_channels"] = str(vae.latent_channels)
     write_safetensors({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, path, meta)
     return path
 
@@ -128,7 +132,15 @@ def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
 def load_vae(path, device="cpu") -> MiniVAE:
     """Read a mini VAE written by ``save_vae``."""
     sd, meta = read_tagged(path, "latentclip-mini-vae", "mini VAE")
-    vae = build_from_metadata(path, meta, "channels", sd, "mini VAE", lambda c: MiniVAE(tuple(c)))
+    try:
+        latent_channels = int(meta.get("latent_channels", LATENT_CHANNELS))
+    except ValueError:
+        latent_channels = -1
+    if not 1 <= latent_channels <= 64:
+        from ..errors import CheckpointError
+        raise CheckpointError(f"'{Path(path).name}' has a metadata 'latent_channels' "
+                              f"{meta.get('latent_channels')!r}; expected an integer in [1, 64]")
+    vae = build_from_metadata(path, meta, "channels", sd, "mini VAE", lambda c: MiniVAE(tuple(c), latent_channels))
     return vae.to(device).eval().requires_grad_(False)
 
 

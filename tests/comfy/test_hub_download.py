@@ -139,7 +139,7 @@ def test_the_list_offers_no_fifo_dangling_link_or_folder_the_loader_would_refuse
         assert "queue.safetensors" not in options and "gone.safetensors" not in options
         assert "linked.safetensors" in options and _srv.TINY_CKPT in options
         shipped = [r for r in options if r.startswith("mini")]         # the pack's weights/: its Latent-CLIPs only
-        assert shipped == ["mini/mini-latent-clip.safetensors"], shipped
+        assert shipped == ["mini/mini-latent-clip.safetensors", "mini16/mini16-latent-clip.safetensors"], shipped
         assert [r for r in options if "/" in r and r not in shipped] == list(lc_hub.RELEASED)
     finally:
         for p in made:

@@ -1,0 +1,553 @@
+"""The mini-world on a 16-channel VAE: Latent-CLIP for another VAE by distillation, proved in miniature.
+
+Family ``mini16`` (``weights/mini16/``): a mini VAE of the shipped architecture with 16 latent
+channels, the shipped generator's recipe on its latents, and a Latent-CLIP *distilled* from the
+shipped mini pixel CLIP (``weights/mini/mini-pixel-clip.safetensors``) instead of trained
+contrastively from scratch:
+
+* the student's image tower reads the 16-channel latents; its transformer starts from the
+  teacher's image transformer (same width and depth; the patch embedding is new and the position
+  table is pooled from the teacher's 8x8 grid to the student's 4x4) and regresses the teacher's
+  normalised image embedding of the same scene (``distill_loss.cosine_regression``);
+* the teacher's text tower is copied and frozen, so every text embedding (and every head trained
+  on the teacher's image embeddings) is the teacher's;
+* a caption-contrastive term (``distill_loss.caption_contrastive``) against the frozen text
+  embeddings of the scenes' captions, with hard negatives (the same objects, the relation word
+  swapped), teaches relations the teacher itself does not know.
+
+Then a head (``latentclip.heads``) is trained on the teacher's image embeddings and measured,
+unchanged, on the student's. ``train_family`` runs it all in two single-thread workers and writes
+a manifest; a seed gives the same tensors.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import clips as _clips
+from . import generator as _gen
+from . import scenes as S
+from . import train as _train
+from .. import checkpoints as _ckpt
+from ..configs import WEIGHTS_DIR
+from ..distill_loss import caption_contrastive, cosine_regression
+from ..model import LatentCLIP
+from .vae import images_to_tensor, load_vae, save_vae
+
+FAMILY = "mini16"
+CHANNELS = 16
+TEACHER = WEIGHTS_DIR / "mini" / "mini-pixel-clip.safetensors"
+#: The 4-channel contrastive Latent-CLIP the distillation is compared with.
+CONTRASTIVE_DIR = WEIGHTS_DIR / "mini"
+FILES = {"vae": "mini16-vae.safetensors", "generator": "mini16-generator.safetensors",
+         "latent": "mini16-latent-clip.safetensors", "head": "mini-head-triangle.safetensors"}
+#: The student: the shipped Latent-CLIP config on 16-channel latents, family mini16.
+STUDENT_CFG = copy.deepcopy(_clips.LATENT_CFG)
+STUDENT_CFG["vae_family"] = FAMILY
+STUDENT_CFG["vision_cfg"]["latent_channels"] = CHANNELS
+
+RECIPE = {
+    # warm start from the 4-channel mini VAE's trunk (all but the two convs that touch the latent), as CPU is short
+    "vae": {**_train.RECIPE["vae"], "latent_channels": CHANNELS, "steps": 60,
+            "init_from": str(WEIGHTS_DIR / "mini" / "mini-vae.safetensors")},
+    # the shipped generator's recipe, warm-started from it (all but the latent-side convs), shortened for the CPU
+    "generator": {**_gen.RECIPE, "steps": 250, "batch": 64, "pool": 4000, "lr": 2e-3, "warmup": 10,
+                  "init_from": str(WEIGHTS_DIR / "mini" / _gen.FILE)},
+    "student": {"steps": 500, "batch": 128, "lr": 3e-3, "warmup": 10, "weight_decay": 0.05, "pool": 8000,
+                "contrastive_weight": 0.1, "contrastive_logit_scale": 20.0, "init_from_teacher": True},
+    "head": {"labels": ["no triangle", "triangle"], "hidden": 64, "train_scenes": 6000, "test_scenes": 1000,
+             "steps": 300, "lr": 1e-2, "weight_decay": 1e-4},
+    "threads_per_worker": 1,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- the student -------------------------------------------------------------------------------
+def build_student(teacher, init_from_teacher: bool = True, cfg: dict | None = None) -> LatentCLIP:
+    """A 16-channel Latent-CLIP holding the teacher's text tower (frozen) and, optionally, its
+    image transformer; only the image tower is trainable. ``cfg``: another student config."""
+    student = LatentCLIP(cfg or STUDENT_CFG)
+    tsd = teacher.clip.state_dict()
+    ssd = student.clip.state_dict()
+    load = {k: v for k, v in tsd.items() if not k.startswith("visual.")}
+    if init_from_teacher:
+        for k, v in tsd.items():
+            if k.startswith("visual.") and k in ssd and ssd[k].shape == v.shape:
+                load[k] = v
+        pos = tsd["visual.positional_embedding"]       # [1 + 8*8, W] -> [1 + 4*4, W]
+        g, gs = int(round((pos.shape[0] - 1) ** 0.5)), int(round((ssd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = F.adaptive_avg_pool2d(grid, gs).permute(0, 2, 3, 1).reshape(gs * gs, -1)
+        load["visual.positional_embedding"] = torch.cat([pos[:1], grid])
+    missing, unexpected = student.clip.load_state_dict(load, strict=False)
+    assert not unexpected, unexpected
+    for name, p in student.clip.named_parameters():
+        p.requires_grad_(name.startswith("visual."))
+    return student
+
+
+def _conflict_free(idx, captions, truesets) -> list[int]:
+    """Batch positions whose captions are false for every other kept image (no false negatives)."""
+    keep = []
+    for pos, i in enumerate(idx):
+        c = captions[i]
+        if any(c == captions[idx[k]] or c in truesets[idx[k]] or captions[idx[k]] in truesets[i] for k in keep):
+            continue
+        keep.append(pos)
+    return keep
+
+
+def _hard_negatives(caps: list[str], kept_truesets: list[set]) -> list[str]:
+    """For each relation caption: the same ordered pair in the three other relations, unless true of a kept image."""
+    out = []
+    for c in caps:
+        spec = S.parse(c)
+        if spec.kind != "relation":
+            continue
+        for r in S.RELATIONS:
+            if r != spec.relation:
+                neg = S.caption(S.Spec("relation", spec.color, spec.shape, 2, r, spec.color2, spec.shape2))
+                if not any(neg in t for t in kept_truesets) and neg not in out:
+                    out.append(neg)
+    return out
+
+
+@torch.no_grad()
+def teacher_image_embeddings(teacher, images: np.ndarray, chunk: int = 500) -> torch.Tensor:
+    return torch.cat([F.normalize(teacher.encode_images(images_to_tensor(images[i:i + chunk])).float(), dim=-1)
+                      for i in range(0, len(images), chunk)])
+
+
+@torch.no_grad()
+def teacher_text_embeddings(teacher, texts: list[str]) -> dict:
+    feats = torch.cat([F.normalize(teacher.encode_text(texts[i:i + 256]).float(), dim=-1) for i in range(0, len(texts), 256)])
+    return dict(zip(texts, feats))
+
+
+def teacher_targets(teacher, seed: int, pool: int) -> tuple[torch.Tensor, float]:
+    """The teacher's normalised image embeddings of the student's pool, and the CPU seconds they took
+    (pre-encoding needs no VAE, so it can run before the VAE is trained)."""
+    c0 = time.process_time()
+    images, _, _ = _train.make_pool(seed, pool)
+    return teacher_image_embeddings(teacher, images), time.process_time() - c0
+
+
+def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every: int = 50, targets=None):
+    """Distil the student; returns (student, info). ``info['train_cpu_seconds']`` is the CPU time of
+    the training steps alone (the pool's latents and teacher embeddings, pre-encoding, are timed apart).
+    ``targets``: ``teacher_targets(teacher, seed, pool)`` computed beforehand (the same tensors)."""
+    r = {**RECIPE["student"], **(recipe or {})}
+    torch.manual_seed(seed + 21)
+    c0, w0 = time.process_time(), time.time()
+    images, captions, truesets = _train.make_pool(seed, r["pool"])   # the 4-channel CLIPs' stream
+    latents = _train.encode_pool(vae, images)
+    target, target_cpu = targets if targets is not None else teacher_targets(teacher, seed, r["pool"])
+    del images
+    text = teacher_text_embeddings(teacher, S.all_captions())
+    pre = {"cpu_seconds": round(time.process_time() - c0 + target_cpu, 1), "wall_seconds": round(time.time() - w0, 1)}
+    log(f"student: pool of {r['pool']} pre-encoded (latents + teacher embeddings) in {pre['cpu_seconds']} s CPU")
+    student = build_student(teacher, r["init_from_teacher"], r.get("config"))
+    params = [p for p in student.clip.parameters() if p.requires_grad]
+    decay = [p for n, p in student.clip.named_parameters() if p.requires_grad and p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in student.clip.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+                            lr=r["lr"], betas=(0.9, 0.98), eps=1e-6)
+    order = _train.batch_order(seed + 1, len(captions), r["steps"], r["batch"])
+    student.train()
+    c1, w1, ema = time.process_time(), time.time(), {}
+    for step in range(r["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = _train._cosine_lr(step, r["steps"], r["lr"], r["warmup"])
+        idx = order[step]
+        emb = student.encode_latents(latents[torch.as_tensor(idx)], check=False)
+        loss = cosine_regression(emb, target[torch.as_tensor(idx)])
+        parts = {"cosine": float(loss.detach())}
+        if r["contrastive_weight"]:
+            keep = _conflict_free(idx, captions, truesets)
+            caps = [captions[idx[k]] for k in keep]
+            negs = _hard_negatives(caps, [truesets[idx[k]] for k in keep])
+            con = caption_contrastive(emb[keep], torch.stack([text[c] for c in caps]), r["contrastive_logit_scale"],
+                                      torch.stack([text[c] for c in negs]) if negs else None)
+            loss = loss + r["contrastive_weight"] * con
+            parts["contrastive"] = float(con.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = {k: v if k not in ema else 0.95 * ema[k] + 0.05 * v for k, v in parts.items()}
+        if step % progress_every == 0 or step == r["steps"] - 1:
+            cpu = time.process_time() - c1
+            log(f"student step {step + 1}/{r['steps']} " + " ".join(f"{k} {v:.4f}" for k, v in ema.items())
+                + f" ({cpu / (step + 1):.3f} s CPU/step, {cpu:.0f} s CPU)")
+    student.eval().requires_grad_(False)
+    info = {"train_cpu_seconds": round(time.process_time() - c1, 1), "train_wall_seconds": round(time.time() - w1, 1),
+            "steps": r["steps"], "pre_encoding": pre, "final_losses": {k: round(v, 5) for k, v in ema.items()},
+            "trained_parameters": sum(p.numel() for p in params),
+            "parameters": sum(p.numel() for p in student.clip.parameters()), "recipe": r}
+    return student, info
+
+
+# -- the head ------------------------------------------------------------------------------------
+HEAD_WHAT = "whether the scene shows a triangle (the safety-mini concept), from the image embedding"
+HEAD_SEED = 4_200_017
+
+
+def triangle_labels(scenes) -> torch.Tensor:
+    return torch.tensor([int(any(o.shape == "triangle" for o in sc.objects)) for sc in scenes])
+
+
+def train_head(teacher, seed: int, recipe: dict | None = None):
+    """A head on the teacher's image embeddings of training-stream scenes (full batch, deterministic)."""
+    from ..heads import Head
+    r = {**RECIPE["head"], **(recipe or {})}
+    torch.manual_seed(seed + 31)
+    batch = S.make_batch(HEAD_SEED + seed, r["train_scenes"])
+    x, y = teacher_image_embeddings(teacher, batch.images), triangle_labels(batch.scenes)
+    head = Head(x.shape[1], r["labels"], r["hidden"], HEAD_WHAT, "mini-pixel-clip")
+    opt = torch.optim.AdamW(head.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    for _ in range(r["steps"]):
+        loss = F.cross_entropy(head(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    head.eval().requires_grad_(False)
+    return head, {"final_loss": round(float(loss.detach()), 5), "train_scenes": r["train_scenes"],
+                  "train_accuracy": float((head(x).argmax(1) == y).float().mean())}
+
+
+@torch.no_grad()
+def head_transfer(head, teacher, vae, student, n: int = 1000, seed: int = 0) -> dict:
+    """The head's accuracy on held-out scenes: on the teacher's pixel embeddings and, unchanged, on
+    the student's embeddings of the 16-channel latents of the same images."""
+    from .eval import EVAL_SEED
+    batch = S.make_batch(EVAL_SEED + 5 + seed, n)
+    y = triangle_labels(batch.scenes)
+    t = head(teacher_image_embeddings(teacher, batch.images)).argmax(1)
+    lat = _train.encode_pool(vae, batch.images)
+    s = head(torch.cat([student.encode_latents(lat[i:i + 500]) for i in range(0, n, 500)])).argmax(1)
+    ta, sa = float((t == y).float().mean()), float((s == y).float().mean())
+    return {"teacher_accuracy": ta, "student_accuracy": sa, "ratio": sa / ta if ta else 0.0,
+            "agreement": float((t == s).float().mean()), "positives": float(y.float().mean()), "n_scenes": n}
+
+
+# -- cost of the contrastive recipe on this machine --------------------------------------------
+def contrastive_cpu_per_step(seed: int = 0, steps: int = 30) -> dict:
+    """CPU seconds per step of the shipped contrastive Latent-CLIP's recipe (``train.train_clip`` on
+    4-channel latents), measured now: the same clock as the student's, on the same machine."""
+    from .vae import load_vae as _load
+    vae4 = _load(CONTRASTIVE_DIR / "mini-vae.safetensors")
+    r = _train.RECIPE
+    images, captions, truesets = _train.make_pool(seed, steps * r["clip"]["batch"])
+    lat = _train.encode_pool(vae4, images)
+    c0 = time.process_time()
+    _train.train_clip("latent", seed, r, lat, captions, truesets, steps, progress_every=10 ** 9)
+    per = (time.process_time() - c0) / steps
+    return {"cpu_seconds_per_step": round(per, 4), "steps_measured": steps,
+            "recipe_steps": r["clip"]["latent_steps"], "cpu_seconds": round(per * r["clip"]["latent_steps"], 1)}
+
+
+# -- orchestration -------------------------------------------------------------------------------
+def _wait_for(path: Path) -> None:
+    while not path.is_file():   # written atomically; if the other worker fails, the parent stops this one
+        time.sleep(1)
+
+
+def stage_a(seed: int, recipe: dict, out: Path) -> dict:
+    """Worker A: the VAE, then the generator on its latents."""
+    info = {}
+    c0 = time.process_time()
+    torch.set_num_threads(recipe["vae"].get("threads", recipe["threads_per_worker"]))  # bitwise: per recipe
+    vae, info["vae"] = _train.train_vae(seed, recipe)
+    torch.set_num_threads(recipe["threads_per_worker"])
+    info["vae"]["cpu_seconds"] = round(time.process_time() - c0, 1)
+    save_vae(vae, out / FILES["vae"], {"seed": str(seed), "family": FAMILY})
+    c0 = time.process_time()
+    gen, info["generator"] = _gen.train_generator(vae, seed, recipe["generator"], log=log)
+    info["generator"]["cpu_seconds"] = round(time.process_time() - c0, 1)
+    _gen.save_generator(gen, out / FILES["generator"], {"seed": seed, "family": FAMILY})
+    return info
+
+
+def stage_b(seed: int, recipe: dict, out: Path) -> dict:
+    """Worker B: once the VAE is written, the student; then ``stage_head``."""
+    info = {}
+    teacher = _clips.load_pixel_clip(TEACHER)
+    _wait_for(out / FILES["vae"])
+    vae = load_vae(out / FILES["vae"])
+    student, info["student"] = distill(vae, teacher, seed, recipe["student"])
+    _ckpt.save(student, out / FILES["latent"], dtype="fp16")
+    info.update(stage_head(seed, recipe, out, teacher))
+    return info
+
+
+def stage_head(seed: int, recipe: dict, out: Path, teacher=None) -> dict:
+    """The head (teacher embeddings only) and the contrastive recipe's cost: independent of the VAE."""
+    from ..heads import save_head
+    teacher = teacher or _clips.load_pixel_clip(TEACHER)
+    info = {}
+    head, info["head"] = train_head(teacher, seed, recipe["head"])
+    save_head(head, out / FILES["head"], {"seed": seed, "family_of_student": FAMILY})
+    info["contrastive_cost"] = contrastive_cpu_per_step(seed)
+    return info
+
+
+def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
+    torch.set_num_threads(recipe["threads_per_worker"])
+    try:
+        info = (stage_a if which == "a" else stage_b)(seed, recipe, Path(out))
+        queue.put((which, info, None))
+    except BaseException as e:  # report, do not hang the parent
+        import traceback
+        queue.put((which, None, traceback.format_exc()))
+        raise SystemExit(1) from e
+
+
+def train_family(out="weights/mini16", seed: int = 0, recipe: dict | None = None, evaluate: bool = True) -> Path:
+    """Train every mini16 model into a fresh directory, evaluate, write the manifest, move it to ``out``."""
+    recipe = recipe or RECIPE
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new --out)")
+    tmp = out.parent / f".{out.name}.training-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    t0, load_start = time.time(), os.getloadavg()
+    log(f"training the mini16 family into {tmp} (seed {seed}, 2 workers x {recipe['threads_per_worker']} thread)")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(w, seed, recipe, str(tmp), queue)) for w in ("a", "b")]
+    for p in procs:
+        p.start()
+    info, errors = {}, []
+    for _ in procs:
+        which, part, err = queue.get()
+        if err:
+            errors.append(f"worker {which} failed:\n{err}")
+            break
+        info.update(part)
+    for p in procs:
+        if errors and p.is_alive():
+            p.terminate()
+        p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors) + f"\npartial outputs left in {tmp}")
+    info["train_seconds"] = round(time.time() - t0, 1)
+    info["load_average_1_5_15_min"] = {"start": [round(x, 2) for x in load_start],
+                                       "end": [round(x, 2) for x in os.getloadavg()]}
+    scores = None
+    if evaluate:
+        torch.set_num_threads(recipe["threads_per_worker"])
+        scores = evaluate_family(tmp, info=info)
+    write_manifest(tmp, seed, recipe, info, scores)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    shutil.move(str(tmp), str(out))
+    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
+    return out
+
+
+DESCRIPTIONS = {
+    FILES["vae"]: "mini16 VAE: 64x64x3 images <-> 8x8x16 raw latents (the mini VAE's architecture with 16 latent "
+                  "channels); read with latentclip.miniworld.vae.load_vae",
+    FILES["generator"]: "mini16 generator: text -> 8x8x16 mini16-VAE latents (the mini generator's recipe); read with "
+                        "latentclip.miniworld.generator.load_generator",
+    FILES["latent"]: "mini16 Latent-CLIP (VAE family 'mini16') distilled from weights/mini/mini-pixel-clip.safetensors: "
+                     "image tower on 16-channel latents, the teacher's text tower frozen; read with latentclip.load",
+    FILES["head"]: "head on the mini pixel CLIP's image-embedding space (also the mini16 Latent-CLIP's): "
+                   "'no triangle' / 'triangle'; read with latentclip.heads.load_head",
+}
+
+
+def write_manifest(directory, seed: int, recipe: dict, info: dict, scores: dict | None) -> Path:
+    from .manifest import file_entry
+    directory = Path(directory)
+    manifest = {
+        "family": FAMILY,
+        "files": [file_entry(directory / n, w) for n, w in DESCRIPTIONS.items() if (directory / n).is_file()],
+        "teacher": {"file": "weights/mini/mini-pixel-clip.safetensors", "sha256": _sha(TEACHER)},
+        "trained_with": {"command": f"python -m latentclip.miniworld train --family {FAMILY} --seed {seed} --out DIR",
+                         "seed": seed, "recipe": recipe, "torch": torch.__version__,
+                         "machine": "CPU, 1 torch thread per worker, 2 workers (VAE then generator | student then head)",
+                         "timings": info},
+        "scores": scores,
+    }
+    path = directory / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return path
+
+
+def _sha(path) -> str:
+    from .manifest import sha256
+    return sha256(path)
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+#: FK search settings of the comparison (``search.evaluate``'s defaults: 8 particles, 8 steps).
+FK_RUNS = ("fk_latent", "fk_pixel")
+
+
+def load_world(directory):
+    """The mini16 models as a GenEval-mini world: its VAE, generator, distilled reward and the teacher."""
+    from .geneval import World
+    d = Path(directory)
+    return World(load_vae(d / FILES["vae"]), _gen.load_generator(d / FILES["generator"]),
+                 _ckpt.load(d / FILES["latent"]), _clips.load_pixel_clip(TEACHER))
+
+
+def reward_seconds(world, n: int = 32, repeats: int = 5) -> dict:
+    """Seconds per image of one reward evaluation with its backward pass (what ReNO adds to the
+    generator's own cost each iteration): the distilled Latent-CLIP vs decode + pixel teacher."""
+    from .geneval import make_reward
+    from .generator import noise_for
+    prompts = ["a red circle to the left of a blue square"] * n
+    with torch.no_grad():
+        z = world.generator.sample(noise_for(range(n), channels=world.generator.latent_channels), prompts)
+    out = {}
+    for kind in ("latent", "pixel", "latent", "pixel"):   # twice, interleaved: the second pass counts
+        reward = make_reward(world, kind, prompts)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            x = z.clone().requires_grad_(True)
+            reward.loss(x).sum().backward()
+        out[kind] = (time.perf_counter() - t) / (repeats * n)
+    out["ratio"] = out["latent"] / out["pixel"]
+    return out
+
+
+def _mean4(accs: dict) -> float:
+    return float(np.mean([accs[t] for t in ("shape", "color", "count", "retrieval")]))
+
+
+def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None, n: int = 400, per_prompt: int = 8,
+                    geneval_prompts=None, geneval_seeds=None, generation: bool = True, info: dict | None = None,
+                    head_n: int = 1000, log=log) -> dict:
+    """The scores ``eval --family mini16`` writes: zero_shot, geneval, distill, heads (issue 23's keys)."""
+    from . import eval as E
+    from . import geneval as G
+    from . import search as MS
+    from ..heads import load_head
+    d = Path(directory)
+    if info is None:
+        manifest = d / "manifest.json"
+        info = json.loads(manifest.read_text())["trained_with"]["timings"] if manifest.is_file() else {}
+    world = load_world(d)
+    sets, ret = E.task_sets(n), E.retrieval_set(prompts, per_prompt)
+    zs = {"pixel": E.zero_shot("pixel", world.pixel_clip, world.vae, sets, ret),
+          "latent": E.zero_shot("latent", world.latent_clip, world.vae, sets, ret)}
+    for accs in zs.values():
+        accs["mean_shape_color_count_retrieval"] = _mean4(accs)
+    log(f"zero-shot: pixel {zs['pixel']}, latent {zs['latent']}")
+    result = {"family": FAMILY, "zero_shot": zs}
+    contrastive = json.loads((CONTRASTIVE_DIR / "manifest.json").read_text())
+    cost = info.get("contrastive_cost", {})
+    student = info.get("student", {})
+    result["distill"] = {
+        "student_cpu_seconds": student.get("train_cpu_seconds"),
+        "contrastive_cpu_seconds": cost.get("cpu_seconds"),
+        "student_zero_shot_mean": zs["latent"]["mean_shape_color_count_retrieval"],
+        "contrastive_zero_shot_mean": contrastive["scores"]["zero_shot"]["latent"]["mean_shape_color_count_retrieval"],
+        "student_steps": student.get("steps"),
+        "student_pre_encoding_cpu_seconds": student.get("pre_encoding", {}).get("cpu_seconds"),
+        "contrastive_recorded_wall_seconds": contrastive["trained_with"]["timings"]["latent"]["seconds"],
+        "contrastive_cpu_seconds_per_step": cost.get("cpu_seconds_per_step"),
+        "how": "student: process CPU time of its training steps (one torch thread); contrastive: the shipped "
+               "4-channel recipe (train.train_clip, 2250 steps) timed the same way on the same machine for "
+               f"{cost.get('steps_measured')} steps, times 2250; its recorded wall time (idle cores) is beside it",
+    }
+    if student.get("train_cpu_seconds") and cost.get("cpu_seconds"):
+        result["distill"]["cpu_ratio"] = student["train_cpu_seconds"] / cost["cpu_seconds"]
+    result["heads"] = head_transfer(load_head(d / FILES["head"]), world.pixel_clip, world.vae, world.latent_clip, head_n)
+    log(f"heads: {result['heads']}")
+    result["settings"] = {"images_per_task": n, "retrieval_captions": len(ret["captions"]), "seed": E.EVAL_SEED,
+                          "threads": torch.get_num_threads()}
+    if generation:
+        seeds = tuple(geneval_seeds or G.SEEDS)
+        pairs = geneval_prompts or G.default_prompts()
+        parts = [generation_scores(world, pairs, seeds, runs, log) for runs in (G.RUNS, FK_RUNS)]
+        result["geneval"] = {k: v for part in parts for k, v in part.items() if k != "settings"}
+        result["settings"].update({k: v for part in parts for k, v in part["settings"].items()})
+        result["reward_seconds_per_image"] = reward_seconds(world)
+        for method in ("reno", "fk"):
+            result["geneval"][f"{method}_interleaved_seconds_per_image"] = seconds_interleaved(world, pairs, method, seeds)
+        compare_rewards(result["geneval"])
+    return result
+
+
+def generation_scores(world, pairs, seeds, runs, log=log) -> dict:
+    """GenEval-mini of ``runs`` on the mini16 generator: ReNO runs (``geneval.RUNS``) or FK runs (``FK_RUNS``)."""
+    from . import geneval as G
+    from . import search as MS
+    if set(runs) <= set(G.RUNS):
+        out = G.evaluate(world, pairs, seeds=seeds, runs=runs, log=log)
+        out["settings"] = {"geneval": out["settings"]}
+        return out
+    out = MS.evaluate(world, pairs, seeds, runs=runs, log=log)
+    out["settings"] = {"fk": {"particles": 8, "steps": MS.STEPS, "eta": MS.ETA, **MS.FK}}
+    return out
+
+
+def seconds_interleaved(world, pairs, method: str, seeds=(0,), items: int = 16, rounds: int = 2) -> dict:
+    """Seconds per image of the latent and the pixel reward's runs of ``method`` ("reno" or "fk"), timed
+    alternately on the same items: on a shared machine, runs timed at different moments see different
+    loads (the FK evaluation runs one run after the other). The last round counts."""
+    from . import geneval as G
+    from . import search as MS
+    from .generator import noise_for
+    chosen = [(p, int(sd)) for _, p in pairs for sd in seeds][:items]
+    prompts, sds = [p for p, _ in chosen], [sd for _, sd in chosen]
+    out = {}
+    for _ in range(rounds):
+        for kind in ("latent", "pixel"):
+            t = time.perf_counter()
+            if method == "fk":
+                MS.run_batch(world, f"fk_{kind}", prompts, sds, 8)
+            else:
+                G.reno_latents(world, kind, prompts, noise_for(sds, channels=world.generator.latent_channels))
+            out[f"{method}_{kind}"] = (time.perf_counter() - t) / len(chosen)
+    return {**out, "items": len(chosen)}
+
+
+def compare_rewards(geneval: dict) -> dict:
+    """Adds ``reno_latent_vs_pixel`` and ``fk_latent_vs_pixel``: points and time ratio of the distilled reward
+    (from ``seconds_interleaved`` when present as ``<method>_interleaved_seconds_per_image``)."""
+    for run in ("reno", "fk"):
+        lat, pix = geneval[f"{run}_latent"], geneval[f"{run}_pixel"]
+        inter = geneval.get(f"{run}_interleaved_seconds_per_image")
+        ratio = (inter[f"{run}_latent"] / inter[f"{run}_pixel"]) if inter else lat["seconds_per_image"] / pix["seconds_per_image"]
+        geneval[f"{run}_latent_vs_pixel"] = {"overall_points": 100 * (lat["overall"] - pix["overall"]), "time_ratio": ratio}
+    return geneval
+
+
+def format_table(r: dict) -> str:
+    from .eval import TASKS
+    zs = r["zero_shot"]
+    lines = ["zero-shot accuracy (%), mini16", f"{'task':<12}{'teacher (pixel)':>16}{'student (latent)':>18}"]
+    for t in (*TASKS, "mean_shape_color_count_retrieval"):
+        lines.append(f"{'mean(s,c,n,r)' if t.startswith('mean') else t:<12}{100 * zs['pixel'][t]:>16.1f}"
+                     f"{100 * zs['latent'][t]:>18.1f}")
+    dd = r["distill"]
+    lines += ["", f"distillation: student {dd['student_cpu_seconds']} s CPU, contrastive {dd['contrastive_cpu_seconds']} s "
+              f"CPU; zero-shot mean student {100 * dd['student_zero_shot_mean']:.1f} vs contrastive "
+              f"{100 * dd['contrastive_zero_shot_mean']:.1f}"]
+    h = r["heads"]
+    lines.append(f"head transfer: teacher {100 * h['teacher_accuracy']:.1f}%, student {100 * h['student_accuracy']:.1f}% "
+                 f"({100 * h['ratio']:.1f}% of the teacher's)")
+    if "geneval" in r:
+        g = r["geneval"]
+        lines += ["", f"{'GenEval-mini':<14}{'overall %':>10}{'s/image':>10}"]
+        for run in ("baseline", "reno_latent", "reno_pixel", *FK_RUNS):
+            lines.append(f"{run:<14}{100 * g[run]['overall']:>10.1f}{g[run]['seconds_per_image']:>10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Heads on a CLIP embedding space (latentclip.heads) and the LatentHead reward term."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentclip import CheckpointError, InputError, LatentCLIP
+from latentclip.heads import Head, latent_probabilities, load_head, save_head
+from latentclip.rewards import LatentHead, RewardSum
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LatentCLIP("Latent-ViT-Tiny-test").eval()
+
+
+def _head(model, hidden=8, seed=1):
+    torch.manual_seed(seed)
+    return Head(model.config["embed_dim"], ["calm", "busy", "odd"], hidden, "a test attribute", "tiny").eval()
+
+
+def test_save_load_round_trip_keeps_labels_and_outputs(tmp_path, model):
+    head = _head(model)
+    path = save_head(head, tmp_path / "h.safetensors", {"seed": 1})
+    again = load_head(path)
+    assert again.labels == ["calm", "busy", "odd"] and again.what == "a test attribute" and again.space == "tiny"
+    emb = torch.randn(5, model.config["embed_dim"])
+    assert torch.allclose(head(emb), again(emb))
+    assert torch.allclose(again.probabilities(emb).sum(-1), torch.ones(5))
+    with pytest.raises(FileExistsError):
+        save_head(head, path)
+
+
+def test_latent_probabilities_go_through_the_latent_clip(model):
+    head = _head(model, hidden=0)
+    x = torch.randn(3, 4, 64, 64)
+    before = x.clone()
+    got = latent_probabilities(model, head, x)
+    want = head.probabilities(model.encode_latents(before))
+    assert torch.equal(x, before) and torch.allclose(got, want)
+
+
+def test_a_head_of_another_width_or_an_unknown_label_is_one_clear_error(model):
+    wrong = Head(model.config["embed_dim"] + 1, ["a", "b"])
+    with pytest.raises(InputError, match="reads 33-dimensional embeddings but the Latent-CLIP makes 32"):
+        latent_probabilities(model, wrong, torch.randn(1, 4, 64, 64))
+    with pytest.raises(InputError, match="label 'nope' is not one of this head's labels"):
+        LatentHead(model, _head(model), "nope")
+    with pytest.raises(InputError, match="mode must be one of"):
+        LatentHead(model, _head(model), "calm", mode="sideways")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, sd: m.update(format="something-else"), "is not a head file"),
+    (lambda m, sd: m.update(labels="[1, 2]"), "'labels' that is not a list"),
+    (lambda m, sd: m.update(embed_dim="10000000"), "'embed_dim'"),
+    (lambda m, sd: sd.update({"net.0.weight": torch.zeros(3, 5)}), "does not fit its metadata"),
+    (lambda m, sd: sd.update({"net.0.bias": torch.full((3,), float("nan"))}), "NaN or infinite"),
+])
+def test_a_bad_head_file_is_refused_naming_it(tmp_path, model, edit, message):
+    path = save_head(_head(model, hidden=0), tmp_path / "good.safetensors")
+    from latentclip.checkpoints import read_safetensors_header
+    meta = dict(read_safetensors_header(path)["__metadata__"])
+    sd = load_file(str(path))
+    edit(meta, sd)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_head(bad)
+    assert "bad.safetensors" in str(e.value)
+
+
+def test_head_reward_raises_or_lowers_the_label_probability(model):
+    head = _head(model)
+    x = torch.randn(2, 4, 64, 64)
+    p0 = latent_probabilities(model, head, x)[:, 1]
+    for mode, sign in (("increase", 1), ("decrease", -1)):
+        term = LatentHead(model, head, "busy", mode=mode, weight=1.0)
+        loss, metrics = term.evaluate(x)
+        assert loss.shape == (2,) and torch.allclose(metrics["p"], p0, atol=1e-6)
+        want = -torch.log(p0) if mode == "increase" else -torch.log1p(-p0)
+        assert torch.allclose(loss, want, atol=1e-5)
+        z = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(term.loss(z).sum(), z)
+        with torch.no_grad():
+            p1 = latent_probabilities(model, head, x - 0.5 * g / g.norm())[:, 1]
+        assert (sign * (p1 - p0) > 0).all(), (mode, p0, p1)
+    total, values = RewardSum([LatentHead(model, head, "odd", weight=0.5)]).evaluate(x)
+    assert set(values) == {"head", "head/p"} and total.shape == (2,)
