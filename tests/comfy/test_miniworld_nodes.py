@@ -8,7 +8,7 @@ from latentclip.errors import InputError
 from latentclip.miniworld import generator as G
 from latentclip.miniworld.vae import load_vae
 
-from conftest import REPO
+from conftest import REPO, tiny_sdxl
 
 MINI = REPO / "weights" / "mini"
 
@@ -73,7 +73,6 @@ def test_the_loaders_list_the_shipped_mini_clips_and_the_vae_families_match(comf
                                 dtype="auto"))
     assert model_vae_family(world[0]) == "mini"
     check_vae_family(handle, world[0])     # accepted: ReNO, guidance and search take the pair
-    from conftest import tiny_sdxl
     with pytest.raises(InputError, match="MINI-VAE latents but the model makes SDXL latents"):
         check_vae_family(handle, tiny_sdxl())
 
