@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import multiprocessing as mp
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -318,45 +314,15 @@ def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
 def train_family(out="weights/mini16", seed: int = 0, recipe: dict | None = None, evaluate: bool = True) -> Path:
     """Train every mini16 model into a fresh directory, evaluate, write the manifest, move it to ``out``."""
     recipe = recipe or RECIPE
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new --out)")
-    tmp = out.parent / f".{out.name}.training-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    t0, load_start = time.time(), os.getloadavg()
-    log(f"training the mini16 family into {tmp} (seed {seed}, 2 workers x {recipe['threads_per_worker']} thread)")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(w, seed, recipe, str(tmp), queue)) for w in ("a", "b")]
-    for p in procs:
-        p.start()
-    info, errors = {}, []
-    for _ in procs:
-        which, part, err = queue.get()
-        if err:
-            errors.append(f"worker {which} failed:\n{err}")
-            break
-        info.update(part)
-    for p in procs:
-        if errors and p.is_alive():
-            p.terminate()
-        p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors) + f"\npartial outputs left in {tmp}")
-    info["train_seconds"] = round(time.time() - t0, 1)
-    info["load_average_1_5_15_min"] = {"start": [round(x, 2) for x in load_start],
-                                       "end": [round(x, 2) for x in os.getloadavg()]}
+    t0 = time.time()
+    out, tmp = _train.fresh_training_dir(out)
+    info = _train.run_workers(_worker, ("a", "b"), seed, recipe, tmp, "the mini16 family")
     scores = None
     if evaluate:
         torch.set_num_threads(recipe["threads_per_worker"])
         scores = evaluate_family(tmp, info=info)
     write_manifest(tmp, seed, recipe, info, scores)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    shutil.move(str(tmp), str(out))
-    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
-    return out
+    return _train.publish(tmp, out, t0)
 
 
 DESCRIPTIONS = {
@@ -437,7 +403,6 @@ def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None
     """The scores ``eval --family mini16`` writes: zero_shot, geneval, distill, heads (issue 23's keys)."""
     from . import eval as E
     from . import geneval as G
-    from . import search as MS
     from ..heads import load_head
     d = Path(directory)
     if info is None:

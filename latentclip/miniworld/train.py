@@ -207,19 +207,24 @@ def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
         raise SystemExit(1) from e
 
 
-def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, evaluate: bool = True) -> Path:
-    """Train every mini-world model into a fresh directory, evaluate, then move it to ``out``."""
-    recipe = recipe or RECIPE
+def fresh_training_dir(out) -> tuple[Path, Path]:
+    """``out`` (refused unless new or empty) and a temporary sibling to train into, moved there when done."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new --out)")
     tmp = out.parent / f".{out.name}.training-{os.getpid()}"
     tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def run_workers(worker, names, seed: int, recipe: dict, tmp: Path, what: str) -> dict:
+    """Run ``worker(name, seed, recipe, tmp, queue)`` for each name in its own spawned process; their infos merged,
+    with the training time and the machine's load (timings are slower when other work shared the cores)."""
     t0, load_start = time.time(), os.getloadavg()
-    log(f"training the mini-world into {tmp} (seed {seed}, 2 workers x {recipe['threads_per_worker']} thread)")
+    log(f"training {what} into {tmp} (seed {seed}, {len(names)} workers x {recipe['threads_per_worker']} thread)")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(w, seed, recipe, str(tmp), queue)) for w in ("latent", "pixel")]
+    procs = [ctx.Process(target=worker, args=(w, seed, recipe, str(tmp), queue)) for w in names]
     for p in procs:
         p.start()
     info, errors = {}, []
@@ -240,6 +245,25 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
     info["load_average_1_5_15_min"] = {"start": [round(x, 2) for x in load_start],
                                        "end": [round(x, 2) for x in os.getloadavg()]}
     log(f"training done in {info['train_seconds'] / 60:.1f} min")
+    return info
+
+
+def publish(tmp: Path, out: Path, t0: float) -> Path:
+    """Move the finished training folder to ``out`` (new or empty, checked before training)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    shutil.move(str(tmp), str(out))
+    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
+    return out
+
+
+def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, evaluate: bool = True) -> Path:
+    """Train every mini-world model into a fresh directory, evaluate, then move it to ``out``."""
+    recipe = recipe or RECIPE
+    t0 = time.time()
+    out, tmp = fresh_training_dir(out)
+    info = run_workers(_worker, ("latent", "pixel"), seed, recipe, tmp, "the mini-world")
     scores = None
     if evaluate:
         from .eval import evaluate_dir
@@ -252,9 +276,4 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
     write_manifest(tmp, seed=seed, recipe=recipe, info=info, scores=scores)
     if (tmp / _gen.FILE).is_file():
         _gen.add_to_manifest(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    shutil.move(str(tmp), str(out))
-    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
-    return out
+    return publish(tmp, out, t0)
