@@ -6,13 +6,13 @@ and what to pick instead, or:
 * the reported best reward is the reward of the returned sample (one and two particles);
 * UNet rows evaluated = particles x the plain sampler's (best_of_n and fk_steering, one and two particles).
 """
-import math
 
 import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_sdxl
+from conftest import tiny_conditioning, tiny_sdxl
+from test_search_nodes import handle  # noqa: F401  (the module-scoped tiny Latent-CLIP fixture, shared)
 
 STEPS = 3          # FK resamples after steps 1 and 2 (auto start), prune after step 1: three intervals
 SIDE = 16
@@ -41,15 +41,6 @@ def test_the_matrix_covers_every_sampler_comfyui_lists(comfy):
     assert not missing, f"new samplers in KSamplerSelect's list: {missing}; add them to SAMPLERS and docs/search.md"
 
 
-@pytest.fixture(scope="module")
-def handle(comfy):
-    model = tiny_latent_clip(seed=5)
-    with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(100.0))
-    path = comfy.models / "latent_clip" / "tiny-search.safetensors"
-    if not path.exists():
-        latentclip.save(model, path)
-    return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
 
 
 class CountedModel:
