@@ -186,17 +186,10 @@ def page(server):
     playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
     if CHROMIUM is None:
         pytest.skip("no chromium binary (apt-get install chromium)")
-    from test_frontend import close_dialogs
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(server.url, timeout=120_000)
-        page.wait_for_function("window.app && window.app.graph", timeout=120_000)
-        page.close_dialogs = lambda: close_dialogs(page)
+    import test_frontend
+    with test_frontend.front_end_page(server.url) as page:
+        page.close_dialogs = lambda: test_frontend.close_dialogs(page)
         yield page
-        browser.close()
 
 
 def _default(spec):

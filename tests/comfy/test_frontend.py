@@ -2,6 +2,7 @@
 
 Skipped unless ComfyUI, Playwright and a Chromium binary are available.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -33,17 +34,24 @@ def close_dialogs(page):
     assert not page.locator(".p-dialog-mask").count(), "a dialog stays open"
 
 
-@pytest.fixture(scope="module")
-def page(comfy_server):
+@contextlib.contextmanager
+def front_end_page(url: str):
+    """ComfyUI's front end at ``url`` in headless Debian Chromium, once its graph exists."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(comfy_server.url, timeout=120_000)
+        page.goto(url, timeout=120_000)
         page.wait_for_function("window.app && window.app.graph", timeout=120_000)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server):
+    with front_end_page(comfy_server.url) as page:
+        yield page
 
 
 def drawn_overlaps(boxes: list) -> list:
