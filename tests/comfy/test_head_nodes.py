@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-import latentclip
 from latentclip.heads import Head, latent_probabilities, save_head
-from conftest import tiny_conditioning, tiny_reward_latent_clip, tiny_sdxl
+from conftest import tiny_conditioning, tiny_sdxl
+from test_reno_nodes import reno_handle  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,8 @@ def head_name(comfy):
 
 
 @pytest.fixture(scope="module")
-def handle(comfy):
-    path = comfy.models / "latent_clip" / "tiny-head-reward.safetensors"
-    if not path.exists():
-        latentclip.save(tiny_reward_latent_clip(seed=3), path)
-    return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
+def handle(reno_handle):
+    return reno_handle   # the ReNO tests' tiny Latent-CLIP with a trained logit scale
 
 
 def test_head_score_matches_the_core_and_leaves_the_input_alone(comfy, head_name, handle):
