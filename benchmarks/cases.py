@@ -30,7 +30,10 @@ def _rss_mb(field: str) -> float:
 
 
 class PeakMemory:
-    """Peak memory above the state at ``start()``: CUDA max_memory_allocated, else peak RSS."""
+    """Peak memory above the state at ``start()``: CUDA max_memory_allocated, else peak RSS.
+
+    Peak RSS only sees pages new to the process, so on CPU measure in a fresh process (as
+    ``benchmarks.run`` does): a long-lived one may reuse freed pages it still holds."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
