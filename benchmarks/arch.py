@@ -56,6 +56,8 @@ def _comfy(device: str):
     import comfy.cli_args
     if torch.device(device).type != "cuda":
         comfy.cli_args.args.cpu = True   # model_management probes CUDA at import otherwise
+    if os.environ.get("LATENTCLIP_BENCH_ATTENTION") == "pytorch":   # what ComfyUI picks on CUDA
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules import model as vae_model
     from comfy.ldm.modules.diffusionmodules import openaimodel

@@ -215,11 +215,16 @@ class RenoStep:
         self.z = torch.nn.Parameter(torch.randn(1, 4, side, side, generator=g).to(device))
         self.opt = torch.optim.SGD([self.z], lr=5.0, momentum=0.9, nesterov=True)
 
-    def __call__(self):
-        z, s = self.z, self.sigma
+    def generator(self, z):
+        """Noise -> x0 (scaled latent) in one step."""
+        s = self.sigma
         x_t = (z * s).to(self.dtype)
         eps = self.unet(x_t / (s ** 2 + 1) ** 0.5, self.t, self.context, self.y)
-        x0 = x_t - s * eps                             # scaled latent
+        return x_t - s * eps
+
+    def __call__(self):
+        z = self.z
+        x0 = self.generator(z)
         if self.reward is None:
             loss = 1e-3 * x0.float().square().mean()
         else:

@@ -4,7 +4,11 @@ One iteration = noise -> one-step UNet (t=999) -> x0 -> stand-in loss + chi regu
 -> clip -> SGD step (``benchmarks.cases.RenoStep``'s "bare" variant: the UNet's fwd+bwd dominates).
 Checkpointing is ``latentclip.reno.checkpointed(checkpoint_layers(unet))``, what the ReNO nodes use.
 Each case runs in a fresh subprocess; peak = peak RSS (CPU) or ``max_memory_allocated`` (CUDA) above
-the state just before the step, weights excluded.
+the state just before the step, weights excluded; "peak allocated" = the tensors one step allocates
+(``latentclip.memory_probe.peak_bytes``: the same counter on CUDA, profiler memory events on the CPU);
+"ReNO's request" = what the ReNO nodes ask model management for (``latentclip.memory_probe``: the
+generator measured at reduced sizes, extrapolated, x SAFETY). ``--attention pytorch`` uses PyTorch's
+attention kernels, ComfyUI's pick on CUDA (on the CPU it picks its sub-quadratic kernel).
 
     python -m benchmarks.reno_memory --device cpu --cases sd21:512,sdxl:256 --json out.json
 """
@@ -27,6 +31,7 @@ def run_case(kind: str, px: int, ckpt: bool, device: str, dtype: str, threads: i
     import torch
     from benchmarks import arch
     from benchmarks.cases import PeakMemory, RenoStep, measured
+    from latentclip.memory_probe import peak_bytes, probe_backward_memory, request_bytes
     from latentclip.reno import checkpoint_layers, checkpointed
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
@@ -44,21 +49,30 @@ def run_case(kind: str, px: int, ckpt: bool, device: str, dtype: str, threads: i
             if i:
                 times.append(t)
                 cpu_times.append(c)
-    return {"unet": kind, "px": px, "checkpointing": ckpt, "device": device, "dtype": dtype, "threads": threads,
+        # what the ReNO nodes ask model management for: the generator measured at reduced sizes and
+        # extrapolated (latentclip.memory_probe; the bare step's loss and reward are negligible)
+        request = request_bytes(probe_backward_memory(step.generator, tuple(step.z.shape), device, step.z.dtype)["bytes"], 0)
+        # held against the peak of the tensors a step allocates (what model management plans for; on
+        # the CPU the RSS above also holds oneDNN's caches and the allocator's slack)
+        allocated = peak_bytes(step, device)
+    return {"unet": kind, "px": px, "checkpointing": ckpt, "request_mb": request / 2**20,
+            "allocated_mb": allocated / 2**20, "device": device, "dtype": dtype, "threads": threads,
             "layers_checkpointed": len(layers), "seconds": statistics.median(times), "times": times,
             "cpu_seconds": statistics.median(cpu_times),
             "peak_mb": max(peaks), "peak_total_mb": total, "source": source}
 
 
 def table(rows) -> str:
-    out = ["| UNet | px | dtype | checkpointing | s / iteration (wall) | CPU s | peak above weights (MB) | vs. off: memory | vs. off: time |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| UNet | px | dtype | checkpointing | s / iteration (wall) | CPU s | peak above weights (MB) | "
+           "peak allocated (MB) | ReNO's request (MB) | vs. off: memory | vs. off: time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["unet"], r["px"]): r for r in rows if not r["checkpointing"]}
     for r in rows:
         b = base.get((r["unet"], r["px"]))
         rel = ("-", "-") if b is None or b is r else (f"{r['peak_mb'] / b['peak_mb']:.2f}x", f"{r['seconds'] / b['seconds']:.2f}x")
         out.append(f"| {r['unet']} | {r['px']} | {r['dtype']} | {'on' if r['checkpointing'] else 'off'} | "
-                   f"{r['seconds']:.2f} | {r.get('cpu_seconds', float('nan')):.2f} | {r['peak_mb']:.0f} | {rel[0]} | {rel[1]} |")
+                   f"{r['seconds']:.2f} | {r.get('cpu_seconds', float('nan')):.2f} | {r['peak_mb']:.0f} | "
+                   f"{r.get('allocated_mb', float('nan')):.0f} | {r.get('request_mb', float('nan')):.0f} | {rel[0]} | {rel[1]} |")
     return "\n".join(out)
 
 
@@ -69,6 +83,9 @@ def main(argv=None):
     ap.add_argument("--cases", default="sd21:512", help="comma-separated unet:px (unet: sd21 or sdxl)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="timed iterations after one warm-up")
+    ap.add_argument("--attention", choices=["comfyui", "pytorch"], default="comfyui",
+                    help="comfyui: what ComfyUI picks on this device (sub-quadratic on the CPU); pytorch: "
+                         "PyTorch's kernels, ComfyUI's pick on CUDA")
     ap.add_argument("--json", default=None)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)   # internal: one case, in this process
     args = ap.parse_args(argv)
@@ -82,14 +99,16 @@ def main(argv=None):
         for ckpt in ("0", "1"):
             cmd = [sys.executable, "-m", "benchmarks.reno_memory", "--case", f"{case}:{ckpt}", "--device", args.device,
                    "--dtype", dtype, "--threads", str(args.threads), "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                                                                                LATENTCLIP_BENCH_ATTENTION=args.attention))
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(f"{case} checkpointing={ckpt}: failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
                 continue
             row = json.loads(lines[-1][7:])
             rows.append(row)
-            print(f"{case} checkpointing={ckpt}: {row['seconds']:.2f} s, peak +{row['peak_mb']:.0f} MB "
+            print(f"{case} checkpointing={ckpt}: {row['seconds']:.2f} s, peak +{row['peak_mb']:.0f} MB, "
+                  f"allocated {row['allocated_mb']:.0f} MB, request {row['request_mb']:.0f} MB "
                   f"({row['layers_checkpointed']} layers checkpointed) [{row['source']}]", flush=True)
     print(table(rows))
     if args.json:

@@ -9,6 +9,7 @@ latent space) before any reward sees it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +23,10 @@ from comfy_api.latest import io, ui
 
 from latentclip import LatentAvoid, LatentMatch, PixelCLIPMatch, reno_optimize
 from latentclip.errors import InputError
+from latentclip.memory_probe import probe_backward_memory, request_bytes, reward_backward_memory
 from latentclip.plotting import plot_reno_history
 from latentclip.reno import checkpoint_layers, checkpointed
+from latentclip.rewards import RewardSum
 
 from .comfy_bridge import (OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check,
                            load_pixel_clip, model_file_problem, text_lines)
@@ -232,15 +235,19 @@ class ReNOSampler(comfy.samplers.Sampler):
             start = (latent_image if latent_image is not None else torch.zeros_like(noise)).detach().clone()
             mask = None if denoise_mask is None else denoise_mask.detach().to(noise.device, torch.float32).clone()
 
-        def keep_unmasked(x0):   # inpainting: only the masked region changes, as ComfyUI's samplers do
-            return x0 if mask is None else x0 * mask + start * (1 - mask)
+        def make_generator(start, mask, extra_args):
+            def keep_unmasked(x0):   # inpainting: only the masked region changes, as ComfyUI's samplers do
+                return x0 if mask is None else x0 * mask + start * (1 - mask)
 
-        def generator(z):
-            x = ms.noise_scaling(sig[0], z, start, max_denoise)
-            for i in range(len(sig) - 1):
-                x0 = keep_unmasked(model_wrap(x, sig[i] * x.new_ones(x.shape[0]), **extra_args))
-                x = x0 if sig[i + 1] == 0 else x0 + (x - x0) * (sig[i + 1] / sig[i])  # deterministic Euler
-            return base.process_latent_out(ms.inverse_noise_scaling(sig[-1], x))
+            def generator(z):
+                x = ms.noise_scaling(sig[0], z, torch.zeros_like(z) if start is None else start, max_denoise)
+                for i in range(len(sig) - 1):
+                    x0 = keep_unmasked(model_wrap(x, sig[i] * x.new_ones(x.shape[0]), **extra_args))
+                    x = x0 if sig[i + 1] == 0 else x0 + (x - x0) * (sig[i + 1] / sig[i])  # deterministic Euler
+                return base.process_latent_out(ms.inverse_noise_scaling(sig[-1], x))
+            return generator
+
+        generator = make_generator(start, mask, extra_args)
 
         def on_step(step):
             interrupt_check()
@@ -252,6 +259,10 @@ class ReNOSampler(comfy.samplers.Sampler):
         if self.gradient_checkpointing:
             layers = [m for net in (base.diffusion_model, *controls, *decoders) for m in checkpoint_layers(net)]
         with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers):
+            if measure_working_memory(noise.device):
+                # the same generator at reduced sizes: no inpainting mix (its tensors have the full size)
+                probe = make_generator(None, None, {**extra_args, **({"denoise_mask": None} if "denoise_mask" in extra_args else {})})
+                self.request_measured_memory(model_wrap, base, probe, terms, noise)
             self.last_result = reno_optimize(
                 generator, noise, terms, iterations=self.iterations, lr=self.learning_rate,
                 optimizer=self.optimizer, grad_clip=self.grad_clip, regularization=self.regularization,
@@ -260,11 +271,38 @@ class ReNOSampler(comfy.samplers.Sampler):
 
     def request_memory(self, model_wrap, base, shape, steps: int) -> None:
         """Ask ComfyUI's model management for ReNO's working memory, with every model ReNO runs loaded:
-        other models are offloaded (or the UNet loaded in part) instead of running out of memory."""
-        patchers = [model_wrap.model_patcher, *getattr(model_wrap, "loaded_models", []), *reward_patchers(self.reward)]
+        other models are offloaded (or the UNet loaded in part) instead of running out of memory.
+        This first request is the estimate from parameters (``reno_working_memory``); on a GPU
+        ``request_measured_memory`` then measures the real generator and asks again if it needs more."""
         pixel_terms = sum(isinstance(s, PixelTermSpec) for s in self.reward)
-        need = reno_working_memory(base, shape, steps, self.gradient_checkpointing, pixel_terms)
-        mm.load_models_gpu(patchers, memory_required=need, minimum_memory_required=need)
+        self.requested = reno_working_memory(base, shape, steps, self.gradient_checkpointing, pixel_terms)
+        mm.load_models_gpu(self._patchers(model_wrap), memory_required=self.requested,
+                           minimum_memory_required=self.requested)
+
+    def request_measured_memory(self, model_wrap, base, generator, terms, noise) -> None:
+        """Measure the generator's backward at reduced sizes and the reward's at the real size
+        (``latentclip.memory_probe``), and ask model management again when that exceeds the first request."""
+        try:
+            probe = probe_backward_memory(generator, tuple(noise.shape), noise.device, noise.dtype)
+            reward = reward_backward_memory(lambda x: RewardSum(terms).evaluate(x)[0], tuple(noise.shape), noise.device, noise.dtype)
+        except (RuntimeError, ValueError) as e:   # out of memory, or a conditioning tied to the full size
+            logging.warning("Latent-CLIP ReNO: measuring the working memory failed (%s); keeping the estimate "
+                            "of %.0f MiB", str(e).splitlines()[0] if str(e) else type(e).__name__, self.requested / 2**20)
+            return
+        need = request_bytes(probe["bytes"], reward)
+        self.measured = {**probe, "reward_bytes": reward, "request_bytes": need, "estimate_bytes": self.requested}
+        if need > self.requested:
+            self.requested = need
+            mm.load_models_gpu(self._patchers(model_wrap), memory_required=need, minimum_memory_required=need)
+
+    def _patchers(self, model_wrap) -> list:
+        return [model_wrap.model_patcher, *getattr(model_wrap, "loaded_models", []), *reward_patchers(self.reward)]
+
+
+def measure_working_memory(device) -> bool:
+    """Whether ReNO measures its working memory: where ComfyUI plans memory (a GPU); on the CPU model
+    management is off and the estimate from parameters is only recorded."""
+    return torch.device(device).type != "cpu" and mm.vram_state != mm.VRAMState.DISABLED
 
 
 def _reward_inputs():

@@ -2,12 +2,12 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/measure_reno_memory_tiny.py [--batch 2] [--size 32]
 
-In-process ComfyUI, the tiny SDXL-architecture UNet (inference-tensor weights, as a loader makes them)
-and a tiny Latent-CLIP reward. Per setting: the peak of all CPU allocations during a 2-iteration ReNO
-run (torch's profiler memory events, in time order), the UNet weight copies and other tensors kept for
-backward by one forward (tests/comfy/test_reno_memory_request.py), and ``reno_working_memory``. The
-request's activation term is calibrated on SD2.1 and SDXL (docs/benchmarks.md); on a tiny UNet
-activations per parameter are far larger, so this shows the weight-copy term, not a tiny-model fit.
+In-process ComfyUI, the tiny SDXL-architecture UNet (inference-tensor weights, as a loader makes them),
+PyTorch attention (what ComfyUI picks on CUDA) and a tiny Latent-CLIP reward. Per setting: the peak of
+all CPU allocations during a 2-iteration ReNO run (``latentclip.memory_probe.peak_bytes``), the UNet
+weight copies and other tensors kept for backward by one forward (tests/comfy/test_reno_memory_request.py),
+the first request (``reno_working_memory``, from parameters) and the measured one that ReNO makes on a
+GPU (``ReNOSampler.request_measured_memory``, run here on the CPU).
 """
 from __future__ import annotations
 
@@ -17,21 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))
-
-
-def peak_bytes(fn) -> int:
-    """Peak of the bytes allocated and not yet freed while ``fn`` runs (CPU; op-level resolution)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    now = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        now += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, now)
-    return peak
 
 
 def main(argv=None) -> int:
@@ -43,6 +31,7 @@ def main(argv=None) -> int:
     import conftest as harness
     import latentclip
     from test_reno_memory_request import saved_for_backward
+    from latentclip.memory_probe import peak_bytes
 
     if harness.COMFYUI is None:
         raise SystemExit(harness.SKIP_REASON)
@@ -51,6 +40,16 @@ def main(argv=None) -> int:
     handle = comfy.run_node("LatentCLIPLoader", ckpt_name="tiny.safetensors", device="default", dtype="fp32").result[0]
     reward = comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=0.01).result[0]
     reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
+    import comfy.ldm.modules.attention as attention
+    attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
+    samplers, measuring = [], [False]
+    real = reno.ReNOSampler.request_measured_memory
+
+    def recording(self, *a, **kw):
+        samplers.append(self)
+        return real(self, *a, **kw)
+    reno.ReNOSampler.request_measured_memory = recording
+    reno.measure_working_memory = lambda device: measuring[0]
     unet = harness.tiny_sdxl()
     shape = (args.batch, 4, args.size, args.size)
     weights = sum(p.numel() * p.element_size() for p in unet.model.diffusion_model.parameters())
@@ -63,14 +62,19 @@ def main(argv=None) -> int:
 
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     print(f"tiny SDXL UNet ({mib(weights)} MiB of fp32 weights), latents {list(shape)}, one step")
-    print("| checkpointing | run peak (MiB) | weight copies kept (MiB) | other tensors kept (MiB) | request (MiB) |")
-    print("|---|---|---|---|---|")
+    print("| checkpointing | run peak (MiB) | weight copies kept (MiB) | other tensors kept (MiB) | "
+          "first request (MiB) | measured request (MiB) |")
+    print("|---|---|---|---|---|---|")
     for checkpointing in (True, False):
         run(checkpointing, 1)   # warm-up
-        peak = peak_bytes(lambda: run(checkpointing, 2))
+        peak = peak_bytes(lambda: run(checkpointing, 2), "cpu")
         copies, other = saved_for_backward(comfy, lambda: run(checkpointing, 1))
         asked = reno.reno_working_memory(unet.model, shape, 1, checkpointing, 0)
-        print(f"| {'on' if checkpointing else 'off'} | {mib(peak)} | {mib(copies)} | {mib(other)} | {mib(asked)} |")
+        measuring[0] = True
+        run(checkpointing, 1)
+        measuring[0] = False
+        measured = samplers[-1].measured["request_bytes"]
+        print(f"| {'on' if checkpointing else 'off'} | {mib(peak)} | {mib(copies)} | {mib(other)} | {mib(asked)} | {mib(measured)} |")
     return 0
 
 

@@ -8,7 +8,10 @@ dropped), split into weight copies (what comfy.ops' weight functions return) and
 """
 import sys
 
+import pytest
 import torch
+
+from latentclip.memory_probe import peak_bytes
 
 from conftest import tiny_conditioning, tiny_sdxl
 from test_gpu_inputs import reno_reward  # noqa: F401  (fixture)
@@ -65,3 +68,42 @@ def test_the_request_covers_the_weight_copies_kept_for_backward(comfy, reno_rewa
     assert kept[False][0] > 0.5 * weights          # without checkpointing most weights are copied and kept
     # what turning checkpointing off adds in weight copies, the request adds too (it did not: issue 20)
     assert asked[False] - asked[True] >= kept[False][0] - kept[True][0]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_the_measured_request_covers_the_peak_of_the_run(comfy, reno_reward, monkeypatch, size):  # noqa: F811
+    """On a GPU ReNO measures its generator's backward at two reduced sizes and asks for the
+    extrapolation; here the same measurement runs on the CPU (profiler memory events) and is held
+    against the peak of the whole ReNO run at the real size, with checkpointing on and off. Attention
+    is PyTorch's, as ComfyUI picks it on CUDA (on the CPU it picks its sub-quadratic kernel, whose
+    memory jumps at chunk thresholds that reduced sizes cannot show; docs/gpu.md)."""
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_pytorch)
+    reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
+    monkeypatch.setattr(reno, "measure_working_memory", lambda device: True)
+    samplers = []
+    real = reno.ReNOSampler.request_measured_memory
+
+    def recording(self, *a, **kw):
+        samplers.append(self)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(reno.ReNOSampler, "request_measured_memory", recording)
+    model = tiny_sdxl()
+    for checkpointing in (True, False):
+        def go():
+            comfy.run_node("LatentCLIPReNO", model=model, positive=tiny_conditioning(1, BATCH),
+                           negative=tiny_conditioning(2, BATCH), latent_image={"samples": torch.zeros(BATCH, 4, size, size)},
+                           reward=reno_reward[1], seed=5, iterations=2, learning_rate=5.0, optimizer="sgd",
+                           grad_clip=0.1, regularization=0.01, gradient_checkpointing=checkpointing, steps=1, cfg=1.0)
+        go()                                                        # warm-up: text features, first loads
+        monkeypatch.setattr(reno, "measure_working_memory", lambda device: False)
+        peak = peak_bytes(go, "cpu")                                # the run itself, no probe inside
+        monkeypatch.setattr(reno, "measure_working_memory", lambda device: True)
+        measured = samplers[-1].measured
+        print(f"\n{size}x{size} checkpointing={checkpointing}: run peak {peak / 2**20:.2f} MiB, measured request "
+              f"{measured['request_bytes'] / 2**20:.2f} MiB (points {measured['points']}), "
+              f"estimate from parameters {measured['estimate_bytes'] / 2**20:.2f} MiB")
+        assert measured["request_bytes"] >= peak
+        assert measured["request_bytes"] <= 2.5 * peak             # a request, not a refusal to run
+        assert len(measured["points"]) == (2 if size == 32 else 3) and all(b > 0 for _, b in measured["points"])
