@@ -59,8 +59,11 @@ RECIPE = {
     # the shipped generator's recipe, warm-started from it (all but the latent-side convs), shortened for the CPU
     "generator": {**_gen.RECIPE, "steps": 250, "batch": 64, "pool": 4000, "lr": 2e-3, "warmup": 10,
                   "init_from": str(WEIGHTS_DIR / "mini" / _gen.FILE)},
-    "student": {"steps": 500, "batch": 128, "lr": 3e-3, "warmup": 10, "weight_decay": 0.05, "pool": 8000,
-                "contrastive_weight": 0.1, "contrastive_logit_scale": 20.0, "init_from_teacher": True},
+    # relations: a hard-negative term at its own large scale (the teacher's caption/swap embeddings have cosine
+    # ~0.997); a larger pool than 8000 scenes, on which the relation term overfits (docs/miniworld_mini16.md)
+    "student": {"steps": 1200, "batch": 128, "lr": 3e-3, "warmup": 10, "weight_decay": 0.05, "pool": 24000,
+                "contrastive_weight": 0.3, "contrastive_logit_scale": 20.0, "relation_weight": 1.0,
+                "relation_logit_scale": 1000.0, "init_from_teacher": True},
     "head": {"labels": ["no triangle", "triangle"], "hidden": 64, "train_scenes": 6000, "test_scenes": 1000,
              "steps": 300, "lr": 1e-2, "weight_decay": 1e-4},
     "threads_per_worker": 1,
@@ -377,7 +380,11 @@ def train_student_only(out, seed: int = 0, recipe: dict | None = None, base=WEIG
     student, info["student"] = distill(load_vae(tmp / FILES["vae"]), teacher, seed, recipe["student"])
     _ckpt.save(student, tmp / FILES["latent"], dtype="fp16")
     info["contrastive_cost"] = contrastive_cpu_per_step(seed)
-    info["student_only"] = {"base": str(base), "seconds": round(time.time() - t0, 1), "load_average_1_5_15_min":
+    try:
+        base_name = str(base.resolve().relative_to(WEIGHTS_DIR.resolve().parent))
+    except ValueError:
+        base_name = str(base)
+    info["student_only"] = {"base": base_name, "seconds": round(time.time() - t0, 1), "load_average_1_5_15_min":
                             [round(x, 2) for x in __import__("os").getloadavg()],
                             "note": "VAE, generator and head copied from base (timings theirs); student and "
                                     "contrastive cost measured in this run"}
