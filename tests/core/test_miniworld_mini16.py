@@ -141,3 +141,18 @@ def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatc
     assert "--only student" in manifest["trained_with"]["command"]
     assert manifest["trained_with"]["timings"]["student"]["steps"] == 2
     assert manifest["trained_with"]["timings"]["contrastive_cost"]["cpu_seconds"] == 1125.0
+
+
+def test_the_recipe_is_the_shipped_students_with_the_relation_term_off():
+    """RECIPE['student'] reproduces the shipped student: its manifest's recorded recipe (written before the
+    relation term existed, so without relation_weight) with a missing relation_weight read as 0."""
+    manifest = json.loads((DIR / "manifest.json").read_text())
+    recorded = manifest["trained_with"]["recipe"]["student"]
+    assert not M.RECIPE["student"].get("relation_weight")
+    assert {**recorded, "relation_weight": recorded.get("relation_weight", 0.0)} == M.RECIPE["student"]
+
+
+def test_a_zero_relation_weight_adds_no_relation_term(world):
+    recipe = {"pool": 64, "steps": 2, "batch": 32, "relation_weight": 0.0, "relation_logit_scale": 1000.0}
+    _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    assert "relation" not in info["final_losses"]
