@@ -44,6 +44,26 @@ def caption_contrastive(student: torch.Tensor, text: torch.Tensor, logit_scale: 
     return 0.5 * (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_txt, targets))
 
 
+def hard_negative_choice(student: torch.Tensor, options: torch.Tensor, logit_scale: float | torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of picking the true caption among its hard negatives, per image.
+
+    ``student`` [N, E]; ``options`` [N, K, E] text embeddings whose column 0 is the true caption and
+    columns 1.. its hard negatives (e.g. the same objects with the relation word swapped);
+    ``mask`` [N, K] marks the columns that exist (column 0 always). Unlike ``caption_contrastive``,
+    whose batch softmax is dominated by easy negatives, this loss is only about the hard ones, so a
+    large ``logit_scale`` can separate captions whose text embeddings are nearly parallel.
+    """
+    if options.dim() != 3 or options.shape[0] != student.shape[0] or options.shape[2] != student.shape[1]:
+        raise ValueError(f"options {list(options.shape)} must be [N, K, E] for student embeddings {list(student.shape)}")
+    img = F.normalize(student.float(), dim=-1)
+    opt = F.normalize(options.float(), dim=-1)
+    logits = logit_scale * torch.einsum("ne,nke->nk", img, opt)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.bool(), float("-inf"))
+    return F.cross_entropy(logits, torch.zeros(img.shape[0], dtype=torch.long, device=img.device))
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor | None = None,
                  logit_scale: float | torch.Tensor = 100.0, contrastive_weight: float = 0.0,
                  hard_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

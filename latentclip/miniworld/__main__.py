@@ -12,6 +12,14 @@ FAMILIES = ("mini", "mini16")
 
 
 def _train(args) -> int:
+    from ..errors import InputError
+    if args.only and args.family != "mini16":
+        raise InputError("--only student needs --family mini16")
+    if args.family == "mini16" and args.only == "student":
+        from .mini16 import train_student_only
+        train_student_only(out=args.out or str(WEIGHTS_DIR / "mini16"), seed=args.seed, base=args.base,
+                           evaluate=not args.no_eval)
+        return 0
     if args.family == "mini16":
         from .mini16 import train_family
         train_family(out=args.out or str(WEIGHTS_DIR / "mini16"), seed=args.seed, evaluate=not args.no_eval)
@@ -103,6 +111,9 @@ def main(argv=None) -> int:
                    help="mini: the 4-channel world; mini16: the 16-channel VAE, generator and distilled Latent-CLIP")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the manifest")
+    t.add_argument("--only", default=None, choices=["student"],
+                   help="mini16: retrain only the distilled Latent-CLIP on --base's VAE (VAE, generator and head copied)")
+    t.add_argument("--base", default=str(WEIGHTS_DIR / "mini16"), help="with --only: the family directory to start from")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="score the weights on held-out scenes; print a table")
     e.add_argument("--weights", default=None, help="weights directory (default weights/<family>)")

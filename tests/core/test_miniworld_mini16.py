@@ -89,3 +89,70 @@ def test_eval_cli_family_mini16_writes_the_issue_keys(tmp_path):
             "contrastive_zero_shot_mean"} <= set(r["distill"])
     assert r["distill"]["student_cpu_seconds"] > 0 and r["distill"]["contrastive_cpu_seconds"] > 0
     assert {"teacher_accuracy", "student_accuracy"} <= set(r["heads"])
+
+
+def test_hard_negative_choice_is_about_the_hard_negatives_only():
+    from latentclip.distill_loss import hard_negative_choice
+    torch.manual_seed(0)
+    true, neg = torch.randn(3, 8), torch.randn(3, 8)
+    opts = torch.stack([true, neg], 1)
+    img = true.clone()
+    low = hard_negative_choice(img, opts, 100.0)
+    assert float(low) < 1e-3                                      # the image is its true caption
+    far = hard_negative_choice(neg, opts, 100.0)
+    assert float(far) > 5.0                                       # the image is the hard negative
+    masked = hard_negative_choice(neg, opts, 100.0, torch.tensor([[True, False]] * 3))
+    assert float(masked) == pytest.approx(0.0, abs=1e-6)          # a missing column never competes
+    with pytest.raises(ValueError):
+        hard_negative_choice(img, true, 100.0)
+
+
+def test_relation_choices_swap_the_relation_word_and_never_offer_a_true_caption():
+    batch = S.make_batch(123, 40, "relation")
+    truesets = [set(S.true_captions(s)) for s in batch.scenes]
+    rows, options = M._relation_choices(list(range(40)), truesets)
+    assert len(rows) >= 40
+    for pos, opts in zip(rows, options):
+        first = S.parse(opts[0])
+        assert opts[0] in truesets[pos] and not any(o in truesets[pos] for o in opts[1:])
+        for o in opts[1:]:
+            spec = S.parse(o)
+            assert (spec.color, spec.shape, spec.color2, spec.shape2) == (first.color, first.shape, first.color2, first.shape2)
+            assert spec.relation != first.relation
+
+
+def test_the_relation_term_moves_relation_scenes_toward_their_true_caption(world):
+    """A few steps with only the hard-negative relation term lower it on the training batch."""
+    recipe = {"pool": 64, "steps": 6, "batch": 64, "lr": 1e-3, "warmup": 1, "contrastive_weight": 0.0,
+              "relation_weight": 1.0, "relation_logit_scale": 100.0}
+    _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    assert "relation" in info["final_losses"] and info["recipe"]["relation_weight"] == 1.0
+
+
+def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "contrastive_cpu_per_step", lambda seed=0: {"cpu_seconds_per_step": 0.5, "steps_measured": 1,
+                                                                      "recipe_steps": 2250, "cpu_seconds": 1125.0})
+    recipe = {**M.RECIPE, "student": {**M.RECIPE["student"], "pool": 64, "steps": 2, "batch": 32}}
+    out = M.train_student_only(tmp_path / "out", 0, recipe, evaluate=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {f["file"] for f in manifest["files"]} == set(M.FILES.values())
+    for key in ("vae", "generator", "head"):
+        assert sha256(out / M.FILES[key]) == sha256(DIR / M.FILES[key])
+    assert "--only student" in manifest["trained_with"]["command"]
+    assert manifest["trained_with"]["timings"]["student"]["steps"] == 2
+    assert manifest["trained_with"]["timings"]["contrastive_cost"]["cpu_seconds"] == 1125.0
+
+
+def test_the_recipe_is_the_shipped_students_with_the_relation_term_off():
+    """RECIPE['student'] reproduces the shipped student: its manifest's recorded recipe (written before the
+    relation term existed, so without relation_weight) with a missing relation_weight read as 0."""
+    manifest = json.loads((DIR / "manifest.json").read_text())
+    recorded = manifest["trained_with"]["recipe"]["student"]
+    assert not M.RECIPE["student"].get("relation_weight")
+    assert {**recorded, "relation_weight": recorded.get("relation_weight", 0.0)} == M.RECIPE["student"]
+
+
+def test_a_zero_relation_weight_adds_no_relation_term(world):
+    recipe = {"pool": 64, "steps": 2, "batch": 32, "relation_weight": 0.0, "relation_logit_scale": 1000.0}
+    _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    assert "relation" not in info["final_losses"]
