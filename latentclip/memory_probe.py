@@ -3,9 +3,9 @@
 ReNO backpropagates through the whole UNet. What that holds depends on the architecture (widths,
 attention levels, which layers are checkpointed, the attention kernel), so a constant per parameter
 fits one model and misses another (the tiny SDXL holds ~6x what the SD2.1 constant predicts). Instead
-the run itself is measured: one forward+backward of the real generator at two reduced latent sizes,
-its peak allocation above the start, then fitted as ``constant + a * pixels`` and evaluated at the
-real size.
+the run itself is measured: one forward+backward of the real generator at reduced latent sizes
+(1/8, 1/4 and 1/2 of each side: together about a third of one real iteration), its peak allocation
+above the start, fitted as ``k + a * pixels + c * pixels**2`` and evaluated at the real size.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-#: Added to the extrapolated peak: allocator rounding, and what a fit of two points misses.
+#: Multiplies the measured peaks: allocator rounding, and what the fit misses between the probes and the real size.
 SAFETY = 1.2
 
 

@@ -261,7 +261,10 @@ class ReNOSampler(comfy.samplers.Sampler):
         with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers):
             if measure_working_memory(noise.device):
                 # the same generator at reduced sizes: no inpainting mix (its tensors have the full size)
-                probe = make_generator(None, None, {**extra_args, **({"denoise_mask": None} if "denoise_mask" in extra_args else {})})
+                probe_args = dict(extra_args)
+                if "denoise_mask" in probe_args:
+                    probe_args["denoise_mask"] = None
+                probe = make_generator(None, None, probe_args)
                 self.request_measured_memory(model_wrap, base, probe, terms, noise)
             self.last_result = reno_optimize(
                 generator, noise, terms, iterations=self.iterations, lr=self.learning_rate,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -368,7 +370,6 @@ def train_student_only(out, seed: int = 0, recipe: dict | None = None, base=WEIG
     """Retrain only the distilled student on ``base``'s VAE (one worker, one thread): the VAE, generator and
     head are copied from ``base`` with their recorded timings; the contrastive recipe's cost is measured
     again on this machine (the same clock as the student's); evaluate; write the manifest; publish to ``out``."""
-    import shutil
     recipe = recipe or RECIPE
     base = Path(base)
     t0 = time.time()
@@ -387,7 +388,7 @@ def train_student_only(out, seed: int = 0, recipe: dict | None = None, base=WEIG
     except ValueError:
         base_name = str(base)
     info["student_only"] = {"base": base_name, "seconds": round(time.time() - t0, 1), "load_average_1_5_15_min":
-                            [round(x, 2) for x in __import__("os").getloadavg()],
+                            [round(x, 2) for x in os.getloadavg()],
                             "note": "VAE, generator and head copied from base (timings theirs); student and "
                                     "contrastive cost measured in this run"}
     scores = evaluate_family(tmp, info=info) if evaluate else None
@@ -571,19 +572,16 @@ def seconds_interleaved(world, pairs, method: str, seeds=(0,), items: int = 16, 
 
 
 def compare_rewards(geneval: dict) -> dict:
-    """Adds ``reno_latent_vs_pixel`` and ``fk_latent_vs_pixel``: points and time ratio of the distilled reward
-    (from ``seconds_interleaved`` when present as ``<method>_interleaved_seconds_per_image``)."""
-    for run in ("reno", "fk"):
-        lat, pix = geneval[f"{run}_latent"], geneval[f"{run}_pixel"]
-        inter = geneval.get(f"{run}_interleaved_seconds_per_image")
-        ratio = (inter[f"{run}_latent"] / inter[f"{run}_pixel"]) if inter else lat["seconds_per_image"] / pix["seconds_per_image"]
-        geneval[f"{run}_latent_vs_pixel"] = {"overall_points": 100 * (lat["overall"] - pix["overall"]), "time_ratio": ratio}
-    if HALF_RUN in geneval:
-        half, pix = geneval[HALF_RUN], geneval["reno_pixel"]
-        inter = geneval.get("reno_interleaved_seconds_per_image")
-        ratio = (inter[HALF_RUN] / inter["reno_pixel"]) if inter and HALF_RUN in inter \
-            else half["seconds_per_image"] / pix["seconds_per_image"]
-        geneval[f"{HALF_RUN}_vs_pixel"] = {"overall_points": 100 * (half["overall"] - pix["overall"]), "time_ratio": ratio}
+    """Adds ``reno_latent_vs_pixel``, ``fk_latent_vs_pixel`` and (when run) ``reno_latent_half_vs_pixel``:
+    points and time ratio of the distilled reward's run against the pixel run (from ``seconds_interleaved``
+    when present as ``<method>_interleaved_seconds_per_image``)."""
+    pairs = [("reno", "reno_latent"), ("fk", "fk_latent")] + ([("reno", HALF_RUN)] if HALF_RUN in geneval else [])
+    for method, run in pairs:
+        lat, pix = geneval[run], geneval[f"{method}_pixel"]
+        inter = geneval.get(f"{method}_interleaved_seconds_per_image")
+        ratio = (inter[run] / inter[f"{method}_pixel"]) if inter and run in inter \
+            else lat["seconds_per_image"] / pix["seconds_per_image"]
+        geneval[f"{run}_vs_pixel"] = {"overall_points": 100 * (lat["overall"] - pix["overall"]), "time_ratio": ratio}
     return geneval
 
 
