@@ -64,6 +64,23 @@ def hard_negative_choice(student: torch.Tensor, options: torch.Tensor, logit_sca
     return F.cross_entropy(logits, torch.zeros(img.shape[0], dtype=torch.long, device=img.device))
 
 
+def hard_negative_margin(student: torch.Tensor, options: torch.Tensor, margin: float,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinge on cosines: mean over each image's hard negatives of ``max(0, margin - (cos_true - cos_neg))``.
+
+    Same ``options``/``mask`` layout as ``hard_negative_choice``. It stops pulling once the true caption
+    leads each hard negative by ``margin``, so the embedding moves no further from a regression target
+    than the distinction needs (a softmax keeps pushing, which costs the other tasks).
+    """
+    if options.dim() != 3 or options.shape[0] != student.shape[0] or options.shape[2] != student.shape[1]:
+        raise ValueError(f"options {list(options.shape)} must be [N, K, E] for student embeddings {list(student.shape)}")
+    img = F.normalize(student.float(), dim=-1)
+    cos = torch.einsum("ne,nke->nk", img, F.normalize(options.float(), dim=-1))
+    hinge = F.relu(margin - (cos[:, :1] - cos[:, 1:]))
+    valid = torch.ones_like(hinge, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    return (hinge * valid).sum() / valid.sum().clamp(min=1)
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor | None = None,
                  logit_scale: float | torch.Tensor = 100.0, contrastive_weight: float = 0.0,
                  hard_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

@@ -38,7 +38,7 @@ from . import scenes as S
 from . import train as _train
 from .. import checkpoints as _ckpt
 from ..configs import WEIGHTS_DIR
-from ..distill_loss import caption_contrastive, cosine_regression, hard_negative_choice
+from ..distill_loss import caption_contrastive, cosine_regression, hard_negative_choice, hard_negative_margin
 from ..model import LatentCLIP
 from .vae import images_to_tensor, load_vae, save_vae
 
@@ -61,13 +61,13 @@ RECIPE = {
     # the shipped generator's recipe, warm-started from it (all but the latent-side convs), shortened for the CPU
     "generator": {**_gen.RECIPE, "steps": 250, "batch": 64, "pool": 4000, "lr": 2e-3, "warmup": 10,
                   "init_from": str(WEIGHTS_DIR / "mini" / _gen.FILE)},
-    # the shipped student's recipe. relation_weight 0: the hard-negative relation term (relation_choice_loss) is
-    # off; a recipe without the key (the shipped manifest's, recorded before the term existed) means the same.
-    # The relation recipe that was tried and not shipped (steps 1200, pool 24000, contrastive_weight 0.3,
-    # relation_weight 1, relation_logit_scale 1000): docs/miniworld_mini16.md, "Relations".
-    "student": {"steps": 500, "batch": 128, "lr": 3e-3, "warmup": 10, "weight_decay": 0.05, "pool": 8000,
-                "contrastive_weight": 0.1, "contrastive_logit_scale": 20.0, "init_from_teacher": True,
-                "relation_weight": 0.0},
+    # the shipped student's recipe, chosen on a validation split (tools/mini16_recipe_search.py): the
+    # hard-negative relation term (relation_choice_loss) at weight 0.3, scale 1000, and 3000 steps, as the
+    # student learns which object is left of which slowly (docs/miniworld_mini16.md, "Relations").
+    # trajectory_every: held-out zero-shot scores recorded along the run (off the training clock).
+    "student": {"steps": 3000, "batch": 128, "lr": 3e-3, "warmup": 10, "weight_decay": 0.05, "pool": 24000,
+                "contrastive_weight": 0.3, "contrastive_logit_scale": 20.0, "init_from_teacher": True,
+                "relation_weight": 0.3, "relation_logit_scale": 1000.0, "trajectory_every": 250},
     "head": {"labels": ["no triangle", "triangle"], "hidden": 64, "train_scenes": 6000, "test_scenes": 1000,
              "steps": 300, "lr": 1e-2, "weight_decay": 1e-4},
     "threads_per_worker": 1,
@@ -128,9 +128,11 @@ def _hard_negatives(caps: list[str], kept_truesets: list[set]) -> list[str]:
     return out
 
 
-def _relation_choices(idx, truesets) -> tuple[list[int], list[list[str]]]:
+def _relation_choices(idx, truesets, both_orders: bool = False) -> tuple[list[int], list[list[str]]]:
     """For each true relation caption of the batch's scenes: (batch position, [the caption, then the same
-    ordered pair with each other relation word that is false of that scene])."""
+    ordered pair with each other relation word that is false of that scene]). ``both_orders``: the other
+    word order's false captions join them ("B left of A" against "A below B"), the confusion a
+    retrieval over both wordings meets."""
     rows, options = [], []
     for pos, i in enumerate(idx):
         for c in sorted(truesets[i]):
@@ -139,21 +141,57 @@ def _relation_choices(idx, truesets) -> tuple[list[int], list[list[str]]]:
                 continue
             negs = [S.caption(S.Spec("relation", spec.color, spec.shape, 2, r, spec.color2, spec.shape2))
                     for r in S.RELATIONS if r != spec.relation]
+            if both_orders:
+                negs += [S.caption(S.Spec("relation", spec.color2, spec.shape2, 2, r, spec.color, spec.shape))
+                         for r in S.RELATIONS]
             rows.append(pos)
             options.append([c] + [n for n in negs if n not in truesets[i]])
     return rows, options
 
 
-def relation_choice_loss(emb, idx, truesets, text: dict, logit_scale: float):
-    """``hard_negative_choice`` over every true relation caption of the batch and its relation swaps,
-    or None when the batch holds no relation scene."""
-    rows, options = _relation_choices(idx, truesets)
+def relation_choice_loss(emb, idx, truesets, text: dict, logit_scale: float, margin: float | None = None,
+                         both_orders: bool = False):
+    """``hard_negative_choice`` (or, with ``margin``, ``hard_negative_margin``) over every true relation
+    caption of the batch and its relation swaps, or None when the batch holds no relation scene."""
+    rows, options = _relation_choices(idx, truesets, both_orders)
     if not rows:
         return None
     k = max(len(o) for o in options)
     opts = torch.stack([torch.stack([text[o[min(j, len(o) - 1)]] for j in range(k)]) for o in options])
     mask = torch.tensor([[j < len(o) for j in range(k)] for o in options])
+    if margin is not None:
+        return hard_negative_margin(emb[torch.as_tensor(rows)], opts, margin, mask)
     return hard_negative_choice(emb[torch.as_tensor(rows)], opts, logit_scale, mask)
+
+
+_INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def symmetric_relation_loss(emb, idx, truesets, text: dict, logit_scale: float):
+    """Cross-entropy over the four relations of each relation scene of the batch, each relation scored
+    in both word orders at once: ``cos(e, "A r B") + cos(e, "B inverse(r) A")``.
+
+    The teacher's text tower is nearly order-blind, so "A left of B" vs "A right of B" and "B right of A"
+    vs "B left of A" pull an image along largely opposite directions; scoring both orders together
+    leaves only the direction they agree on (None when the batch holds no relation scene)."""
+    rows, first, second = [], [], []
+    for pos, i in enumerate(idx):
+        rel = sorted(c for c in truesets[i] if S.parse(c).kind == "relation")
+        if not rel:
+            continue
+        spec = S.parse(rel[0])
+        order = [spec.relation] + [r for r in S.RELATIONS if r != spec.relation]
+        rows.append(pos)
+        first.append([text[S.caption(S.Spec("relation", spec.color, spec.shape, 2, r, spec.color2, spec.shape2))]
+                      for r in order])
+        second.append([text[S.caption(S.Spec("relation", spec.color2, spec.shape2, 2, _INVERSE[r], spec.color, spec.shape))]
+                       for r in order])
+    if not rows:
+        return None
+    img = F.normalize(emb[torch.as_tensor(rows)].float(), dim=-1)
+    both = torch.stack([torch.stack(o) for o in first]) + torch.stack([torch.stack(o) for o in second])
+    logits = logit_scale * 0.5 * torch.einsum("ne,nke->nk", img, both)
+    return F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long))
 
 
 @torch.no_grad()
@@ -176,17 +214,26 @@ def teacher_targets(teacher, seed: int, pool: int) -> tuple[torch.Tensor, float]
     return teacher_image_embeddings(teacher, images), time.process_time() - c0
 
 
-def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every: int = 50, targets=None):
+def encoded_pool(vae, seed: int, pool: int) -> tuple[torch.Tensor, list[str], list[set]]:
+    """The student's training pool (the 4-channel CLIPs' stream): latents, one caption and the true captions per scene."""
+    images, captions, truesets = _train.make_pool(seed, pool)
+    return _train.encode_pool(vae, images), captions, truesets
+
+
+def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every: int = 50, targets=None, pool=None,
+            probe=None):
     """Distil the student; returns (student, info). ``info['train_cpu_seconds']`` is the CPU time of
     the training steps alone (the pool's latents and teacher embeddings, pre-encoding, are timed apart).
-    ``targets``: ``teacher_targets(teacher, seed, pool)`` computed beforehand (the same tensors)."""
+    ``targets``: ``teacher_targets(teacher, seed, pool)`` and ``pool``: ``encoded_pool(vae, seed, pool)``,
+    computed beforehand (the same tensors; a recipe search reuses them across runs).
+    ``probe``: called with the student every ``recipe['trajectory_every']`` steps and at the end; its
+    dict joins ``info['trajectory']`` with the step and the training CPU seconds so far (the probe's own
+    time is kept off that clock), so a run records when it reached a score, not only where it ended."""
     r = {**RECIPE["student"], **(recipe or {})}
     torch.manual_seed(seed + 21)
     c0, w0 = time.process_time(), time.time()
-    images, captions, truesets = _train.make_pool(seed, r["pool"])   # the 4-channel CLIPs' stream
-    latents = _train.encode_pool(vae, images)
+    latents, captions, truesets = pool if pool is not None else encoded_pool(vae, seed, r["pool"])
     target, target_cpu = targets if targets is not None else teacher_targets(teacher, seed, r["pool"])
-    del images
     text = teacher_text_embeddings(teacher, S.all_captions())
     pre = {"cpu_seconds": round(time.process_time() - c0 + target_cpu, 1), "wall_seconds": round(time.time() - w0, 1)}
     log(f"student: pool of {r['pool']} pre-encoded (latents + teacher embeddings) in {pre['cpu_seconds']} s CPU")
@@ -198,7 +245,8 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
                             lr=r["lr"], betas=(0.9, 0.98), eps=1e-6)
     order = _train.batch_order(seed + 1, len(captions), r["steps"], r["batch"])
     student.train()
-    c1, w1, ema = time.process_time(), time.time(), {}
+    c1, w1, ema, trajectory, probe_cpu = time.process_time(), time.time(), {}, [], 0.0
+    every = int(r.get("trajectory_every") or 0) if probe is not None else 0
     for step in range(r["steps"]):
         for g in opt.param_groups:
             g["lr"] = _train._cosine_lr(step, r["steps"], r["lr"], r["warmup"])
@@ -215,7 +263,11 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
             loss = loss + r["contrastive_weight"] * con
             parts["contrastive"] = float(con.detach())
         if r.get("relation_weight"):
-            rel = relation_choice_loss(emb, idx, truesets, text, r["relation_logit_scale"])
+            if r.get("relation_symmetric"):
+                rel = symmetric_relation_loss(emb, idx, truesets, text, r["relation_logit_scale"])
+            else:
+                rel = relation_choice_loss(emb, idx, truesets, text, r.get("relation_logit_scale", 0.0),
+                                           r.get("relation_margin"), bool(r.get("relation_both_orders")))
             if rel is not None:
                 loss = loss + r["relation_weight"] * rel
                 parts["relation"] = float(rel.detach())
@@ -224,16 +276,47 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema = {k: v if k not in ema else 0.95 * ema[k] + 0.05 * v for k, v in parts.items()}
+        if every and ((step + 1) % every == 0 or step == r["steps"] - 1):
+            p0 = time.process_time()
+            trajectory.append({"step": step + 1, "train_cpu_seconds": round(p0 - c1 - probe_cpu, 1),
+                               **_probe(student, probe)})
+            probe_cpu += time.process_time() - p0
         if step % progress_every == 0 or step == r["steps"] - 1:
-            cpu = time.process_time() - c1
+            cpu = time.process_time() - c1 - probe_cpu
             log(f"student step {step + 1}/{r['steps']} " + " ".join(f"{k} {v:.4f}" for k, v in ema.items())
                 + f" ({cpu / (step + 1):.3f} s CPU/step, {cpu:.0f} s CPU)")
     student.eval().requires_grad_(False)
-    info = {"train_cpu_seconds": round(time.process_time() - c1, 1), "train_wall_seconds": round(time.time() - w1, 1),
+    info = {"train_cpu_seconds": round(time.process_time() - c1 - probe_cpu, 1),
+            "train_wall_seconds": round(time.time() - w1, 1),
             "steps": r["steps"], "pre_encoding": pre, "final_losses": {k: round(v, 5) for k, v in ema.items()},
             "trained_parameters": sum(p.numel() for p in params),
             "parameters": sum(p.numel() for p in student.clip.parameters()), "recipe": r}
+    if trajectory:
+        info["trajectory"] = trajectory
+        info["probe_cpu_seconds"] = round(probe_cpu, 1)
     return student, info
+
+
+def _probe(student, probe) -> dict:
+    """Run ``probe`` on the student in eval mode without gradients, then put it back to training."""
+    student.eval()
+    try:
+        with torch.no_grad():
+            return probe(student)
+    finally:
+        student.train()
+
+
+def zero_shot_probe(vae, n: int = 400):
+    """A ``distill`` probe: the student's held-out zero-shot scores (``eval --family mini16``'s sets), the
+    record the distillation target is read from ("reaches the contrastive model's mean, in how much CPU")."""
+    from . import eval as E
+    sets, ret = E.task_sets(n), E.retrieval_set(None, 8)
+
+    def probe(student) -> dict:
+        zs = E.zero_shot("latent", student, vae, sets, ret)
+        return {**{k: round(v, 4) for k, v in zs.items()}, "mean_shape_color_count_retrieval": round(_mean4(zs), 5)}
+    return probe
 
 
 # -- the head ------------------------------------------------------------------------------------
@@ -323,7 +406,7 @@ def stage_b(seed: int, recipe: dict, out: Path) -> dict:
     teacher = _clips.load_pixel_clip(TEACHER)
     _wait_for(out / FILES["vae"])
     vae = load_vae(out / FILES["vae"])
-    student, info["student"] = distill(vae, teacher, seed, recipe["student"])
+    student, info["student"] = distill(vae, teacher, seed, recipe["student"], probe=zero_shot_probe(vae))
     _ckpt.save(student, out / FILES["latent"], dtype="fp16")
     info.update(stage_head(seed, recipe, out, teacher))
     return info
@@ -380,7 +463,8 @@ def train_student_only(out, seed: int = 0, recipe: dict | None = None, base=WEIG
         shutil.copy2(base / FILES[key], tmp / FILES[key])
     torch.set_num_threads(recipe["threads_per_worker"])
     teacher = _clips.load_pixel_clip(TEACHER)
-    student, info["student"] = distill(load_vae(tmp / FILES["vae"]), teacher, seed, recipe["student"])
+    vae = load_vae(tmp / FILES["vae"])
+    student, info["student"] = distill(vae, teacher, seed, recipe["student"], probe=zero_shot_probe(vae))
     _ckpt.save(student, tmp / FILES["latent"], dtype="fp16")
     info["contrastive_cost"] = contrastive_cpu_per_step(seed)
     try:
@@ -474,6 +558,22 @@ def _mean4(accs: dict) -> float:
     return float(np.mean([accs[t] for t in ("shape", "color", "count", "retrieval")]))
 
 
+def time_to_mean(trajectory, target: float, contrastive_cpu: float | None) -> dict:
+    """From a run's recorded trajectory (``distill``'s probe on the held-out zero-shot sets): the training
+    CPU seconds at the first point whose mean of shape, colour, count and retrieval reaches ``target``
+    (None if none did), and that time over the contrastive recipe's CPU seconds."""
+    if not trajectory:
+        return {}
+    hit = next((p for p in trajectory if p["mean_shape_color_count_retrieval"] >= target - 1e-9), None)
+    out = {"student_trajectory": [{k: p[k] for k in ("step", "train_cpu_seconds", "relation",
+                                                     "mean_shape_color_count_retrieval")} for p in trajectory],
+           "student_cpu_seconds_to_contrastive_mean": hit["train_cpu_seconds"] if hit else None,
+           "student_steps_to_contrastive_mean": hit["step"] if hit else None}
+    if hit and contrastive_cpu:
+        out["cpu_ratio_to_contrastive_mean"] = hit["train_cpu_seconds"] / contrastive_cpu
+    return out
+
+
 def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None, n: int = 400, per_prompt: int = 8,
                     geneval_prompts=None, geneval_seeds=None, generation: bool = True, info: dict | None = None,
                     head_n: int = 1000, log=log) -> dict:
@@ -511,6 +611,8 @@ def evaluate_family(directory="weights/mini16", prompts: list[str] | None = None
     }
     if student.get("train_cpu_seconds") and cost.get("cpu_seconds"):
         result["distill"]["cpu_ratio"] = student["train_cpu_seconds"] / cost["cpu_seconds"]
+    result["distill"].update(time_to_mean(student.get("trajectory"), result["distill"]["contrastive_zero_shot_mean"],
+                                          cost.get("cpu_seconds")))
     result["heads"] = head_transfer(load_head(d / FILES["head"]), world.pixel_clip, world.vae, world.latent_clip, head_n)
     log(f"heads: {result['heads']}")
     result["settings"] = {"images_per_task": n, "retrieval_captions": len(ret["captions"]), "seed": E.EVAL_SEED,

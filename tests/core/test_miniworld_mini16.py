@@ -107,6 +107,25 @@ def test_hard_negative_choice_is_about_the_hard_negatives_only():
         hard_negative_choice(img, true, 100.0)
 
 
+def test_hard_negative_margin_stops_pulling_once_the_true_caption_leads_by_the_margin():
+    from latentclip.distill_loss import hard_negative_margin
+    true = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
+    neg = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1, 0.0]]), dim=-1)
+    opts = torch.stack([true, neg], 1)
+    near = torch.tensor([[1.0, 0.02, 0.0]], requires_grad=True)   # leads the negative by less than the margin
+    loss = hard_negative_margin(near, opts, 0.01)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    assert float(near.grad[0, 1]) > 0                             # pushed away from the negative
+    ahead = torch.tensor([[1.0, -0.3, 0.0]], requires_grad=True)  # already far ahead: no pull at all
+    hard_negative_margin(ahead, opts, 0.01).backward()
+    assert float(ahead.grad.abs().max()) == 0.0
+    masked = hard_negative_margin(neg, opts, 0.01, torch.tensor([[True, False]]))
+    assert float(masked) == 0.0                                   # a missing column never counts
+    with pytest.raises(ValueError):
+        hard_negative_margin(near, true, 0.01)
+
+
 def test_relation_choices_swap_the_relation_word_and_never_offer_a_true_caption():
     batch = S.make_batch(123, 40, "relation")
     truesets = [set(S.true_captions(s)) for s in batch.scenes]
@@ -119,6 +138,14 @@ def test_relation_choices_swap_the_relation_word_and_never_offer_a_true_caption(
             spec = S.parse(o)
             assert (spec.color, spec.shape, spec.color2, spec.shape2) == (first.color, first.shape, first.color2, first.shape2)
             assert spec.relation != first.relation
+    rows2, options2 = M._relation_choices(list(range(40)), truesets, both_orders=True)
+    assert rows2 == rows
+    for pos, short, both in zip(rows2, options, options2):
+        extra = both[len(short):]
+        first = S.parse(both[0])
+        assert both[:len(short)] == short and len(extra) == 3        # the other word order, its three false relations
+        assert all((S.parse(o).color, S.parse(o).shape) == (first.color2, first.shape2) for o in extra)
+        assert not any(o in truesets[pos] for o in extra)
 
 
 def test_the_relation_term_moves_relation_scenes_toward_their_true_caption(world):
@@ -127,6 +154,55 @@ def test_the_relation_term_moves_relation_scenes_toward_their_true_caption(world
               "relation_weight": 1.0, "relation_logit_scale": 100.0}
     _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
     assert "relation" in info["final_losses"] and info["recipe"]["relation_weight"] == 1.0
+
+
+def test_a_pool_encoded_beforehand_trains_the_same_student(world):
+    """``distill(pool=..., targets=...)`` (a recipe search reuses one pre-encoded pool) equals a plain run."""
+    recipe = {"pool": 64, "steps": 3, "batch": 32, "relation_weight": 0.3, "relation_logit_scale": 1000.0}
+    plain, _ = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    reused, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100,
+                             targets=M.teacher_targets(world.pixel_clip, 0, 64), pool=M.encoded_pool(world.vae, 0, 64))
+    for (name, a), b in zip(plain.clip.state_dict().items(), reused.clip.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert "relation" in info["final_losses"]
+
+
+def test_a_probe_records_the_trajectory_and_leaves_training_alone(world):
+    """Probing every step (held-out zero-shot scores, off the training clock) trains the same student."""
+    recipe = {"pool": 64, "steps": 3, "batch": 32, "trajectory_every": 2}
+    plain, _ = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    calls = []
+
+    def probe(student):
+        calls.append(student.training)
+        return {"mean_shape_color_count_retrieval": 0.5 * len(calls), "relation": 0.25}
+    probed, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100, probe=probe)
+    for (name, a), b in zip(plain.clip.state_dict().items(), probed.clip.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert calls == [False, False]                                       # steps 2 and 3 (the end), in eval mode
+    assert [p["step"] for p in info["trajectory"]] == [2, 3]
+    assert info["trajectory"][0]["train_cpu_seconds"] <= info["trajectory"][1]["train_cpu_seconds"] <= info["train_cpu_seconds"]
+    reached = M.time_to_mean(info["trajectory"], 1.0, 10.0)
+    assert reached["student_steps_to_contrastive_mean"] == 3
+    assert reached["cpu_ratio_to_contrastive_mean"] == pytest.approx(info["trajectory"][1]["train_cpu_seconds"] / 10.0)
+    assert M.time_to_mean(info["trajectory"], 2.0, 10.0)["student_cpu_seconds_to_contrastive_mean"] is None
+
+
+def test_the_symmetric_relation_loss_prefers_an_image_that_agrees_with_both_word_orders(world):
+    text = M.teacher_text_embeddings(world.pixel_clip, S.all_captions())
+    batch = S.make_batch(7, 12, "relation")
+    truesets = [set(S.true_captions(s)) for s in batch.scenes]
+    right = torch.stack([sum(text[c] for c in sorted(t)) for t in truesets])
+    wrong = []
+    for t in truesets:
+        spec = S.parse(sorted(t)[0])
+        swap = S.Spec("relation", spec.color, spec.shape, 2, M._INVERSE[spec.relation], spec.color2, spec.shape2)
+        wrong.append(text[S.caption(swap)] + text[S.caption(S.Spec("relation", spec.color2, spec.shape2, 2,
+                                                                    spec.relation, spec.color, spec.shape))])
+    idx = list(range(12))
+    assert float(M.symmetric_relation_loss(right, idx, truesets, text, 1000.0)) < \
+        float(M.symmetric_relation_loss(torch.stack(wrong), idx, truesets, text, 1000.0))
+    assert M.symmetric_relation_loss(right, idx, [set()] * 12, text, 1000.0) is None
 
 
 def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatch):
@@ -140,16 +216,15 @@ def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatc
         assert sha256(out / M.FILES[key]) == sha256(DIR / M.FILES[key])
     assert "--only student" in manifest["trained_with"]["command"]
     assert manifest["trained_with"]["timings"]["student"]["steps"] == 2
+    end = manifest["trained_with"]["timings"]["student"]["trajectory"][-1]    # held-out scores recorded at the end
+    assert end["step"] == 2 and set(E.TASKS) <= set(end)
     assert manifest["trained_with"]["timings"]["contrastive_cost"]["cpu_seconds"] == 1125.0
 
 
-def test_the_recipe_is_the_shipped_students_with_the_relation_term_off():
-    """RECIPE['student'] reproduces the shipped student: its manifest's recorded recipe (written before the
-    relation term existed, so without relation_weight) with a missing relation_weight read as 0."""
+def test_the_recipe_is_the_shipped_students():
+    """RECIPE['student'] is the recipe the shipped student's manifest records (train --only student reads it)."""
     manifest = json.loads((DIR / "manifest.json").read_text())
-    recorded = manifest["trained_with"]["recipe"]["student"]
-    assert not M.RECIPE["student"].get("relation_weight")
-    assert {**recorded, "relation_weight": recorded.get("relation_weight", 0.0)} == M.RECIPE["student"]
+    assert manifest["trained_with"]["recipe"]["student"] == M.RECIPE["student"]
 
 
 def test_a_zero_relation_weight_adds_no_relation_term(world):
