@@ -13,7 +13,9 @@ contrastively from scratch:
   on the teacher's image embeddings) is the teacher's;
 * a caption-contrastive term (``distill_loss.caption_contrastive``) against the frozen text
   embeddings of the scenes' captions, with hard negatives (the same objects, the relation word
-  swapped), teaches relations the teacher itself does not know.
+  swapped), and a relation term over those hard negatives alone (``relation_choice_loss``) teach
+  relations the teacher itself does not know (its text tower barely reads word order, so this takes
+  the student thousands of steps: docs/miniworld_mini16.md, "Relations").
 
 Then a head (``latentclip.heads``) is trained on the teacher's image embeddings and measured,
 unchanged, on the student's. ``train_family`` runs it all in two single-thread workers and writes
