@@ -44,6 +44,11 @@ def caption_contrastive(student: torch.Tensor, text: torch.Tensor, logit_scale: 
     return 0.5 * (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_txt, targets))
 
 
+def _check_options(student: torch.Tensor, options: torch.Tensor) -> None:
+    if options.dim() != 3 or options.shape[0] != student.shape[0] or options.shape[2] != student.shape[1]:
+        raise ValueError(f"options {list(options.shape)} must be [N, K, E] for student embeddings {list(student.shape)}")
+
+
 def hard_negative_choice(student: torch.Tensor, options: torch.Tensor, logit_scale: float | torch.Tensor,
                          mask: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of picking the true caption among its hard negatives, per image.
@@ -54,8 +59,7 @@ def hard_negative_choice(student: torch.Tensor, options: torch.Tensor, logit_sca
     whose batch softmax is dominated by easy negatives, this loss is only about the hard ones, so a
     large ``logit_scale`` can separate captions whose text embeddings are nearly parallel.
     """
-    if options.dim() != 3 or options.shape[0] != student.shape[0] or options.shape[2] != student.shape[1]:
-        raise ValueError(f"options {list(options.shape)} must be [N, K, E] for student embeddings {list(student.shape)}")
+    _check_options(student, options)
     img = F.normalize(student.float(), dim=-1)
     opt = F.normalize(options.float(), dim=-1)
     logits = logit_scale * torch.einsum("ne,nke->nk", img, opt)
@@ -72,8 +76,7 @@ def hard_negative_margin(student: torch.Tensor, options: torch.Tensor, margin: f
     leads each hard negative by ``margin``, so the embedding moves no further from a regression target
     than the distinction needs (a softmax keeps pushing, which costs the other tasks).
     """
-    if options.dim() != 3 or options.shape[0] != student.shape[0] or options.shape[2] != student.shape[1]:
-        raise ValueError(f"options {list(options.shape)} must be [N, K, E] for student embeddings {list(student.shape)}")
+    _check_options(student, options)
     img = F.normalize(student.float(), dim=-1)
     cos = torch.einsum("ne,nke->nk", img, F.normalize(options.float(), dim=-1))
     hinge = F.relu(margin - (cos[:, :1] - cos[:, 1:]))

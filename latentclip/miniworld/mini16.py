@@ -115,6 +115,13 @@ def _conflict_free(idx, captions, truesets) -> list[int]:
     return keep
 
 
+def relation_caption(spec: S.Spec, relation: str, swapped: bool = False) -> str:
+    """The caption of a relation spec's two objects with ``relation`` (the objects in the other word order
+    when ``swapped``): the hard negatives and alternative wordings every relation term is built from."""
+    a, b = ((spec.color2, spec.shape2), (spec.color, spec.shape)) if swapped else ((spec.color, spec.shape), (spec.color2, spec.shape2))
+    return S.caption(S.Spec("relation", a[0], a[1], 2, relation, b[0], b[1]))
+
+
 def _hard_negatives(caps: list[str], kept_truesets: list[set]) -> list[str]:
     """For each relation caption: the same ordered pair in the three other relations, unless true of a kept image."""
     out = []
@@ -124,7 +131,7 @@ def _hard_negatives(caps: list[str], kept_truesets: list[set]) -> list[str]:
             continue
         for r in S.RELATIONS:
             if r != spec.relation:
-                neg = S.caption(S.Spec("relation", spec.color, spec.shape, 2, r, spec.color2, spec.shape2))
+                neg = relation_caption(spec, r)
                 if not any(neg in t for t in kept_truesets) and neg not in out:
                     out.append(neg)
     return out
@@ -141,11 +148,9 @@ def _relation_choices(idx, truesets, both_orders: bool = False) -> tuple[list[in
             spec = S.parse(c)
             if spec.kind != "relation":
                 continue
-            negs = [S.caption(S.Spec("relation", spec.color, spec.shape, 2, r, spec.color2, spec.shape2))
-                    for r in S.RELATIONS if r != spec.relation]
+            negs = [relation_caption(spec, r) for r in S.RELATIONS if r != spec.relation]
             if both_orders:
-                negs += [S.caption(S.Spec("relation", spec.color2, spec.shape2, 2, r, spec.color, spec.shape))
-                         for r in S.RELATIONS]
+                negs += [relation_caption(spec, r, swapped=True) for r in S.RELATIONS]
             rows.append(pos)
             options.append([c] + [n for n in negs if n not in truesets[i]])
     return rows, options
@@ -184,10 +189,8 @@ def symmetric_relation_loss(emb, idx, truesets, text: dict, logit_scale: float):
         spec = S.parse(rel[0])
         order = [spec.relation] + [r for r in S.RELATIONS if r != spec.relation]
         rows.append(pos)
-        first.append([text[S.caption(S.Spec("relation", spec.color, spec.shape, 2, r, spec.color2, spec.shape2))]
-                      for r in order])
-        second.append([text[S.caption(S.Spec("relation", spec.color2, spec.shape2, 2, _INVERSE[r], spec.color, spec.shape))]
-                       for r in order])
+        first.append([text[relation_caption(spec, r)] for r in order])
+        second.append([text[relation_caption(spec, _INVERSE[r], swapped=True)] for r in order])
     if not rows:
         return None
     img = F.normalize(emb[torch.as_tensor(rows)].float(), dim=-1)
@@ -313,10 +316,12 @@ def zero_shot_probe(vae, n: int = 400):
     """A ``distill`` probe: the student's held-out zero-shot scores (``eval --family mini16``'s sets), the
     record the distillation target is read from ("reaches the contrastive model's mean, in how much CPU")."""
     from . import eval as E
-    sets, ret = E.task_sets(n), E.retrieval_set(None, 8)
+    held_out = {}   # rendered on the first call: a run without a trajectory never needs them
 
     def probe(student) -> dict:
-        zs = E.zero_shot("latent", student, vae, sets, ret)
+        if not held_out:
+            held_out.update(sets=E.task_sets(n), ret=E.retrieval_set(None, 8))
+        zs = E.zero_shot("latent", student, vae, held_out["sets"], held_out["ret"])
         return {**{k: round(v, 4) for k, v in zs.items()}, "mean_shape_color_count_retrieval": round(_mean4(zs), 5)}
     return probe
 
