@@ -41,6 +41,19 @@ def content_sha256(path) -> str:
     return h.hexdigest()
 
 
+def portable(value, root):
+    """``value`` with every string naming a path under ``root`` made relative to it: a manifest records
+    ``weights/mini/...``, never the folder of the machine that trained it."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, root) for v in value]
+    prefix = str(Path(root).resolve()) + "/"
+    if isinstance(value, str) and value.startswith(prefix):
+        return value[len(prefix):]
+    return value
+
+
 def file_entry(path, what: str) -> dict:
     """One ``files`` row of the manifest."""
     path = Path(path)

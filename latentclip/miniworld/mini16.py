@@ -501,7 +501,7 @@ DESCRIPTIONS = {
 
 
 def write_manifest(directory, seed: int, recipe: dict, info: dict, scores: dict | None, command: str | None = None) -> Path:
-    from .manifest import file_entry
+    from .manifest import file_entry, portable
     directory = Path(directory)
     manifest = {
         "family": FAMILY,
@@ -513,8 +513,9 @@ def write_manifest(directory, seed: int, recipe: dict, info: dict, scores: dict 
                          "timings": info},
         "scores": scores,
     }
+    manifest = portable(json.loads(json.dumps(manifest, default=str)), WEIGHTS_DIR.parent)
     path = directory / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
 

@@ -34,6 +34,15 @@ def test_manifest_matches_the_files_and_stays_small():
     assert sum((DIR / f["file"]).stat().st_size for f in manifest["files"]) <= 20 * 2**20
     assert manifest["teacher"]["sha256"] == sha256(M.TEACHER)
     assert "--family mini16" in manifest["trained_with"]["command"]
+    assert not _absolute_paths(manifest), "the manifest names paths of the machine that trained it"
+
+
+def _absolute_paths(value) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _absolute_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _absolute_paths(v)]
+    return [value] if isinstance(value, str) and value.startswith("/") else []
 
 
 def test_files_are_16_channel_and_load_through_the_public_loaders(world):
@@ -219,6 +228,8 @@ def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatc
     end = manifest["trained_with"]["timings"]["student"]["trajectory"][-1]    # held-out scores recorded at the end
     assert end["step"] == 2 and set(E.TASKS) <= set(end)
     assert manifest["trained_with"]["timings"]["contrastive_cost"]["cpu_seconds"] == 1125.0
+    assert manifest["trained_with"]["recipe"]["vae"]["init_from"] == "weights/mini/mini-vae.safetensors"
+    assert not _absolute_paths(manifest["trained_with"]["recipe"])
 
 
 def test_the_recipe_is_the_shipped_students():
