@@ -240,7 +240,10 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
     latents, captions, truesets = pool if pool is not None else encoded_pool(vae, seed, r["pool"])
     target, target_cpu = targets if targets is not None else teacher_targets(teacher, seed, r["pool"])
     text = teacher_text_embeddings(teacher, S.all_captions())
-    pre = {"cpu_seconds": round(time.process_time() - c0 + target_cpu, 1), "wall_seconds": round(time.time() - w0, 1)}
+    # teacher_cpu_seconds: the teacher's share (rendering and embedding the pool); it serves every VAE family,
+    # as the teacher never sees a latent, while the latents are each family's own
+    pre = {"cpu_seconds": round(time.process_time() - c0 + target_cpu, 1), "teacher_cpu_seconds": round(target_cpu, 1),
+           "wall_seconds": round(time.time() - w0, 1)}
     log(f"student: pool of {r['pool']} pre-encoded (latents + teacher embeddings) in {pre['cpu_seconds']} s CPU")
     student = build_student(teacher, r["init_from_teacher"], r.get("config"))
     params = [p for p in student.clip.parameters() if p.requires_grad]

@@ -47,3 +47,12 @@ def test_the_teachers_text_tower_reads_the_relation_word_not_the_order():
 def test_a_run_needs_a_name():
     with pytest.raises(SystemExit):
         tool.main(["--recipe", "{}"])
+
+
+def test_held_out_scores_are_the_evaluations():
+    """--held-out reports the numbers eval --family mini16 gives: the shipped student's, as its manifest records."""
+    world = tool.M.load_world(tool.M.WEIGHTS_DIR / "mini16")
+    recorded = json.loads((tool.M.WEIGHTS_DIR / "mini16" / "manifest.json").read_text())["scores"]["zero_shot"]["latent"]
+    scores = tool.held_out_scores(world.latent_clip, world.vae)
+    for task in E.TASKS:
+        assert scores[task] == pytest.approx(100 * recorded[task], abs=0.01)

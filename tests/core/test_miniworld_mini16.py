@@ -229,6 +229,8 @@ def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatc
     assert end["step"] == 2 and set(E.TASKS) <= set(end)
     assert manifest["trained_with"]["timings"]["contrastive_cost"]["cpu_seconds"] == 1125.0
     assert manifest["trained_with"]["recipe"]["vae"]["init_from"] == "weights/mini/mini-vae.safetensors"
+    pre = manifest["trained_with"]["timings"]["student"]["pre_encoding"]
+    assert 0 < pre["teacher_cpu_seconds"] <= pre["cpu_seconds"]
     assert not _absolute_paths(manifest["trained_with"]["recipe"])
 
 
