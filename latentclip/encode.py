@@ -48,12 +48,16 @@ class Job:
 
 def _folder_jobs(folder: Path, shard_size: int) -> list:
     images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
-    items = []
+    items, seen = [], {}
     for p in images:
         rel = p.relative_to(folder).with_suffix("")
         key = "_".join(rel.parts).replace(".", "_")
+        if key in seen:
+            raise InputError(f"images '{seen[key].relative_to(folder)}' and '{p.relative_to(folder)}' in '{folder}' would "
+                             f"share the sample key {key!r}; rename one of them")
+        seen[key] = p
         caption_file = p.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        caption = caption_file.read_bytes().decode("utf-8", "replace").strip() if caption_file.is_file() else None
         items.append((key, p, caption or None, {}))
     return [Job(f"{i // shard_size:06d}.tar", items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
 
@@ -75,6 +79,10 @@ def _tar_items(path: Path) -> list:
             except ValueError:
                 meta = {}
             items.append((key.replace(".", "_"), (path, parts[ext]), caption or None, meta if isinstance(meta, dict) else {}))
+    keys = [k for k, _, _, _ in items]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise InputError(f"shard '{path.name}' holds two samples whose keys both read {dup!r}; expected unique keys")
     return items
 
 
@@ -104,16 +112,15 @@ def load_image(source, size: int) -> torch.Tensor:
     """[size, size, 3] float in [0, 1]: RGB, shorter side resized to ``size``, centre crop."""
     from PIL import Image
     import io
+    name = str(source) if isinstance(source, Path) else f"{source[0].name} at byte {source[1][0]}"
     try:
         if isinstance(source, Path):
             img = Image.open(source)
-            name = str(source)
         else:
             path, (offset, length) = source
             with open(path, "rb") as f:
                 f.seek(offset)
                 img = Image.open(io.BytesIO(f.read(length)))
-            name = f"{path.name} at byte {offset}"
         img = img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"image {name} could not be decoded ({str(e)[:100]}); expected a JPEG/PNG/WebP image") from None
@@ -131,8 +138,9 @@ class Teacher:
 
     def __init__(self, path, model_name: str | None, device: torch.device):
         import open_clip
-        from .train.distill import load_teacher
+        from .train.distill import load_teacher, teacher_fingerprint
         teacher = load_teacher(path, model_name)
+        self.fingerprint = teacher_fingerprint(teacher.model)
         self.model, self.name = teacher.model.to(device), teacher.name
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg.get("size", 224)
@@ -156,19 +164,50 @@ def _manifest(args, family, teacher) -> dict:
     side = args.size // family.factor
     return {"format": FORMAT, "version": 1, "family": family.name, "vae": Path(args.vae).name,
             "image_size": args.size, "latent_shape": [family.channels, side, side],
-            "teacher": {"model": teacher.name, "file": Path(args.teacher).name, "embed_dim": teacher.embed_dim}}
+            "teacher": {"model": teacher.name, "file": Path(args.teacher).name, "embed_dim": teacher.embed_dim,
+                        "fingerprint": teacher.fingerprint}}
 
 
 def _check_manifest(out: Path, manifest: dict, is_main: bool) -> None:
     path = out / MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"'{path}' could not be read as JSON ({type(e).__name__}); encode into a new --out folder") from None
+        if isinstance(old, dict) and "fingerprint" not in old.get("teacher", {}):   # written before fingerprints
+            manifest = {**manifest, "teacher": {k: v for k, v in manifest["teacher"].items() if k != "fingerprint"}}
         if old != manifest:
             diff = [k for k in manifest if old.get(k) != manifest[k]]
             raise InputError(f"--out '{out}' already holds shards made with other settings ({', '.join(diff)}: "
                              f"{[old.get(k) for k in diff]}); use another --out folder to resume into")
     elif is_main:
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
+
+
+def _check_out(out: Path, inputs) -> None:
+    """--out is a new folder, an empty one, or an earlier run's (with its manifest), apart from every input."""
+    target = out.resolve()
+    for given in inputs:
+        folder = Path(given).resolve()
+        if target == (folder.parent if folder.is_file() else folder):   # its shards would take the inputs' names
+            raise InputError(f"--out '{out}' is the folder of input '{given}'; give another folder for the shards")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; expected a folder for the shards")
+    # another rank may be writing the manifest (MANIFEST.tmpPID) right now: that is not a stranger's file
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(not e.name.startswith(MANIFEST) for e in out.iterdir()):
+        raise InputError(f"--out '{out}' holds files but no {MANIFEST}; give a new or empty folder, or the --out of "
+                         "an earlier encode run to resume it")
+
+
+def _check_finished(path: Path, job: Job) -> None:
+    """A shard already in --out must hold the images this run plans for it: a folder that gained images, or
+    another --shard-size, would otherwise skip some and encode others twice."""
+    there, planned = set(tar_members(path)), {key for key, _, _, _ in job.items()}
+    if there != planned:
+        raise InputError(f"--out shard '{path.name}' holds {len(there)} samples but the inputs now give it {len(planned)} "
+                         f"({len(there ^ planned)} keys differ): the inputs or --shard-size changed since it was "
+                         "written; encode into a new --out folder")
 
 
 def encode(args, log=print) -> list:
@@ -179,13 +218,17 @@ def encode(args, log=print) -> list:
     if args.size % family.factor or args.size < family.factor:
         raise InputError(f"--size {args.size} is not a multiple of family {family.name!r}'s factor {family.factor}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, args.input)
     jobs = plan_jobs(args.input, args.shard_size)
     mine = [j for i, j in enumerate(jobs) if i % world.size == world.rank]
+    done = [j for j in mine if (out / j.out_name).exists()]
     todo = [j for j in mine if not (out / j.out_name).exists()]
     teacher = Teacher(args.teacher, args.teacher_model, device)
     manifest = _manifest(args, family, teacher)
+    out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, manifest, world.is_main)
+    for job in done:
+        _check_finished(out / job.out_name, job)
     log(f"rank {world.rank}/{world.size}: {len(mine)} of {len(jobs)} shards, {len(mine) - len(todo)} already done, "
         f"{len(todo)} to encode on {device}")
     if not todo:

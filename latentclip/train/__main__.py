@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from .distill import Settings, run
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         parser.error(f"--init-vision {settings.init_vision!r}: expected teacher or random")
     try:
         run(settings)
-    except InputError as e:
+    except (InputError, CheckpointError, FileExistsError) as e:   # e.g. --out appeared while training
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -64,11 +64,14 @@ class Settings:
     device: str | None = None
     force: bool = False
 
-    def fingerprint(self, world_size: int) -> dict:
-        """What must not change between a run and its resumption."""
+    def fingerprint(self, world_size: int, samples: int | None = None, shards: int | None = None) -> dict:
+        """What must not change between a run and its resumption (shards added to --data change the order)."""
         keep = ("config", "steps", "lr", "warmup", "weight_decay", "grad_clip", "contrastive_weight", "init_vision", "seed")
-        return {**{k: getattr(self, k) for k in keep}, "global_batch": self.batch * world_size,
-                "data": str(Path(self.data).resolve())}
+        out = {**{k: getattr(self, k) for k in keep}, "global_batch": self.batch * world_size,
+               "data": str(Path(self.data).resolve())}
+        if samples is not None:
+            out.update(data_samples=samples, data_shards=shards)
+        return out
 
 
 @dataclass
@@ -77,6 +80,17 @@ class Teacher:
     model: torch.nn.Module
     name: str
     config: dict = field(default_factory=dict)
+
+
+def teacher_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a teacher's weights (every tensor's name, shape and first 4096 values): two files
+    of one architecture with other weights differ, the same weights in another file format do not."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_teacher(path, model_name: str | None = None) -> Teacher:
@@ -181,14 +195,18 @@ def _save_resume(path: Path, step: int, visual, opt, fingerprint: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+#: fingerprint keys a resume file written before they existed lacks (it resumes; its data is not re-checked)
+NEWER_FINGERPRINT_KEYS = ("data_samples", "data_shards")
+
+
 def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
         raise InputError(f"resume file '{path}' could not be read ({str(e).splitlines()[0][:120]}); delete it to start over") from None
-    if state.get("fingerprint") != json.dumps(fingerprint, sort_keys=True):
-        old = json.loads(state.get("fingerprint", "{}"))
-        diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    old = json.loads(state.get("fingerprint", "{}"))
+    diff = [k for k in fingerprint if old.get(k) != fingerprint[k] and (k in old or k not in NEWER_FINGERPRINT_KEYS)]
+    if diff:
         raise InputError(f"--work '{path.parent}' holds a run with other settings ({', '.join(diff)}); "
                          "use another --work folder or the same settings to resume")
     visual.load_state_dict(state["visual"])
@@ -209,6 +227,13 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     out, work = Path(s.out), Path(s.work)
     if out.exists() and not s.force:
         raise InputError(f"--out '{out}' exists; refusing to overwrite it (use --force)")
+    if out.is_dir():
+        raise InputError(f"--out '{out}' is a folder; expected the Latent-CLIP file to write, e.g. {out / 'name.safetensors'}")
+    if world.is_main:   # e.g. a ComfyUI without models/latent_clip yet: made now, not after hours of training
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--out folder '{out.parent}' cannot be created ({e.strerror or e})") from None
     index = ShardIndex(s.data)
     manifest = index.manifest
     if not len(index):
@@ -219,9 +244,17 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         raise InputError(f"the shards in '{s.data}' hold embeddings of teacher {manifest['teacher']['model']} "
                          f"({index.embed_dim}-d) but --teacher is {teacher.name} ({teacher.config.get('embed_dim')}-d); "
                          "the student's text tower must come from the teacher that made the embeddings")
+    made_by = manifest["teacher"].get("fingerprint")
+    if made_by and made_by != teacher_fingerprint(teacher.model):
+        raise InputError(f"the shards in '{s.data}' were made by teacher file '{manifest['teacher'].get('file')}' and "
+                         f"--teacher '{Path(s.teacher).name or teacher.name}' holds other weights of the same architecture; "
+                         "the student's text tower must come from the teacher that made the embeddings")
     distributed.init(world, device)
     torch.manual_seed(s.seed)
     cfg = student_config(s.config, teacher, family, manifest.get("vae", ""))
+    if manifest.get("image_size") and manifest["image_size"] != cfg["vision_cfg"].get("image_size"):
+        say(f"note: the shards hold latents of {manifest['image_size']}-pixel crops and --config {s.config} expects "
+            f"{cfg['vision_cfg'].get('image_size')} pixels; the latents are resized to its grid (bilinear), as at inference")
     student, copied = build_student(cfg, teacher, s.init_vision)
     del teacher
     student.to(device)
@@ -232,7 +265,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     if world.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(visual, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _optimizer(visual, s)
-    fingerprint = s.fingerprint(world.size)
+    fingerprint = s.fingerprint(world.size, len(index), len(index.shards))
     resume = work / RESUME_FILE
     step = _load_resume(resume, visual, opt, fingerprint) if resume.is_file() else 0
     if world.is_main:

@@ -104,7 +104,10 @@ def tar_members(path) -> dict:
                 if info.offset_data + info.size > size:
                     raise tarfile.ReadError(f"member {info.name!r} runs past the end of the file")
                 key, ext = split_key(info.name)
-                groups.setdefault(key, {})[ext] = (info.offset_data, info.size)
+                if ext in groups.setdefault(key, {}):
+                    raise InputError(f"shard '{path.name}' holds member {info.name!r} twice; expected one file per "
+                                     "key and extension")
+                groups[key][ext] = (info.offset_data, info.size)
             end = tar.offset
         with open(path, "rb") as f:  # a complete tar ends with two zero blocks; tarfile reads a cut one silently
             f.seek(end)

@@ -204,3 +204,68 @@ def test_the_distilled_flux_latent_clip_runs_the_nodes_in_a_real_server(assets):
         assert "guided 3/3" in steered["22"]["text"][0]
         history = json.loads(steered["935"]["text"][0])["history"]
         assert [e["kind"] for e in history["events"]] == ["resample"] * 3
+
+
+def _images(tmp_path, n=4):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(n):
+        _image(i).save(folder / f"img{i}.png")
+    return folder
+
+
+def _last_error(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case, says", [
+    ("not_an_image", r"error: image .*x\.jpg could not be decoded .*; expected a JPEG/PNG/WebP image"),
+    ("key_clash", r"error: images 'img0\.png' and 'img0\.webp' in .* would share the sample key 'img0'; rename one"),
+    ("out_is_input", r"error: --out '.*imgs' is the folder of input '.*imgs'; give another folder for the shards"),
+    ("strangers_out", r"error: --out '.*' holds files but no encode\.json; give a new or empty folder"),
+    ("damaged_manifest", r"error: '.*encode\.json' could not be read as JSON \(JSONDecodeError\)")])
+def test_bad_encode_input_is_one_clear_sentence_and_nothing_is_written(assets, tmp_path, capsys, case, says):
+    import re
+    folder, out = _images(tmp_path), tmp_path / "out"
+    if case == "not_an_image":
+        (folder / "x.jpg").write_text("hello")
+    elif case == "key_clash":
+        _image(0).save(folder / "img0.webp")
+    elif case == "out_is_input":
+        out = folder
+    elif case == "strangers_out":
+        out.mkdir()
+        (out / "00000.tar").write_bytes(b"someone else's shard")
+    elif case == "damaged_manifest":
+        out.mkdir()
+        (out / "encode.json").write_text("{not json")
+    before = {p.name: p.read_bytes() for p in out.rglob("*")} if out.exists() else {}
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder) == 2
+    err = _last_error(capsys)
+    assert re.match(says, err), err
+    after = {p.name: p.read_bytes() for p in out.rglob("*")} if out.exists() else {}
+    assert {k: after.get(k) for k in before} == before                 # nothing of the user's is touched
+    assert not [n for n in set(after) - set(before) if n.endswith(".tar")]   # and no shard is written
+    if case != "not_an_image":                                          # refused before anything is set up
+        assert after == before and out.exists() == bool(before)
+
+
+def test_folder_resume_checks_finished_shards_and_captions_need_not_be_utf8(assets, tmp_path, capsys):
+    import re
+    from latentclip.train.shards import ShardIndex
+    from latentclip.train.distill import load_teacher, teacher_fingerprint
+    folder, out = _images(tmp_path, 3), tmp_path / "out"
+    (folder / "img1.txt").write_bytes(b"caf\xe9 on grey")            # Latin-1, not UTF-8
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder, "--shard-size", "2") == 0
+    index = ShardIndex(out)
+    assert len(index) == 3 and index[1].caption == "caf\ufffd on grey"
+    manifest = json.loads((out / "encode.json").read_text())
+    assert manifest["teacher"]["fingerprint"] == teacher_fingerprint(load_teacher(assets / "vit-b-32.safetensors").model)
+    stamps = sorted(p.stat().st_mtime_ns for p in out.glob("*.tar"))
+    # another --shard-size, or an image added to a finished shard: refused, not skipped or encoded twice
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder, "--shard-size", "3") == 2
+    assert re.search(r"--out shard '000000\.tar' holds 2 samples but the inputs now give it 3", _last_error(capsys))
+    _image(3).save(folder / "img0a.png")                              # sorts into the first shard
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder, "--shard-size", "2") == 2
+    assert "the inputs or --shard-size changed since it was written" in _last_error(capsys)
+    assert sorted(p.stat().st_mtime_ns for p in out.glob("*.tar")) == stamps

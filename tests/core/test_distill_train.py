@@ -233,3 +233,67 @@ def test_shards_without_samples_are_one_clear_error(tmp_path, monkeypatch):
     write_shard(data / "000000.tar", [])
     with pytest.raises(InputError, match=r"hold no samples"):
         run(_settings(tmp_path, data, "run"), teacher=tiny_teacher(), log=lambda m: None)
+
+
+def test_shards_grown_since_the_run_began_are_refused_and_older_resume_files_still_resume(tmp_path, monkeypatch):
+    """Shards added to --data change the data order, so a resumed run would not equal an uninterrupted one."""
+    import json
+    from latentclip.train.shards import write_shard
+    monkeypatch.delenv("RANK", raising=False)
+    data = write_dataset(tmp_path / "data", n=8)
+    s = _settings(tmp_path, data, "run", steps=3, stop_after=1)
+    run(s, teacher=tiny_teacher(), log=lambda m: None)
+    resume = Path(s.work) / RESUME_FILE
+    state = torch.load(resume, weights_only=True)
+    extra = write_dataset(tmp_path / "more", n=4, seed=1)
+    (extra / "000000.tar").rename(data / "000009.tar")
+    with pytest.raises(InputError, match=r"other settings \(data_samples, data_shards\)"):
+        run(s, teacher=tiny_teacher(), log=lambda m: None)
+    (data / "000009.tar").unlink()
+    # a resume file written before the data size was part of the fingerprint resumes as before
+    old = {k: v for k, v in json.loads(state["fingerprint"]).items() if k not in ("data_samples", "data_shards")}
+    torch.save({**state, "fingerprint": json.dumps(old, sort_keys=True)}, resume)
+    lines = []
+    assert run(s, teacher=tiny_teacher(), log=lines.append) is None
+    assert "resuming at step 1" in lines[0]
+
+
+def test_teacher_with_other_weights_than_the_shards_one_is_refused(tmp_path, monkeypatch):
+    """Same architecture and name, other weights: the shards' manifest records the weights' fingerprint."""
+    import json
+    from latentclip.train.distill import teacher_fingerprint
+    from latentclip.train.shards import MANIFEST
+    monkeypatch.delenv("RANK", raising=False)
+    data = write_dataset(tmp_path / "data", n=8)
+    manifest = json.loads((data / MANIFEST).read_text())
+    manifest["teacher"]["fingerprint"] = teacher_fingerprint(tiny_teacher(seed=0).model)
+    (data / MANIFEST).write_text(json.dumps(manifest))
+    assert teacher_fingerprint(tiny_teacher(seed=0).model) != teacher_fingerprint(tiny_teacher(seed=1).model)
+    with pytest.raises(InputError, match=r"holds other weights of the same architecture"):
+        run(_settings(tmp_path, data, "other"), teacher=tiny_teacher(seed=1), log=lambda m: None)
+    s = _settings(tmp_path, data, "same", steps=1)
+    assert run(s, teacher=tiny_teacher(seed=0), log=lambda m: None) == Path(s.out)
+
+
+def test_output_folder_is_made_before_training(tmp_path, monkeypatch):
+    """A ComfyUI without models/latent_clip yet: the folder is made at the start, the file written at the end."""
+    monkeypatch.delenv("RANK", raising=False)
+    data = write_dataset(tmp_path / "data", n=8)
+    s = _settings(tmp_path, data, "run", steps=1, out=str(tmp_path / "ComfyUI" / "models" / "latent_clip" / "x.safetensors"))
+    assert run(s, teacher=tiny_teacher(), log=lambda m: None) == Path(s.out) and Path(s.out).is_file()
+    folder = _settings(tmp_path, data, "dir", out=str(tmp_path / "ComfyUI" / "models" / "latent_clip"), force=True)
+    with pytest.raises(InputError, match=r"is a folder; expected the Latent-CLIP file"):
+        run(folder, teacher=tiny_teacher(), log=lambda m: None)
+
+
+def test_a_tar_holding_one_member_twice_is_one_clear_error(tmp_path):
+    import io
+    from latentclip.train.shards import tar_members
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tar:
+        for _ in range(2):
+            info = tarfile.TarInfo("000000001.jpg")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(InputError, match=r"holds member '000000001.jpg' twice"):
+        tar_members(path)
