@@ -250,8 +250,14 @@ def select_items(latent: dict, indices: list[int]) -> dict:
     out["batch_index"] = [batch_index[i] for i in indices]
     mask = latent.get("noise_mask")
     if mask is not None:
-        out["noise_mask"] = mask.index_select(0, idx.to(mask.device)).clone() if mask.shape[0] == samples.shape[0] else mask
+        out["noise_mask"] = mask if mask.ndim < 3 or mask.shape[0] == 1 else mask_items(mask, idx)
     return out
+
+
+def mask_items(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The masks of items ``idx``: ComfyUI's samplers tile a batch of n masks over the latents (item i
+    uses mask[i % n], ``comfy.utils.repeat_to_batch_size``), so a kept item keeps the mask it had."""
+    return mask.index_select(0, idx.to(mask.device) % mask.shape[0])
 
 
 def text_lines(text: str, name: str) -> list[str]:

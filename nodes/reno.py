@@ -90,7 +90,10 @@ def build_reward(specs, base_model, batch: int):
             clip_device = handle.patcher.load_device
 
             def decode(z, fsm=fsm, dt=vae_dtype, dev=vae_device, out=clip_device):
-                return fsm.decode(z.to(device=dev, dtype=dt)).float().to(out)
+                img = fsm.decode(z.to(device=dev, dtype=dt))
+                if img.ndim == 5:   # a 3-D VAE (Wan 2.1, Qwen-Image) decodes one latent frame to [B, 3, 1, H, W]
+                    img = img[:, :, 0]
+                return img.float().to(out)
 
             terms.append(PixelCLIPMatch(clip, decode, texts, weight=spec.weight, tokenizer=handle.tokenizer,
                                         name=f"pixel{len(terms)}"))
@@ -178,19 +181,37 @@ def reno_working_memory(base, shape, steps: int, checkpointing: bool, pixel_term
     return int(unet + pixel_terms * pixels * 64 * DECODE_BYTES_PER_PIXEL)
 
 
-def check_reno_latent(x, base_model, specs, name: str) -> None:
-    """Refuse a latent the UNet or a Latent-CLIP reward cannot take, in one sentence naming ``name``.
+def _latents_of(channels, dims) -> str:
+    return f"{channels}-channel {'3-D (video)' if dims == 3 else 'image'} latents"
 
-    A model with 3-D latents (Wan 2.1, Qwen-Image) takes [batch, channels, frames, height, width]; a
-    Latent-CLIP reward scores one frame (the image), so more frames are refused with such a reward.
+
+def check_pixel_vae(spec: PixelTermSpec, base_model) -> None:
+    """Refuse a Pixel-CLIP Reward whose VAE cannot decode the MODEL's latents (else a raw conv shape
+    error at the first decode, mid-run)."""
+    fmt = base_model.latent_format
+    want = (fmt.latent_channels, getattr(fmt, "latent_dimensions", 2))
+    got = (getattr(spec.vae, "latent_channels", None), getattr(spec.vae, "latent_dim", 2))
+    if got[0] is not None and got != want:
+        raise InputError(f"the Pixel-CLIP Reward's vae decodes {_latents_of(*got)} but the model makes "
+                         f"{_latents_of(*want)}; connect the model's own VAE")
+
+
+def check_reno_latent(x, base_model, specs, name: str) -> None:
+    """Refuse a latent the UNet or a reward term cannot take, in one sentence naming ``name``.
+
+    A model with 3-D latents (Wan 2.1, Qwen-Image) takes [batch, channels, frames, height, width]; every
+    reward term scores one frame (the image), so more frames are refused when there is a reward.
     """
+    for spec in specs:
+        if isinstance(spec, PixelTermSpec):
+            check_pixel_vae(spec, base_model)
     video = getattr(base_model.latent_format, "latent_dimensions", 2) == 3
     layout = "[batch, channels, 1, height, width]" if video else "[batch, channels, height, width]"
     if not isinstance(x, torch.Tensor) or x.ndim != (5 if video else 4) or x.shape[0] == 0:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"{name} must be a LATENT with samples {layout} and at least one item, got {got}")
-    if video and x.shape[2] != 1 and any(isinstance(s, LatentTermSpec) for s in specs):
-        raise InputError(f"{name} has {x.shape[2]} latent frames but a Latent-CLIP reward scores single images; "
+    if video and x.shape[2] != 1 and specs:
+        raise InputError(f"{name} has {x.shape[2]} latent frames but the reward scores single images; "
                          f"expected {layout}")
     channels = base_model.latent_format.latent_channels
     if x.shape[1] != channels:
@@ -198,10 +219,29 @@ def check_reno_latent(x, base_model, specs, name: str) -> None:
                          "use a latent made for this model (e.g. EmptyLatentImage)")
     if not torch.isfinite(x).all():
         raise InputError(f"{name} contains NaN or infinite values; expected finite latents")
-    sides = [s.handle.patcher.model.min_latent_side() for s in specs if isinstance(s, LatentTermSpec)]
+    # Latent-CLIP terms, and terms of other node modules on a Latent-CLIP (head rewards: a ``handle``)
+    sides = [s.handle.patcher.model.min_latent_side() for s in specs if getattr(s, "handle", None) is not None]
     if sides and min(x.shape[-2:]) < max(sides):
         raise InputError(f"{name} is {x.shape[-2]}x{x.shape[-1]}, smaller than the {max(sides)}x{max(sides)} "
                          "minimum the Latent-CLIP reward can read")
+
+
+class refusing_in_place_models:
+    """Turn autograd's "modified by an inplace operation" error into one sentence naming the model input:
+    some ComfyUI models (Flux) add in place to activations autograd saved, so no gradient reaches the noise."""
+
+    def __init__(self, base_model):
+        self.name = type(base_model).__name__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and issubclass(kind, RuntimeError) and "modified by an inplace operation" in str(error):
+            raise InputError(f"ReNO cannot backpropagate through this model: the model input ({self.name}) changes "
+                             "in place tensors autograd saved for the gradient; use an SD3- or SDXL-architecture "
+                             "model") from None
+        return False
 
 
 class ReNOSampler(comfy.samplers.Sampler):
@@ -258,7 +298,8 @@ class ReNOSampler(comfy.samplers.Sampler):
         layers = []
         if self.gradient_checkpointing:
             layers = [m for net in (base.diffusion_model, *controls, *decoders) for m in checkpoint_layers(net)]
-        with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers):
+        with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers), \
+                refusing_in_place_models(base):
             if measure_working_memory(noise.device):
                 # the same generator at reduced sizes: no inpainting mix (its tensors have the full size)
                 probe_args = dict(extra_args)

@@ -218,11 +218,28 @@ def make_run_wrapper(record: GuidanceRecord):
     return latent_clip_safety_run
 
 
+def check_guided_latent(shape, handle) -> None:
+    """Refuse a latent the guidance's Latent-CLIP cannot read, before sampling starts (not at its first
+    guided step), in one sentence naming the sampler's latent_image. Its channels match: the node checked
+    the Latent-CLIP's family against the MODEL's."""
+    if len(shape) == 5 and shape[2] != 1:
+        raise InputError(f"latent_image has {shape[2]} latent frames but Latent-CLIP Safety Guidance scores single "
+                         f"images; expected one frame [batch, {shape[1]}, 1, height, width]")
+    side = handle.patcher.model.min_latent_side()
+    if len(shape) >= 4 and min(shape[-2:]) < side:
+        raise InputError(f"latent_image is {shape[-2]}x{shape[-1]}, smaller than the {side}x{side} minimum the "
+                         "Safety Guidance's latent_clip can read; use a larger latent_image")
+
+
 def make_prepare_wrapper(record: GuidanceRecord, handle):
     """PREPARE_SAMPLING wrapper: sampling loads the UNet and this Latent-CLIP in one list (it is an
     additional model of the MODEL); the run's Latent-CLIP is taken from there before the first step,
-    so no load happens mid-sampling, where it could offload the UNet on a small card."""
+    so no load happens mid-sampling, where it could offload the UNet on a small card. The noise shape
+    is known here, so a latent the Latent-CLIP cannot read is refused before anything loads."""
     def latent_clip_safety_prepare(executor, model, *args, **kwargs):
+        noise_shape = kwargs.get("noise_shape", args[0] if args else None)
+        if noise_shape is not None:
+            check_guided_latent(tuple(noise_shape), handle)
         out = executor(model, *args, **kwargs)
         record.prepare_for_run(handle, model)
         return out
