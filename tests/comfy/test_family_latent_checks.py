@@ -10,7 +10,8 @@ import torch
 
 import latentclip
 from latentclip.errors import InputError
-from latentclip.heads import Head, save_head
+from latentclip.heads import Head
+from test_head_nodes import head_file
 import tiny_families as TF
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,14 +130,9 @@ def test_safety_guidance_checks_the_latent_before_sampling(comfy):
 
 def test_reno_checks_head_reward_terms_before_sampling(comfy):
     lc = handle(comfy, "wan21")
-    folder = comfy.models / "latent_clip_heads"
-    folder.mkdir(parents=True, exist_ok=True)
-    comfy.folder_paths.add_model_folder_path("latent_clip_heads", str(folder))
-    path = folder / "checks-head.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        save_head(Head(lc.load().config["embed_dim"], ["a", "b"]), path)
-    reward = comfy.run_node("LatentCLIPHeadReward", latent_clip=lc, head_name=path.name, label="a", mode="increase",
+    torch.manual_seed(0)
+    name = head_file(comfy, "checks-head.safetensors", lambda: Head(lc.load().config["embed_dim"], ["a", "b"]))
+    reward = comfy.run_node("LatentCLIPHeadReward", latent_clip=lc, head_name=name, label="a", mode="increase",
                             weight=1.0).result[0]
     model = TF.tiny_dit("wan21")
     with pytest.raises(InputError, match=r"^latent_image has 3 latent frames but"):

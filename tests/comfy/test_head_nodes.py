@@ -10,16 +10,20 @@ from conftest import tiny_conditioning, tiny_sdxl
 from test_reno_nodes import reno_handle  # noqa: F401  (fixture)
 
 
-@pytest.fixture(scope="module")
-def head_name(comfy):
+def head_file(comfy, name: str, make) -> str:
+    """``make()``'s head saved once as ``name`` in a models/latent_clip_heads folder ComfyUI lists."""
     folder = comfy.models / "latent_clip_heads"
     folder.mkdir(parents=True, exist_ok=True)
     comfy.folder_paths.add_model_folder_path("latent_clip_heads", str(folder))
-    path = folder / "tiny-head.safetensors"
-    if not path.exists():
-        torch.manual_seed(7)
-        save_head(Head(32, ["plain", "busy"], 8, "test attribute", "tiny"), path)
-    return path.name
+    if not (folder / name).exists():
+        save_head(make(), folder / name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def head_name(comfy):
+    torch.manual_seed(7)
+    return head_file(comfy, "tiny-head.safetensors", lambda: Head(32, ["plain", "busy"], 8, "test attribute", "tiny"))
 
 
 @pytest.fixture(scope="module")
