@@ -240,7 +240,24 @@ class Client:
         body = self._json_object("POST /prompt", status, raw)
         if status != 200 or not isinstance(body.get("prompt_id"), str):
             raise PromptRejected(format_validation_error(body, graph), details=body)
+        if body.get("node_errors"):
+            # ComfyUI queues a prompt when one output is valid and drops the outputs of invalid nodes: a
+            # headless run would report success without them, so it is withdrawn and refused instead
+            self.withdraw(body["prompt_id"])
+            failed = ", ".join(_node_label(graph, n) for n in body["node_errors"])
+            raise PromptRejected(format_validation_error(
+                {**body, "error": {"message": f"{failed} failed validation, so the outputs that depend on it "
+                                              "would not run (the server queued the rest; it was withdrawn)"}}, graph),
+                details=body)
         return body["prompt_id"]
+
+    def withdraw(self, prompt_id: str) -> None:
+        """Take a queued prompt off the queue, or interrupt it if it already runs (best effort)."""
+        for path, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
+            try:
+                self._open(path, body)
+            except RunError:
+                pass
 
     def history(self, prompt_id: str) -> dict | None:
         entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)

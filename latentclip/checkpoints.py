@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import configs as _configs
@@ -145,7 +145,24 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     return _read_safetensors_tensors(path, [k for k in header if k != "__metadata__"]), dict(header.get("__metadata__", {}))
 
 
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What a file that is neither a zip nor a pickle is, from its first bytes (the wrong files users
+    have: a Git LFS pointer from a clone without LFS, an HTML page saved from a /blob/ URL), or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return (f"a Git LFS pointer ({path.stat().st_size} bytes), not the weights; run `git lfs pull` in its "
+                "clone or download the file's /resolve/ URL")
+    text = head.lstrip().lower()
+    if text.startswith(b"<"):
+        return "an HTML page, not the weights; download the file's /resolve/ URL, not its /blob/ page"
+    return None
+
+
 def _read_pickle(path: Path):
+    wrong = _not_a_checkpoint(path)
+    if wrong:
+        raise CheckpointError(f"{_describe(path)} is {wrong}") from None
     kwargs = {"map_location": "cpu", "weights_only": True}
     if zipfile.is_zipfile(path):
         kwargs["mmap"] = True  # optimizer state in training checkpoints is mapped, not read
@@ -154,7 +171,17 @@ def _read_pickle(path: Path):
             return torch.load(str(path), **kwargs)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>|Unsupported operand (\d+)", msg)
+        operand = re.search(r"Unsupported operand (\d+)", msg)
+        if operand:
+            with open(path, "rb") as f:
+                pickled = f.read(1) == b"\x80" or zipfile.is_zipfile(path)   # protocol 2+ pickles start with 0x80
+            if not pickled:   # a text file, a GGUF, ...: its first byte is no opcode the safe loader reads
+                raise CheckpointError(f"{_describe(path)} is not a PyTorch checkpoint or a .safetensors file "
+                                      "(it does not start like either)") from None
+            raise CheckpointError(f"{_describe(path)} was refused: its pickle uses opcode {operand.group(1)}, which "
+                                  "the safe loader does not read and a weights file never needs; expected plain "
+                                  "tensors (convert trusted files to .safetensors)") from None
+        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", msg)
         if found:
             what = next(g for g in found.groups() if g)
             raise CheckpointError(
@@ -411,9 +438,17 @@ def write_safetensors(tensors: dict, path, metadata: dict) -> Path:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)   # e.g. models/latent_clip, which ComfyUI does not make
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"'{path}' could not be written ({reason}); expected a writable folder") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

@@ -155,10 +155,14 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
     if target.exists():
         return target
     filename = "checkpoints/epoch_*.pt"
+    _check_writable(out_dir)   # before a download of gigabytes, not after it
     why = "offline mode is on (HF_HUB_OFFLINE)" if offline() else unreachable(repo_id)
     if why:
-        raise DownloadError(f"Could not download {repo_id} from {endpoint()}: {why}. "
-                            f"To install it by hand: {manual_steps(repo_id, out_dir)}")
+        cached = cached_checkpoint(repo_id)
+        if cached is None:
+            raise DownloadError(f"Could not download {repo_id} from {endpoint()}: {why}. "
+                                f"To install it by hand: {manual_steps(repo_id, out_dir)}")
+        return _convert_download(repo_id, cached, target, dtype, f"{cached.parent.name}/{cached.name}")
     from huggingface_hub import hf_hub_download
     extra = {}
     if progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:   # older releases lack it: no byte progress
@@ -173,7 +177,22 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
             raise   # e.g. ComfyUI's interrupt raised by the progress callback
         raise DownloadError(f"Could not download {repo_id} ({filename}) from {endpoint()}: {_reason(e)}. "
                             f"To install it by hand: {manual_steps(repo_id, out_dir, filename)}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return _convert_download(repo_id, pt, target, dtype, filename)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """DownloadError unless ``out_dir`` is a folder this process can write, or can be made in one (it is
+    made only once there is something to write)."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DownloadError(f"the output folder '{out_dir}' cannot be made: '{existing}' is a file; give a folder")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise DownloadError(f"the output folder '{out_dir}' cannot be written ('{existing}' is not writable); "
+                            "give a writable folder")
+
+
+def _convert_download(repo_id: str, pt, target: Path, dtype, filename: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         return convert(pt, target, dtype=dtype)
     except FileExistsError:   # another process converted it meanwhile
@@ -182,6 +201,20 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
         raise
     except CheckpointError as e:
         raise CheckpointError(f"{repo_id} ({filename}) was downloaded but refused: {e}") from None
+
+
+def cached_checkpoint(repo_id: str) -> Path | None:
+    """The repo's last ``checkpoints/epoch_N.pt`` already in the Hugging Face cache (an earlier download),
+    for use offline or when the Hub cannot be reached; None when none is cached."""
+    try:
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(repo_id, allow_patterns=["checkpoints/epoch_*.pt"], local_files_only=True,
+                                        cache_dir=cache_dir()))
+    except Exception:   # noqa: BLE001 - nothing cached (LocalEntryNotFoundError and kin, by release)
+        return None
+    epochs = sorted((int(m.group(1)), f) for f in folder.glob("checkpoints/epoch_*.pt")
+                    if (m := _CHECKPOINT.fullmatch(f"checkpoints/{f.name}")) and f.is_file())
+    return epochs[-1][1] if epochs else None
 
 
 def _hub_error(name: str) -> type:

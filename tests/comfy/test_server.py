@@ -157,6 +157,21 @@ def test_runner_cli_fails_with_the_server_message(comfy_server, tmp_path):
     assert "node 3 (LatentCLIPScore)" in res.stderr and "16 channels" in res.stderr
 
 
+def test_runner_refuses_a_graph_the_server_would_run_only_in_part(comfy_server, tmp_path):
+    """ComfyUI answers 200 and runs the valid outputs when another output's node fails validation: the
+    runner says so (exit 3) and withdraws the prompt, instead of reporting a success without those outputs."""
+    graph = _runner_graph(comfy_server, torch.randn(1, 4, 64, 64))
+    graph["1"]["inputs"]["ckpt_name"] = "no-such-file.safetensors"        # breaks 3, 4, 5 and 6; 8 stays valid
+    wf = tmp_path / "partial.api.json"
+    wf.write_text(json.dumps(graph))
+    res = _cli(wf, "--server", comfy_server.url, "--out", tmp_path / "out", "--timeout", "60")
+    assert res.returncode == api.EXIT_INVALID, res.stderr
+    assert "failed validation, so the outputs that depend on it would not run" in res.stderr
+    assert "node 1 (LatentCLIPLoader)" in res.stderr and not (tmp_path / "out").exists()
+    queue = api.Client(comfy_server.url).get_json("/queue")
+    assert not queue["queue_pending"]
+
+
 def test_runner_python_api(comfy_server, tmp_path):
     x = torch.randn(2, 4, 64, 64)
     graph = _score_graph(_write_latent(comfy_server, "py.latent", x), "a small boat")

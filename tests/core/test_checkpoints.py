@@ -217,3 +217,14 @@ def test_foreign_and_broken_files(tmp_path, small_ckpt):
         latentclip.load(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         latentclip.load(tmp_path / "missing.pt")
+
+
+def test_convert_makes_the_output_folder_and_says_when_it_cannot(tmp_path, small_ckpt):
+    """README's command runs in a ComfyUI that has no models/latent_clip yet."""
+    out = tmp_path / "ComfyUI" / "models" / "latent_clip" / "latent-clip.safetensors"
+    assert latentclip.convert(small_ckpt, out, dtype="fp16") == out and latentclip.load(out).vae_family == "sdxl"
+    (tmp_path / "models-file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"'.*models-file/x\.safetensors' could not be written \(.*\); expected a writable folder"):
+        latentclip.convert(small_ckpt, tmp_path / "models-file" / "x.safetensors")
+    assert (tmp_path / "models-file").read_text() == "not a folder"
+    assert list(tmp_path.glob("**/*.tmp")) == []

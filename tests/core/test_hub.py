@@ -114,10 +114,28 @@ def test_cli_download_then_offline(standin, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dl" / "latent-clip-b-8-512-34b-80k.safetensors").is_file()
     assert "latent-clip-b-8-512-34b-80k.safetensors" in r.stdout
+    # offline, the checkpoint already in the Hugging Face cache is converted again
     r = _cli(["download", REPO, "--out", str(tmp_path / "other")], {**env, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    from latentclip.miniworld.manifest import content_sha256     # safetensors orders its metadata by hash
+    assert content_sha256(tmp_path / "other" / "latent-clip-b-8-512-34b-80k.safetensors") == \
+        content_sha256(tmp_path / "dl" / "latent-clip-b-8-512-34b-80k.safetensors")
+    # offline with nothing cached: one line naming the repo and the manual steps
+    r = _cli(["download", REPO, "--out", str(tmp_path / "third")],
+             {**env, "HF_HOME": str(tmp_path / "empty_home"), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
     assert REPO in r.stderr and "HF_HUB_OFFLINE" in r.stderr and "python -m latentclip convert" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "third").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_downloading(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", standin.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    (tmp_path / "a-file").write_text("the user's file")
+    with pytest.raises(hub.DownloadError, match=r"cannot be made: '.*a-file' is a file; give a folder"):
+        hub.fetch(REPO, tmp_path / "a-file" / "models")
+    assert (tmp_path / "a-file").read_text() == "the user's file"
+    assert not (tmp_path / "hf_home").exists()                          # nothing was downloaded
 
 
 def _closed_port_url() -> str:

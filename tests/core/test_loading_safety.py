@@ -233,3 +233,19 @@ def test_a_pickle_named_safetensors_is_not_unpickled(tmp_path, no_tensor_reads):
     with pytest.raises(CheckpointError, match="disguised.safetensors"):
         latentclip.load(path)
     assert not marker.exists() and no_tensor_reads == []
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 2264932155\n",
+     r"^'epoch_34.pt' is a Git LFS pointer \(\d+ bytes\), not the weights; run `git lfs pull`"),
+    (b"<!DOCTYPE html>\n<html><head><title>epoch_34.pt</title>",
+     r"^'epoch_34.pt' is an HTML page, not the weights; download the file's /resolve/ URL"),
+    (b"GGUF\x03\x00\x00\x00" + bytes(56), r"^'epoch_34.pt' is not a PyTorch checkpoint or a .safetensors file"),
+    (b'{"model": "not weights"}', r"^'epoch_34.pt' is not a PyTorch checkpoint or a .safetensors file")])
+def test_files_that_are_not_weights_say_what_they_are(tmp_path, content, says):
+    """The wrong files users have (a clone without LFS, a saved /blob/ page) named for what they are,
+    not as a pickle that "asks for" their first byte."""
+    path = tmp_path / "epoch_34.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=says):
+        latentclip.load(path)
