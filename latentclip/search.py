@@ -80,6 +80,9 @@ class SearchSettings:
             if self.stop is not None:
                 _int(self.stop, "stop", self.start)
         if self.strategy == "prune":
+            if steps < 2:
+                raise InputError(f"prune drops particles between steps and a schedule of {steps} step has no step "
+                                 "in between; use strategy best_of_n, or 2 or more steps")
             if not (isinstance(self.keep, (int, float)) and 0 < self.keep < 1):
                 raise InputError(f"keep must be a share in (0, 1), got {self.keep!r}")
             if not self.prune_at:

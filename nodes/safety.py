@@ -191,8 +191,8 @@ def make_hook(handle, record: GuidanceRecord, concepts: list[str], anchors: list
         c, a, alt = text_embeds(lc)
         raw = base.process_latent_out(denoised)
         with torch.inference_mode(False):
-            new_raw, stats = safety_guidance(raw, lc, c, sigma, scale, anchor_embeds=a, alternative_embeds=alt,
-                                             threshold=threshold, max_move=max_move)
+            new_raw, stats = safety_guidance(raw, lc, c, noise_level_sigma(base, sigma), scale, anchor_embeds=a,
+                                             alternative_embeds=alt, threshold=threshold, max_move=max_move)
         record.add_call(s, stats)
         if not any(stats.fired):
             return denoised   # bit-identical when nothing fired
@@ -202,6 +202,18 @@ def make_hook(handle, record: GuidanceRecord, concepts: list[str], anchors: list
 
     latent_clip_safety_guidance.latent_clip_record = record
     return latent_clip_safety_guidance
+
+
+def noise_level_sigma(base, sigma):
+    """The sigma whose ``sigma^2 / (sigma^2 + 1)`` is the noise share of the model's input, the schedule the
+    guidance weights its steps by. A flow model (SD3, Flux, Wan: ``CONST``) mixes x = (1 - s) x0 + s noise
+    with s <= 1, whose noise share is s^2 / (s^2 + (1 - s)^2): the same as sigma = s / (1 - s) of an EPS
+    model. Without this, scale would act at half strength at pure noise on those models and fade early."""
+    import comfy.model_sampling
+    if not isinstance(getattr(base, "model_sampling", None), comfy.model_sampling.CONST):
+        return sigma
+    s = torch.as_tensor(sigma).float()
+    return s / (1.0 - s).clamp(min=1e-6)
 
 
 def make_run_wrapper(record: GuidanceRecord):

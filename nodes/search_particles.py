@@ -53,7 +53,8 @@ MULTISTEP_SAMPLERS = frozenset((
     "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ipndm", "ipndm_v", "deis", "res_multistep",
     "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
     "gradient_estimation_cfg_pp", "er_sde", "sa_solver", "sa_solver_pece", "uni_pc", "uni_pc_bh2"))
-WHOLE_SCHEDULE_SAMPLERS = frozenset(("heunpp2", "dpm_fast", "dpm_adaptive"))
+WHOLE_SCHEDULE_SAMPLERS = frozenset(("heunpp2", "dpm_fast", "dpm_adaptive", "lcm_upscale"))   # lcm_upscale: its
+# upscale steps come from the length of the sigmas it is given, so each interval would upscale again
 #: Samplers that choose their own steps: their callback does not report one x0 per given step.
 OWN_STEP_SAMPLERS = frozenset(("dpm_fast", "dpm_adaptive"))
 _FUNCTION_NAMES = {"dpm_fast_function": "dpm_fast", "dpm_adaptive_function": "dpm_adaptive",
@@ -335,6 +336,9 @@ class ParticleRun:
         if noise_sampler is not None:
             kw["noise_sampler"] = noise_sampler
         out = self.fn(model_k, xc, sub, extra_args=ea, callback=capture, disable=True, **kw)
+        if out.shape != xc.shape and (start, end) != (0, len(self.sigmas) - 1):   # uncut (best_of_n) is fine
+            raise InputError(f"sampler changes the latent's size ({list(xc.shape)} to {list(out.shape)}), so the search "
+                             "cannot run it interval by interval; use it with strategy best_of_n, or another sampler")
         look_rows = None
         if look:   # the next step's model call on the state reached, made now to score that state
             look_rows = self.record.call(model_k, out, self.sigmas[end].to(out) * out.new_ones([out.shape[0]]), ea)

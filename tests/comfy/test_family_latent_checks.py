@@ -154,3 +154,18 @@ def test_families_page_names_only_latent_formats_that_exist(comfy):
         scores = comfy.run_node("LatentCLIPScore", latent_clip=handle(comfy, family), samples={"samples": x},
                                 text="a cat").result[0]
         assert len(scores) == 1
+
+
+def test_safety_guidance_on_a_flow_model_moves_as_much_as_scale_says_at_pure_noise(comfy):
+    """scale is the share of the latent's norm moved per step at high noise. A flow model's sigma (SD3, Flux,
+    Wan: at most 1) is weighted by its own noise share, s^2 / (s^2 + (1 - s)^2), not the EPS formula, which
+    gave half the move at pure noise and a fifth at s = 0.5 (the case of the EPS formula: 0.025 and 0.01)."""
+    guided = comfy.run_node("LatentCLIPSafetyGuidance", model=TF.tiny_dit("sd3"), latent_clip=handle(comfy, "sd3"),
+                            concepts="cat", scale=0.05).result[0]
+    record = guided.model_options["sampler_post_cfg_function"][-1].latent_clip_record
+    cond = TF.tiny_dit_conditioning(0, 1)
+    comfy.run_node("KSampler", model=guided, seed=0, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
+                   positive=cond, negative=cond, latent_image={"samples": torch.zeros(1, 16, 16, 16)}, denoise=1.0)
+    moves = {round(s["sigma"], 2): s["relative_move"][0] for s in record.runs[-1]["steps"]}
+    assert moves[1.0] == pytest.approx(0.05, rel=0.05)
+    assert moves[0.5] == pytest.approx(0.025, rel=0.05)

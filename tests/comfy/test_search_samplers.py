@@ -22,7 +22,7 @@ MULTISTEP = {"lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde
              "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ipndm", "ipndm_v", "deis", "res_multistep",
              "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
              "gradient_estimation_cfg_pp", "er_sde", "sa_solver", "sa_solver_pece", "uni_pc", "uni_pc_bh2"}
-WHOLE_SCHEDULE = {"heunpp2", "dpm_fast", "dpm_adaptive"}
+WHOLE_SCHEDULE = {"heunpp2", "dpm_fast", "dpm_adaptive", "lcm_upscale"}
 
 
 #: KSamplerSelect's list in ComfyUI v0.3.64 (checked against the running ComfyUI by the first test).
@@ -166,3 +166,26 @@ def test_the_table_in_docs_is_this_matrix():
     for name, cells in rows.items():
         for strategy, cell in zip(("best_of_n", "prune", "fk_steering"), cells):
             assert cell.startswith("refused") == refused(name, strategy), (name, strategy, cell)
+
+
+def test_lcm_upscale_runs_uncut_and_is_refused_where_the_search_cuts_the_schedule(comfy, counted, reward):
+    """ComfyUI's SamplerLCMUpscale derives its upscale steps from the sigmas it is given: cut into intervals
+    it would upscale once per interval (fk_steering gave 162x162 for a 48x48 result)."""
+    up = comfy.run_node("SamplerLCMUpscale", scale_ratio=1.5, scale_steps=-1, upscale_method="bilinear")[0]
+    plain, _ = run(comfy, counted, up, steps=4)
+    assert plain.shape[-2:] == (SIDE * 3 // 2, SIDE * 3 // 2)
+    inner = dict(reward=reward, sampler=up, particles=2, potential="difference", temperature=30.0, interval=1,
+                 start=0, prune_steps="1", keep=0.5, seed=3, max_batch=0)
+    best, _ = run(comfy, counted, comfy.run_node("LatentCLIPSearchSampler", strategy="best_of_n", **inner).result[0],
+                  steps=4)
+    assert best.shape == plain.shape
+    for strategy in ("prune", "fk_steering"):
+        with pytest.raises(ValueError, match=rf"^sampler lcm_upscale reads the whole schedule .* so {strategy} cannot"):
+            comfy.run_node("LatentCLIPSearchSampler", strategy=strategy, **inner)
+
+
+def test_prune_on_a_one_step_schedule_blames_the_schedule():
+    from latentclip.errors import InputError
+    from latentclip.search import SearchSettings
+    with pytest.raises(InputError, match="^prune drops particles between steps and a schedule of 1 step has no step"):
+        SearchSettings(strategy="prune", prune_at=(1,)).validate(1)
