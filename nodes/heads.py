@@ -6,6 +6,7 @@ chain (ReNO, Search Sampler) to raise or lower one label's probability.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from latentclip.errors import CheckpointError
 from latentclip.heads import latent_probabilities, load_head
 from latentclip.rewards import LatentHead
 
-from .comfy_bridge import check_vae_family, latent_samples, model_file_path, model_file_problem, naming_the_input
+from .comfy_bridge import (check_vae_family, latent_samples, model_file_path, model_file_problem, naming_the_input,
+                           ready_for_grad)
 from .loaders import LatentCLIPType
 from .reno import LatentRewardType
 
@@ -56,6 +58,14 @@ def _head_input():
                           tooltip="Head file in models/latent_clip_heads (trained on the Latent-CLIP's embedding space)")
 
 
+def head_on(name: str, device):
+    """A copy of the cached head on ``device``, with weights autograd may save. Moving the cached head itself
+    would leave it on that device, and on a GPU the move under the executor's inference mode re-creates its
+    weights as inference tensors, which a ReNO backward through it refuses."""
+    with torch.inference_mode(False):
+        return ready_for_grad(copy.deepcopy(head_for(name)).to(device))
+
+
 @dataclass(frozen=True)
 class HeadTermSpec:
     """A head reward term as chosen in the graph; built into a core ``LatentHead`` when sampling."""
@@ -69,8 +79,8 @@ class HeadTermSpec:
         if base_model is not None:
             check_vae_family(self.handle, base_model)
         model = self.handle.load_for_grad()
-        head = head_for(self.head_name)
-        return LatentHead(model, head.to(model.device), self.label, self.mode, self.weight, name=f"head{index}")
+        return LatentHead(model, head_on(self.head_name, model.device), self.label, self.mode, self.weight,
+                          name=f"head{index}")
 
 
 class LatentCLIPHeadScore(io.ComfyNode):
@@ -104,7 +114,7 @@ class LatentCLIPHeadScore(io.ComfyNode):
         head = head_for(head_name)
         index = head.label_index(label.strip()) if label.strip() else None
         with torch.no_grad():
-            probs = latent_probabilities(model, head.to(model.device), x).cpu()
+            probs = latent_probabilities(model, head_on(head_name, model.device), x).cpu()
         best = probs.argmax(-1).tolist()
         chosen = best if index is None else [index] * len(best)
         scores = [round(float(probs[i, k]), 4) for i, k in enumerate(chosen)]

@@ -8,6 +8,7 @@ latent space) before any reward sees it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -55,19 +56,34 @@ class PixelTermSpec:
     weight: float
 
 
-def reward_patchers(specs) -> list:
+def pixel_handles(specs) -> dict:
+    """The pixel CLIP of every Pixel-CLIP Reward term, resolved once for a run and held by it: the pack
+    caches one pixel CLIP, so resolving each term on its own would rebuild two of them from disk in turn,
+    and a term would run a model whose patcher model management no longer counts."""
+    return {(s.clip_name, s.model_name): load_pixel_clip(s.clip_name, s.model_name)
+            for s in specs if isinstance(s, PixelTermSpec)}
+
+
+def reward_patchers(specs, pixels: dict | None = None) -> list:
     """The ModelPatchers the reward terms run (Latent-CLIPs, pixel CLIPs, VAEs), without loading them."""
+    pixels = pixel_handles(specs) if pixels is None else pixels
     out = []
     for spec in specs:
         if isinstance(spec, LatentTermSpec) or hasattr(spec, "build_term"):
             out.append(spec.handle.patcher)
         else:
-            out += [load_pixel_clip(spec.clip_name, spec.model_name).patcher, spec.vae.patcher]
+            out += [pixels[(spec.clip_name, spec.model_name)].patcher, spec.vae.patcher]
     return out
 
 
-def build_reward(specs, base_model, batch: int):
-    """Core reward terms for ``specs``; the ComfyUI modules (VAE decoders) needing grad through comfy.ops."""
+def build_reward(specs, base_model, batch: int, pixels: dict | None = None):
+    """Core reward terms for ``specs``; the ComfyUI modules (VAE decoders) needing grad through comfy.ops.
+
+    Every reward model is loaded in one list first (whole: a decoder loaded in part would be cast piece by
+    piece on every iteration), then each is made ready for grad: a load after that could offload a model
+    already prepared and bring it back with inference-tensor weights."""
+    pixels = pixel_handles(specs) if pixels is None else pixels
+    mm.load_models_gpu(reward_patchers(specs, pixels), force_full_load=True)
     terms, grad_modules = [], []
     for spec in specs:
         if hasattr(spec, "build_term"):   # terms defined by other node modules (nodes/heads.py)
@@ -82,10 +98,8 @@ def build_reward(specs, base_model, batch: int):
             cls = LatentMatch if spec.mode == "match" else LatentAvoid
             terms.append(cls(model, texts, weight=spec.weight, name=f"{spec.mode}{len(terms)}"))
         else:
-            handle = load_pixel_clip(spec.clip_name, spec.model_name)
+            handle = pixels[(spec.clip_name, spec.model_name)]
             clip = handle.load_for_grad()
-            # the decoder runs whole on every iteration: a partial load would cast it piece by piece each time
-            mm.load_models_gpu([spec.vae.patcher], force_full_load=True)
             fsm, vae_dtype, vae_device = spec.vae.first_stage_model, spec.vae.vae_dtype, spec.vae.device
             clip_device = handle.patcher.load_device
 
@@ -265,8 +279,9 @@ class ReNOSampler(comfy.samplers.Sampler):
                              "noise, so it needs add_noise on (or use the ReNO node, which always adds noise)")
         if latent_image is not None:
             check_reno_latent(latent_image, base, self.reward, "latent_image")
-        self.request_memory(model_wrap, base, noise.shape, len(sigmas) - 1)
-        terms, decoders = build_reward(self.reward, base, noise.shape[0])
+        pixels = pixel_handles(self.reward)
+        self.request_memory(model_wrap, base, noise.shape, len(sigmas) - 1, pixels)
+        terms, decoders = build_reward(self.reward, base, noise.shape[0], pixels)
         controls = control_models(getattr(model_wrap, "conds", None))
         if controls:
             extra_args = with_control_safe_skips(extra_args)
@@ -295,52 +310,63 @@ class ReNOSampler(comfy.samplers.Sampler):
                 best = base.process_latent_in(step.best_latents.to(noise.device))
                 callback(step.iteration, best, best, step.iterations)
 
-        layers = []
-        if self.gradient_checkpointing:
-            layers = [m for net in (base.diffusion_model, *controls, *decoders) for m in checkpoint_layers(net)]
-        with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers), \
-                refusing_in_place_models(base):
-            if measure_working_memory(noise.device):
-                # the same generator at reduced sizes: no inpainting mix (its tensors have the full size)
-                probe_args = dict(extra_args)
-                if "denoise_mask" in probe_args:
-                    probe_args["denoise_mask"] = None
-                probe = make_generator(None, None, probe_args)
-                self.request_measured_memory(model_wrap, base, probe, terms, noise)
+        @contextlib.contextmanager
+        def grad_context(decoders):
+            layers = []
+            if self.gradient_checkpointing:
+                layers = [m for net in (base.diffusion_model, *controls, *decoders) for m in checkpoint_layers(net)]
+            with grad_through_comfy_ops(base.diffusion_model, *controls, *decoders), checkpointed(layers), \
+                    refusing_in_place_models(base):
+                yield
+
+        if measure_working_memory(noise.device):
+            # the same generator at reduced sizes: no inpainting mix (its tensors have the full size)
+            probe_args = dict(extra_args)
+            if "denoise_mask" in probe_args:
+                probe_args["denoise_mask"] = None
+            with grad_context(decoders):
+                need = self.measure_memory(make_generator(None, None, probe_args), terms, noise)
+            if need is not None and need > self.requested:
+                # loaded again outside the grad set-up, which a load undoes (a partly loaded UNet's weight
+                # functions, a reloaded model's inference-tensor weights); then the reward is prepared again
+                self.requested = need
+                mm.load_models_gpu(self._patchers(model_wrap, pixels), memory_required=need, minimum_memory_required=need)
+                terms, decoders = build_reward(self.reward, base, noise.shape[0], pixels)
+        with grad_context(decoders):
             self.last_result = reno_optimize(
                 generator, noise, terms, iterations=self.iterations, lr=self.learning_rate,
                 optimizer=self.optimizer, grad_clip=self.grad_clip, regularization=self.regularization,
                 callback=on_step, seed=self.seed)
         return base.process_latent_in(self.last_result.latents.to(device=noise.device, dtype=noise.dtype))
 
-    def request_memory(self, model_wrap, base, shape, steps: int) -> None:
+    def request_memory(self, model_wrap, base, shape, steps: int, pixels: dict | None = None) -> None:
         """Ask ComfyUI's model management for ReNO's working memory, with every model ReNO runs loaded:
         other models are offloaded (or the UNet loaded in part) instead of running out of memory.
         This first request is the estimate from parameters (``reno_working_memory``); on a GPU
-        ``request_measured_memory`` then measures the real generator and asks again if it needs more."""
+        ``measure_memory`` then measures the real generator and ``sample`` asks again if it needs more."""
         pixel_terms = sum(isinstance(s, PixelTermSpec) for s in self.reward)
         self.requested = reno_working_memory(base, shape, steps, self.gradient_checkpointing, pixel_terms)
-        mm.load_models_gpu(self._patchers(model_wrap), memory_required=self.requested,
+        mm.load_models_gpu(self._patchers(model_wrap, pixels), memory_required=self.requested,
                            minimum_memory_required=self.requested)
 
-    def request_measured_memory(self, model_wrap, base, generator, terms, noise) -> None:
+    def measure_memory(self, generator, terms, noise) -> int | None:
         """Measure the generator's backward at reduced sizes and the reward's at the real size
-        (``latentclip.memory_probe``), and ask model management again when that exceeds the first request."""
+        (``latentclip.memory_probe``): the bytes to ask model management for, or None if measuring failed.
+        The caller asks again when that exceeds the first request."""
         try:
             probe = probe_backward_memory(generator, tuple(noise.shape), noise.device, noise.dtype)
             reward = reward_backward_memory(lambda x: RewardSum(terms).evaluate(x)[0], tuple(noise.shape), noise.device, noise.dtype)
         except (RuntimeError, ValueError) as e:   # out of memory, or a conditioning tied to the full size
             logging.warning("Latent-CLIP ReNO: measuring the working memory failed (%s); keeping the estimate "
                             "of %.0f MiB", str(e).splitlines()[0] if str(e) else type(e).__name__, self.requested / 2**20)
-            return
+            return None
         need = request_bytes(probe["bytes"], reward)
         self.measured = {**probe, "reward_bytes": reward, "request_bytes": need, "estimate_bytes": self.requested}
-        if need > self.requested:
-            self.requested = need
-            mm.load_models_gpu(self._patchers(model_wrap), memory_required=need, minimum_memory_required=need)
+        return need
 
-    def _patchers(self, model_wrap) -> list:
-        return [model_wrap.model_patcher, *getattr(model_wrap, "loaded_models", []), *reward_patchers(self.reward)]
+    def _patchers(self, model_wrap, pixels: dict | None = None) -> list:
+        return [model_wrap.model_patcher, *getattr(model_wrap, "loaded_models", []), *reward_patchers(self.reward, pixels)]
+
 
 
 def measure_working_memory(device) -> bool:

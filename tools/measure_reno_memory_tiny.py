@@ -7,7 +7,7 @@ PyTorch attention (what ComfyUI picks on CUDA) and a tiny Latent-CLIP reward. Pe
 all CPU allocations during a 2-iteration ReNO run (``latentclip.memory_probe.peak_bytes``), the UNet
 weight copies and other tensors kept for backward by one forward (tests/comfy/test_reno_memory_request.py),
 the first request (``reno_working_memory``, from parameters) and the measured one that ReNO makes on a
-GPU (``ReNOSampler.request_measured_memory``, run here on the CPU).
+GPU (``ReNOSampler.measure_memory``, run here on the CPU).
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ def main(argv=None) -> int:
     import comfy.ldm.modules.attention as attention
     attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
     samplers, measuring = [], [False]
-    real = reno.ReNOSampler.request_measured_memory
+    real = reno.ReNOSampler.measure_memory
 
     def recording(self, *a, **kw):
         samplers.append(self)
         return real(self, *a, **kw)
-    reno.ReNOSampler.request_measured_memory = recording
+    reno.ReNOSampler.measure_memory = recording
     reno.measure_working_memory = lambda device: measuring[0]
     unet = harness.tiny_sdxl()
     shape = (args.batch, 4, args.size, args.size)

@@ -256,3 +256,74 @@ def test_safety_guidance_loads_its_model_once_per_sampling_run(comfy, reno_rewar
     runs = list(records[0].runs)
     assert [r["in_window"] for r in runs] == [4, 4] and [r["loads"] for r in runs] == [1, 1] and len(loads) == 2
     assert records[0].model is None   # no reference kept between runs
+
+
+def test_a_second_memory_request_that_reloads_every_model_leaves_reno_working(comfy, reno_reward, monkeypatch):
+    """On a GPU the measured need can exceed the first estimate; ReNO then asks model management again, which
+    may offload and reload the very models it runs (the UNet, the Latent-CLIP). Reloaded under the executor's
+    inference mode, their weights come back as inference tensors, so the reward is prepared for grad again
+    after that request and the grad set-up is entered only then."""
+    import comfy.model_management as mm
+    reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
+    monkeypatch.setattr(reno, "measure_working_memory", lambda device: True)            # as on a GPU
+    monkeypatch.setattr(reno, "request_bytes", lambda *a: 10 ** 15)                       # more than estimated
+    real_load, evicted = mm.load_models_gpu, []
+
+    def tight_card(models, memory_required=0, **kw):   # the card cannot hold it: everything is offloaded first
+        if memory_required >= 10 ** 15:
+            evicted.append([type(m.model).__name__ for m in mm.loaded_models()])
+            mm.free_memory(memory_required, torch.device("cpu"))
+        return real_load(models, memory_required=memory_required, **kw)
+    monkeypatch.setattr(mm, "load_models_gpu", tight_card)
+    with emulated_moves():
+        _, _, summary = run_reno(comfy, tiny_sdxl(), reno_reward[1], {"samples": torch.zeros(1, 4, 32, 32)})
+    assert evicted and "LatentCLIP" in evicted[0]
+    assert summary["best_loss"][0] < summary["initial_loss"][0]
+
+
+def test_a_head_reward_runs_after_moves_and_leaves_the_cached_head_alone(comfy, reno_reward):
+    """The head is copied to the Latent-CLIP's device outside inference mode; the cached one stays as loaded."""
+    from latentclip.heads import Head
+    from test_head_nodes import head_file
+    torch.manual_seed(7)
+    name = head_file(comfy, "gpu-head.safetensors", lambda: Head(32, ["plain", "busy"], 8, "test attribute", "tiny"))
+    chain = comfy.run_node("LatentCLIPHeadReward", latent_clip=reno_reward[0], head_name=name, label="busy",
+                           mode="increase", weight=1.0).result[0]
+    with emulated_moves():
+        _, _, summary = run_reno(comfy, tiny_sdxl(), chain, {"samples": torch.zeros(1, 4, 32, 32)})
+    assert all(math.isfinite(v) for v in summary["best_loss"])
+    heads = sys.modules[comfy.node("LatentCLIPHeadReward").__module__]
+    cached = heads.head_for(name)
+    assert not any(p.is_inference() for p in cached.parameters())
+
+
+def test_two_pixel_clip_rewards_read_each_file_once_per_run(comfy, monkeypatch):
+    """The pack keeps one pixel CLIP cached: a run resolves each of its pixel terms once and holds them, instead
+    of rebuilding them from disk in turn (which also left a term running a model no patcher counted)."""
+    import comfy.sd as comfy_sd
+    import comfy.taesd.taesd as taesd
+    import shutil
+    import latentclip.pixel_clip as pc
+    from latentclip.configs import WEIGHTS_DIR
+    for name in ("gpu-pixA.safetensors", "gpu-pixB.safetensors"):   # two files: two pixel CLIPs to the cache
+        shutil.copy(WEIGHTS_DIR / "mini" / "mini-pixel-clip.safetensors", comfy.models / "open_clip" / name)
+    g = torch.Generator().manual_seed(0)
+    net = taesd.TAESD(latent_channels=4)
+    vae = comfy_sd.VAE(sd={k: torch.randn(v.shape, generator=g) * 0.05 if v.ndim > 1 else torch.zeros_like(v)
+                           for k, v in net.state_dict().items() if k.startswith(("taesd_decoder.", "taesd_encoder."))})
+    reads, real = [], pc.load_pixel_clip
+
+    def counting(path, *a, **kw):
+        reads.append(str(path).rsplit("/", 1)[-1])
+        return real(path, *a, **kw)
+    monkeypatch.setattr(pc, "load_pixel_clip", counting)
+    reward = None
+    for name in ("gpu-pixA.safetensors", "gpu-pixB.safetensors"):
+        reward = comfy.run_node("PixelCLIPReward", clip_name=name, model_name="", vae=vae, text="a fox", weight=0.01,
+                                reward=reward).result[0]
+    model = tiny_sdxl()
+    for _ in range(2):
+        reads.clear()
+        with emulated_moves():
+            run_reno(comfy, model, reward, {"samples": torch.zeros(1, 4, 8, 8)}, iterations=1)
+        assert len(reads) == len(set(reads)), reads     # before: A, B, A, B on every run

@@ -83,12 +83,12 @@ def test_the_measured_request_covers_the_peak_of_the_run(comfy, reno_reward, mon
     reno = sys.modules[comfy.node("LatentCLIPReNO").__module__]
     monkeypatch.setattr(reno, "measure_working_memory", lambda device: True)
     samplers = []
-    real = reno.ReNOSampler.request_measured_memory
+    real = reno.ReNOSampler.measure_memory
 
     def recording(self, *a, **kw):
         samplers.append(self)
         return real(self, *a, **kw)
-    monkeypatch.setattr(reno.ReNOSampler, "request_measured_memory", recording)
+    monkeypatch.setattr(reno.ReNOSampler, "measure_memory", recording)
     model = tiny_sdxl()
     for checkpointing in (True, False):
         def go():
