@@ -230,8 +230,9 @@ def reno_optimize(generator: Callable[[torch.Tensor], torch.Tensor], noise: torc
     ``DEFAULT_LR[optimizer]``. grad_clip: per-item gradient norm bound (0 disables).
     regularization: weight of the chi-norm regulariser (0 disables). callback(step: ReNOStep) runs
     after every iteration; returning ``False`` stops early, raising propagates (interrupts).
-    seed: if given, the torch RNG is seeded inside a forked RNG state for the loop, so a
-    stochastic generator is reproducible and the caller's RNG is untouched. Works under an outer
+    seed: if given, the torch RNG is seeded, inside a forked RNG state, before every iteration (as
+    ReNO does), so a stochastic generator draws the same randomness each time (its best noise
+    reproduces its best latents) and the caller's RNG is untouched. Works under an outer
     ``torch.inference_mode()``; the input noise is never modified; everything returned is detached.
     """
     _validate(generator, noise, iterations, optimizer, callback)
@@ -246,14 +247,12 @@ def reno_optimize(generator: Callable[[torch.Tensor], torch.Tensor], noise: torc
     # fork every initialised CUDA device too: the generator may run on one the noise is not on
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
         return _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov,
-                    grad_clip, regularization, callback)
+                    grad_clip, regularization, callback, seed)
 
 
 def _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov, grad_clip,
-         regularization, callback) -> ReNOResult:
+         regularization, callback, seed=None) -> ReNOResult:
     initial_noise = noise.detach().clone()
     z = initial_noise.to(torch.float32).clone().requires_grad_(True)  # optimise in float32
     if optimizer == "sgd":
@@ -269,6 +268,8 @@ def _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov
     stopped, run, started = False, 0, time.perf_counter()
 
     for it in range(iterations):
+        if seed is not None:   # every iteration draws what the first did (ReNO reseeds per iteration): a
+            torch.manual_seed(seed)   # stochastic generator's best pick is then reproduced by its noise
         with _inference_tensor_hint():
             x0 = generator(z)
         if not isinstance(x0, torch.Tensor) or x0.ndim < 1 or x0.shape[0] != batch:

@@ -161,8 +161,11 @@ class LatentAvoid(_LatentCLIPTerm):
             smooth = cos[:, 0]                             # exact for one concept
         if self.margin is None:
             loss = self.logit_scale * smooth
-        else:
-            loss = self.logit_scale * F.relu(smooth - self.margin)
+        elif cos.shape[-1] == 1:
+            loss = self.logit_scale * F.relu(cos[:, 0] - self.margin)
+        else:   # the margin per concept, weighted as the smooth maximum weights them: 0 while every cos is below it
+            w = torch.softmax(SOFTMAX_SCALE * cos, dim=-1)
+            loss = self.logit_scale * (w * F.relu(cos - self.margin)).sum(-1)
         return loss, {"cos": cos.max(-1).values.detach()}
 
 
@@ -171,8 +174,9 @@ class PixelCLIPMatch(RewardTerm):
 
     ``decoder`` maps raw latents to images ``[B, 3, H, W]`` differentiably, in [-1, 1] (what a
     VAE's ``decode`` returns; ``image_range="-1,1"``) or [0, 1] (``image_range="0,1"``). Images
-    are resized (bilinear, antialiased, squashed to a square as ReNO does) to the CLIP input size
-    and normalised with OpenAI CLIP's mean and std. ``clip_model`` is an open_clip model with
+    are resized on the shorter side and centre-cropped to the CLIP input size, as ReNO's and CLIP's
+    preprocessing do (bilinear, antialiased; theirs is bicubic, a small difference that keeps the
+    measured baselines), and normalised with OpenAI CLIP's mean and std. ``clip_model`` is an open_clip model with
     ``encode_image``/``encode_text``; ``tokenizer`` defaults to open_clip's BPE tokenizer.
     """
 
@@ -209,7 +213,12 @@ class PixelCLIPMatch(RewardTerm):
             x = (x + 1) / 2
         x = x.clamp(0, 1)
         if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+            (h, w), (th, tw) = x.shape[-2:], self.image_size
+            scale = max(th / h, tw / w)          # the shorter side to its target, the aspect ratio kept
+            size = (max(th, round(h * scale)), max(tw, round(w * scale)))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            top, left = (size[0] - th) // 2, (size[1] - tw) // 2
+            x = x[..., top:top + th, left:left + tw]
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x.to(device=self.device, dtype=self.dtype)
 
@@ -238,10 +247,14 @@ class LatentHead(RewardTerm):
         self.weight = _weight(weight, name)
 
     def evaluate(self, latents):
-        logp = self.head(self.model.encode_latents(latents, policy=self.policy)).float().log_softmax(-1)[:, self.index]
-        p = logp.exp()
-        loss = -logp if self.mode == "increase" else -torch.log1p(-p.clamp(max=1 - 1e-6))
-        return loss, {"p": p.detach()}
+        logp_all = self.head(self.model.encode_latents(latents, policy=self.policy)).float().log_softmax(-1)
+        logp = logp_all[:, self.index]
+        if self.mode == "increase":
+            loss = -logp
+        else:   # -log(1 - p) as the log-mass of the other labels: exact, and its gradient never vanishes
+            others = torch.cat([logp_all[:, :self.index], logp_all[:, self.index + 1:]], dim=-1)
+            loss = -torch.logsumexp(others, dim=-1)
+        return loss, {"p": logp.exp().detach()}
 
 
 class RewardSum:

@@ -126,4 +126,5 @@ def rank(model: LatentCLIP, latents: torch.Tensor, texts, k: int | None = None, 
     k = b if k is None else k
     if not 1 <= k <= b:
         raise InputError(f"k is {k} but the batch has {b} latents; expected 1 <= k <= {b}")
-    return torch.topk(scores, k).indices, scores
+    # stable: equal scores keep batch order (topk's order among ties varies between builds and devices)
+    return torch.sort(scores, descending=True, stable=True).indices[:k], scores

@@ -91,3 +91,18 @@ def test_head_reward_raises_or_lowers_the_label_probability(model):
         assert (sign * (p1 - p0) > 0).all(), (mode, p0, p1)
     total, values = RewardSum([LatentHead(model, head, "odd", weight=0.5)]).evaluate(x)
     assert set(values) == {"head", "head/p"} and total.shape == (2,)
+
+
+def test_decrease_keeps_pushing_a_confident_head(model):
+    """-log(1 - p) from the other labels' log-mass: no clamp that would zero the gradient near p = 1."""
+    head = _head(model)
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.zero_()
+        last.bias[head.label_index("busy")] = 20.0                  # p(busy) about 1 - 4e-9: a confident head
+    term = LatentHead(model, head, "busy", mode="decrease", weight=1.0)
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    loss, values = term.evaluate(x)
+    assert (values["p"] > 1 - 1e-6).all()
+    loss.sum().backward()
+    assert x.grad.abs().sum() > 0                                   # the clamp gave exactly 0 here

@@ -200,3 +200,15 @@ def test_bad_inputs_raise(model, generator):
         frozen = torch.nn.Conv2d(4, 4, 3, padding=1)                  # inference-tensor weights
     with pytest.raises(InputError, match="inference_mode"):
         reno_optimize(lambda x: frozen(x), z, reward, iterations=2)
+
+
+def test_a_seeded_stochastic_generator_draws_the_same_randomness_every_iteration(model, generator):
+    """ReNO reseeds before every iteration: the best noise then regenerates the best latents."""
+    drop = torch.nn.Dropout(0.5)
+    stochastic = lambda z: drop(generator(z))
+    res = reno_optimize(stochastic, noise(), LatentMatch(model, "a cat"), iterations=6, seed=0)
+    assert max(res.best_iteration) > 0                              # the best is not the untouched start
+    torch.manual_seed(0)
+    with torch.no_grad():
+        again = stochastic(res.noise.to(torch.float32))
+    assert torch.allclose(again, res.latents, atol=1e-5)

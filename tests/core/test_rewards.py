@@ -172,3 +172,26 @@ def test_sum_weights_names_and_values(model):
         RewardSum(["match"])
     with pytest.raises(InputError, match="weight"):
         LatentMatch(model, "a cat", weight=float("nan"))
+
+
+def test_avoid_margin_is_zero_while_every_concept_is_below_it(model):
+    """The smooth maximum of several concepts exceeds the true maximum (by up to ln K / 100 for K concepts at
+    the same cosine); the margin applies per concept, so nothing below it is penalised."""
+    x = latents(b=2)
+    concepts = ["a cat", "a cat.", "a cat!", "a cat?"]                # near-equal cosines: the largest excess
+    cos = LatentAvoid(model, concepts).evaluate(x)[1]["cos"]          # the true maxima
+    margin = float(cos.max()) + 1e-3
+    loss, _ = LatentAvoid(model, concepts, margin=margin).evaluate(x)
+    assert torch.equal(loss, torch.zeros(2))
+    low, _ = LatentAvoid(model, concepts, margin=float(cos.min()) - 0.05).evaluate(x)
+    assert (low > 0).all()
+
+
+def test_pixel_term_crops_non_square_images_instead_of_squashing_them():
+    clip = tiny_pixel_clip()
+    wide = torch.rand(1, 3, 16, 32) * 2 - 1
+    term = PixelCLIPMatch(clip, lambda z: wide, "a red car")
+    expected = F.interpolate((wide + 1) / 2, size=(32, 64), mode="bilinear", align_corners=False, antialias=True)
+    expected = (expected[..., :, 16:48] - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(term.preprocess(wide), expected, atol=1e-6)

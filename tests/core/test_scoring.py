@@ -118,3 +118,14 @@ def test_cuda_matches_cpu(model):
         gpu.load_open_clip_state_dict(model.open_clip_state_dict())
         got = gpu.cuda().encode_latents(x).cpu()
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_keeps_batch_order_among_equal_scores(model):
+    """topk orders ties arbitrarily (it put #2 before #0 here); Select Best keeps the first of equals."""
+    a = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    x = torch.cat([a, b, a, a, b])
+    order, scores = latentclip.rank(model, x, "a photo of a cat")
+    ties_first = [0, 2, 3] if scores[0] > scores[1] else [1, 4]
+    assert order[:len(ties_first)].tolist() == ties_first
+    assert latentclip.rank(model, x, "a photo of a cat", k=1)[0].tolist() == ties_first[:1]
