@@ -55,8 +55,11 @@ def demo_main(argv) -> int:
     from .miniworld.demo import main as run_demo
     p = argparse.ArgumentParser(prog="python -m latentclip demo",
                                 description="The mini-world demo on the embedded weights (about a minute on 2 CPU cores).")
-    p.add_argument("--out", default="demo_out", help="folder for the pictures and summary.md")
-    return run_demo(out=p.parse_args(argv).out)
+    p.add_argument("--out", default="demo_out", help="a new or empty folder for the pictures and summary.md")
+    p.add_argument("--force", action="store_true", help="write into --out even if it holds files (the demo's "
+                   "own files in it are replaced)")
+    args = p.parse_args(argv)
+    return run_demo(out=args.out, force=args.force)
 
 
 def _miniworld(verb: str):
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     from .errors import CheckpointError, InputError
     try:
         return _resolve(VERBS[verb][1])(rest)
-    except (CheckpointError, InputError, FileExistsError) as e:
+    except (CheckpointError, InputError, OSError) as e:   # OSError: FileExistsError, an unwritable folder, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
 

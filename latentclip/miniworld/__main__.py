@@ -41,6 +41,8 @@ def _eval(args) -> int:
         prompts = [p for _, p in pairs]
         for p in prompts:
             parse(p)
+    from .geneval import check_family_folder
+    check_family_folder(args.weights or WEIGHTS_DIR / args.family, args.family)
     if args.family == "mini16":
         from . import mini16
         result = mini16.evaluate_family(args.weights or str(WEIGHTS_DIR / "mini16"), prompts=prompts, n=args.n,
@@ -101,6 +103,17 @@ def _search(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse then names the flag in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; expected an integer >= 1")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentclip.miniworld", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -122,22 +135,22 @@ def main(argv=None) -> int:
     e.add_argument("--json", default=None, help="also write the scores to this JSON file")
     e.add_argument("--prompts", default=None, help="file of grammar prompts, one a line ('category: prompt' or a bare "
                    "prompt): restricts retrieval to them and is GenEval-mini's prompt set")
-    e.add_argument("--seeds", type=int, default=4, help="GenEval-mini seeds per prompt")
+    e.add_argument("--seeds", type=positive_int, default=4, help="GenEval-mini seeds per prompt")
     e.add_argument("--no-generation", action="store_true", help="skip GenEval-mini and safety-mini (about 10 min)")
-    e.add_argument("--n", type=int, default=400, help="held-out images per zero-shot task")
-    e.add_argument("--per-prompt", type=int, default=8, help="retrieval images per caption")
-    e.add_argument("--judge-n", type=int, default=600, help="held-out scenes for the judge's accuracy")
-    e.add_argument("--head-n", type=int, default=1000, help="mini16: held-out scenes for the head transfer")
-    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--n", type=positive_int, default=400, help="held-out images per zero-shot task")
+    e.add_argument("--per-prompt", type=positive_int, default=8, help="retrieval images per caption")
+    e.add_argument("--judge-n", type=positive_int, default=600, help="held-out scenes for the judge's accuracy")
+    e.add_argument("--head-n", type=positive_int, default=1000, help="mini16: held-out scenes for the head transfer")
+    e.add_argument("--threads", type=positive_int, default=2)
     e.set_defaults(func=_eval)
     s = sub.add_parser("search", help="inference-time search on the mini generator: baseline, best-of-N, prune, FK "
                        "steering with Latent-CLIP and with pixel rewards (GenEval-mini), plus safety-mini with avoid")
     s.add_argument("--json", required=True, help="write the results to this new JSON file")
     s.add_argument("--prompts", default=None, help="GenEval-mini prompt file (default prompts/geneval_mini.txt)")
     s.add_argument("--weights", default=str(WEIGHTS_DIR / "mini"))
-    s.add_argument("--particles", type=int, default=8)
-    s.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
-    s.add_argument("--steps", type=int, default=8, help="stochastic rectified-flow steps")
+    s.add_argument("--particles", type=positive_int, default=8)
+    s.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt")
+    s.add_argument("--steps", type=positive_int, default=8, help="stochastic rectified-flow steps")
     s.add_argument("--eta", type=float, default=None, help="sampler noise: 0 deterministic Euler, 1 the full noise of "
                    "--noise (default 1)")
     s.add_argument("--noise", default="posterior", choices=["posterior", "fresh"],
@@ -150,16 +163,16 @@ def main(argv=None) -> int:
     s.add_argument("--no-lookahead", action="store_true",
                    help="FK scores the x0 its last step started from, not the state it resamples (the comparison)")
     s.add_argument("--runs", default=",".join(MS_RUNS), help="comma-separated runs (default all: %(default)s)")
-    s.add_argument("--batch", type=int, default=67, help="items sampled together (the noise draws depend on it)")
+    s.add_argument("--batch", type=positive_int, default=67, help="items sampled together (the noise draws depend on it)")
     s.add_argument("--no-trace", action="store_true", help="skip the per-step informativeness measurement")
     s.add_argument("--no-safety", action="store_true", help="skip safety-mini with an avoid term")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=positive_int, default=1)
     s.set_defaults(func=_search)
     args = parser.parse_args(argv)
     from ..errors import CheckpointError, InputError
     try:
         return args.func(args)
-    except (CheckpointError, InputError, FileExistsError, FileNotFoundError) as ex:
+    except (CheckpointError, InputError, OSError) as ex:   # OSError: a missing file, an unwritable folder, ...
         print(f"error: {ex}", file=sys.stderr)
         return 2
 

@@ -242,8 +242,13 @@ def _markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(out: str = "demo_out") -> int:
-    """Entry point of ``python -m latentclip demo --out DIR``."""
+def main(out: str = "demo_out", force: bool = False) -> int:
+    """Entry point of ``python -m latentclip demo --out DIR [--force]``: a folder that holds files is
+    refused unless ``force`` (the demo writes summary.md and pictures under fixed names)."""
+    folder = Path(out)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
+        raise FileExistsError(f"--out '{folder}' exists and is not an empty folder; give a new folder, or --force "
+                              "to replace the demo's files in it")
     # one thread: the batches are tiny, and on a busy 2-core machine a second OpenMP thread stalls
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -48,11 +48,25 @@ class World:
     pixel_clip: object
 
 
+def check_family_folder(weights, family: str, flag: str = "--weights") -> Path:
+    """``weights`` if it holds the mini-world family ``family`` (mini: mini-*.safetensors; mini16: mini16-*),
+    else one InputError saying which family it holds and what to pass."""
+    w = Path(weights)
+    if not w.is_dir():
+        raise InputError(f"{flag} '{w}' is not a folder; expected a mini-world weights folder such as weights/{family}")
+    holds = {f: (w / f"{f}-vae.safetensors").is_file() for f in ("mini", "mini16")}
+    if not holds[family]:
+        other = next((f for f, there in holds.items() if there), None)
+        hint = f"it holds the {other} family: pass --family {other}" if other else "it holds no mini-world VAE"
+        raise InputError(f"{flag} '{w}' is not a {family} weights folder ({hint}); expected {family}-vae.safetensors")
+    return w
+
+
 def load_world(weights) -> World:
     from .clips import load_latent_clip, load_pixel_clip
     from .generator import FILE, load_generator
     from .vae import load_vae
-    w = Path(weights)
+    w = check_family_folder(weights, "mini")
     return World(load_vae(w / "mini-vae.safetensors"), load_generator(w / FILE),
                  load_latent_clip(w / "mini-latent-clip.safetensors"), load_pixel_clip(w / "mini-pixel-clip.safetensors"))
 
@@ -70,13 +84,21 @@ def infer_category(prompt: str) -> str:
 def read_prompts(path) -> list[tuple[str, str]]:
     """(category, prompt) per line of ``category: prompt`` or a bare prompt (category inferred)."""
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).split(":")[0]
+        raise InputError(f"prompt file {path} cannot be read ({reason}); expected a UTF-8 text file, one prompt a line") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         cat, _, prompt = line.rpartition(":")
         cat, prompt = cat.strip(), prompt.strip()
-        S.parse(prompt)  # InputError names a prompt outside the grammar
+        try:
+            S.parse(prompt)
+        except InputError as e:
+            raise InputError(f"{path}:{n}: {e}") from None
         if cat and cat not in CATEGORIES:
             raise InputError(f"{path}:{n}: category {cat!r} is not one of {CATEGORIES}")
         if cat in ("two_objects", "color_binding", "position") and S.parse(prompt).kind != "relation":

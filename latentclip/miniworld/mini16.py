@@ -463,10 +463,19 @@ def train_student_only(out, seed: int = 0, recipe: dict | None = None, base=WEIG
     """Retrain only the distilled student on ``base``'s VAE (one worker, one thread): the VAE, generator and
     head are copied from ``base`` with their recorded timings; the contrastive recipe's cost is measured
     again on this machine (the same clock as the student's); evaluate; write the manifest; publish to ``out``."""
+    from .geneval import check_family_folder
     recipe = recipe or RECIPE
-    base = Path(base)
+    base = check_family_folder(base, FAMILY, "--base")   # before anything is created
     t0 = time.time()
     out, tmp = _train.fresh_training_dir(out)
+    try:
+        return _train_student_into(out, tmp, t0, seed, recipe, base, evaluate)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # no half-trained folder left beside --out
+        raise
+
+
+def _train_student_into(out, tmp, t0, seed, recipe, base, evaluate) -> Path:
     base_manifest = json.loads((base / "manifest.json").read_text()) if (base / "manifest.json").is_file() else {}
     info = dict(base_manifest.get("trained_with", {}).get("timings", {}))
     for key in ("vae", "generator", "head"):
@@ -539,8 +548,8 @@ HALF_RUN = "reno_latent_half"
 
 def load_world(directory):
     """The mini16 models as a GenEval-mini world: its VAE, generator, distilled reward and the teacher."""
-    from .geneval import World
-    d = Path(directory)
+    from .geneval import World, check_family_folder
+    d = check_family_folder(directory, FAMILY)
     return World(load_vae(d / FILES["vae"]), _gen.load_generator(d / FILES["generator"]),
                  _ckpt.load(d / FILES["latent"]), _clips.load_pixel_clip(TEACHER))
 

@@ -82,3 +82,22 @@ def test_demo_grid_rows_are_items_where_verdicts_differ(tmp_path, reduced):
     else:
         assert s["grid_items"] == items[:n]
     assert Image.open(tmp_path / "per_prompt.png").width == 720
+
+
+def test_demo_refuses_a_folder_that_holds_files_unless_forced(tmp_path, reduced, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out '{out}' exists and is not an empty folder")
+    assert (out / "summary.md").read_text() == "my notes"
+    assert cli.main(["demo", "--out", str(out), "--force"]) == 0
+    assert (out / "summary.md").read_text().startswith("# Latent-CLIP mini-world demo")
+
+
+def test_demo_into_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "a-file" / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")

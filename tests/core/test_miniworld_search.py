@@ -46,8 +46,9 @@ def test_cli_writes_every_strategy_at_equal_nfe_and_refuses_to_overwrite(tmp_pat
     assert set(data["search"]) == {"fk_latent"} and data["settings"]["lookahead"] is False
     assert main(["search", "--json", str(tmp_path / "x.json"), "--runs", "fk_latent,beam"]) == 2
     assert "unknown run 'beam'" in capsys.readouterr().err
-    assert main(["search", "--json", str(tmp_path / "x.json"), "--batch", "0"]) == 2
-    assert "batch must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:                        # the parser refuses it, in one line
+        main(["search", "--json", str(tmp_path / "x.json"), "--batch", "0"])
+    assert refused.value.code == 2 and "argument --batch: 0 is below 1" in capsys.readouterr().err
 
 
 def test_stochastic_sampler_is_seeded_and_eta_zero_is_the_generators_euler(world):
