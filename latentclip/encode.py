@@ -221,8 +221,9 @@ def encode(args, log=print) -> list:
     _check_out(out, args.input)
     jobs = plan_jobs(args.input, args.shard_size)
     mine = [j for i, j in enumerate(jobs) if i % world.size == world.rank]
-    done = [j for j in mine if (out / j.out_name).exists()]
-    todo = [j for j in mine if not (out / j.out_name).exists()]
+    finished = [(out / j.out_name).exists() for j in mine]
+    done = [j for j, f in zip(mine, finished) if f]
+    todo = [j for j, f in zip(mine, finished) if not f]
     teacher = Teacher(args.teacher, args.teacher_model, device)
     manifest = _manifest(args, family, teacher)
     out.mkdir(parents=True, exist_ok=True)

@@ -109,15 +109,21 @@ def unreachable(repo_id: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     return None
 
 
+def last_checkpoint(files) -> str | None:
+    """Of repo-relative file names, the last ``checkpoints/epoch_N.pt`` (highest N), or None."""
+    epochs = sorted((int(m.group(1)), f) for f in files if (m := _CHECKPOINT.fullmatch(f)))
+    return epochs[-1][1] if epochs else None
+
+
 def checkpoint_file(repo_id: str) -> str:
     """The repo's last ``checkpoints/epoch_N.pt`` (highest N), from the Hub's file listing."""
     from huggingface_hub import HfApi
     files = HfApi(endpoint=endpoint()).list_repo_files(repo_id)
-    epochs = sorted((int(m.group(1)), f) for f in files if (m := _CHECKPOINT.fullmatch(f)))
-    if not epochs:
+    found = last_checkpoint(files)
+    if found is None:
         raise DownloadError(f"{repo_id} holds no checkpoints/epoch_*.pt (files: {sorted(files)[:8]}); "
                             "it is not a Latent-CLIP release in the authors' layout")
-    return epochs[-1][1]
+    return found
 
 
 def _reporting_tqdm(progress: Progress):
@@ -212,9 +218,8 @@ def cached_checkpoint(repo_id: str) -> Path | None:
                                         cache_dir=cache_dir()))
     except Exception:   # noqa: BLE001 - nothing cached (LocalEntryNotFoundError and kin, by release)
         return None
-    epochs = sorted((int(m.group(1)), f) for f in folder.glob("checkpoints/epoch_*.pt")
-                    if (m := _CHECKPOINT.fullmatch(f"checkpoints/{f.name}")) and f.is_file())
-    return epochs[-1][1] if epochs else None
+    found = last_checkpoint(f"checkpoints/{f.name}" for f in folder.glob("checkpoints/epoch_*.pt") if f.is_file())
+    return None if found is None else folder / found
 
 
 def _hub_error(name: str) -> type:

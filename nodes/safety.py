@@ -18,6 +18,7 @@ import hashlib
 import itertools
 
 import torch
+import comfy.model_sampling
 import comfy.patcher_extension
 from comfy_api.latest import io, ui
 
@@ -209,7 +210,6 @@ def noise_level_sigma(base, sigma):
     guidance weights its steps by. A flow model (SD3, Flux, Wan: ``CONST``) mixes x = (1 - s) x0 + s noise
     with s <= 1, whose noise share is s^2 / (s^2 + (1 - s)^2): the same as sigma = s / (1 - s) of an EPS
     model. Without this, scale would act at half strength at pure noise on those models and fade early."""
-    import comfy.model_sampling
     if not isinstance(getattr(base, "model_sampling", None), comfy.model_sampling.CONST):
         return sigma
     s = torch.as_tensor(sigma).float()
