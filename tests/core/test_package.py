@@ -43,3 +43,24 @@ def test_comfy_edge_modules_import_comfy_only_when_called():
     for name in COMFY_EDGE:
         top = [line for line in (ROOT / "latentclip" / name).read_text().splitlines() if line.startswith(("import", "from"))]
         assert not [line for line in top if "comfy" in line.split()[1]], name
+
+
+def test_pack_entry_uses_its_own_core_over_another_installed_copy(tmp_path):
+    """An older or foreign ``latentclip`` earlier on the path must not be paired with these nodes."""
+    decoy = tmp_path / "site" / "latentclip"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("DECOY = True\n")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lc_pack', r'{ROOT / '__init__.py'}', "
+        f"submodule_search_locations=[r'{ROOT}'])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['lc_pack'] = m; spec.loader.exec_module(m)\n"
+        "import latentclip, latentclip.families\n"
+        "assert not hasattr(latentclip, 'DECOY'), latentclip.__file__\n"
+        "print(latentclip.__file__)\n"
+    )
+    import os
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).resolve() == (ROOT / "latentclip" / "__init__.py").resolve()
