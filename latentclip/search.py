@@ -18,7 +18,8 @@ the reward is ``r = -loss``) and the strategy acts:
 
 Layout: particle states are one tensor ``[N * B, ...]`` ordered slot-major (row ``s * B + b`` is
 slot ``s`` of item ``b``), the order in which ComfyUI repeats a batch's conditioning. Same seed,
-same result: every random choice comes from a ``torch.Generator`` seeded from ``seed``.
+same result: every random choice comes from a ``torch.Generator`` seeded from ``seed``, one per item
+(``item_seed``), so an item's resampling does not depend on the other items of its batch.
 """
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
     if not isinstance(x, torch.Tensor) or x.shape[0] != n * batch:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"initial particles must be a tensor with {n} x {batch} rows, got {got}")
-    gen = torch.Generator().manual_seed(int(settings.seed))
+    gens = [torch.Generator().manual_seed(item_seed(settings.seed, b)) for b in range(batch)]
     actions = settings.action_steps(steps)
     cuts = sorted(set(actions) | {steps})
     history = {"settings": asdict(settings), "steps": steps, "scored_steps": [], "reward": [], "terms": {},
@@ -251,7 +252,9 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
             logw = (settings.temperature * potential).double()
             w = torch.softmax(torch.nan_to_num(logw, nan=-math.inf), dim=0)
             w = torch.where(torch.isfinite(w).all(0, keepdim=True) & (w.sum(0, keepdim=True) > 0), w, torch.full_like(w, 1.0 / alive))
-            ancestors = torch.multinomial(w.T.cpu(), alive, replacement=True, generator=gen).T   # [alive, B]
+            wt = w.T.cpu()   # [B, alive]; each item draws from its own generator, whatever the batch holds
+            ancestors = torch.stack([torch.multinomial(wt[b], alive, replacement=True, generator=gens[b])
+                                     for b in range(batch)], dim=1)   # [alive, B]
             ess = (1.0 / (w ** 2).sum(0)).tolist()
             history["events"].append({"step": cut, "kind": "resample", "ancestors": ancestors.T.tolist(),
                                       "ess": [round(e, 3) for e in ess]})
@@ -272,6 +275,17 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
     return SearchResult(samples=samples, best_reward=[float(final[best[b], b]) for b in range(batch)],
                         best_slot=history["best_slot"], particle_steps=units,
                         seconds=time.perf_counter() - started, history=history)
+
+
+def item_seed(seed: int, item: int) -> int:
+    """Seed of item ``item``'s resampling generator: ``seed`` itself for item 0 (so a batch of one
+    draws what it always drew), a splitmix64 mix of (seed, item) for the others."""
+    if item == 0:
+        return int(seed)
+    z = (int(seed) + item * 0x9E3779B97F4A7C15) % 2 ** 64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return z ^ (z >> 31)
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models_base
+import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -79,6 +80,19 @@ class Mini(comfy.latent_formats.LatentFormat):
         return latent * self.std.to(latent) + self.mean.to(latent)
 
 
+def check_mini_latent(x: torch.Tensor, generator: G.MiniGenerator) -> None:
+    """Refuse a latent the generator cannot draw (it has one position embedding, for 8x8 latents), in one
+    sentence naming latent_image and what to set, instead of torch's broadcast error mid-sampling."""
+    channels, side = generator.latent_channels, tuple(generator.pos.shape[-2:])
+    if x.ndim == 4 and x.shape[1] == channels and tuple(x.shape[-2:]) == side:
+        return
+    got = "x".join(str(s) for s in x.shape[1:])
+    if x.ndim == 4:
+        got += f" (a {x.shape[-1] * 8}x{x.shape[-2] * 8} image)"
+    raise InputError(f"latent_image is {got} but the mini-world draws {side[1] * 8}x{side[0] * 8} images, i.e. "
+                     f"{channels}x{side[0]}x{side[1]} latents: set Empty Latent Image to {side[1] * 8}x{side[0] * 8}")
+
+
 class MiniVelocity(nn.Module):
     """The generator's velocity network in ComfyUI's diffusion-model calling convention."""
 
@@ -95,6 +109,7 @@ class MiniVelocity(nn.Module):
         if context is None or mini_pooled is None or mini_pad is None:
             raise InputError("the mini-world MODEL needs CONDITIONING from CLIP Text Encode with the mini-world CLIP "
                              "(Load mini-world's CLIP output)")
+        check_mini_latent(x, self.generator)
         t = timesteps.float() / MULTIPLIER
         return self.generator.velocity(x, t, (context, mini_pooled, mini_pad > 0.5))
 
@@ -272,7 +287,14 @@ class LatentCLIPMiniWorldJudge(io.ComfyNode):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
             raise InputError(f"images must be an IMAGE batch [batch, height, width, 3], got "
                              f"{list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        verdicts = [judge.check(img, spec) for img in images]
+        # an IMAGE of a large model takes seconds per image (the judge is made for 64x64): progress per image,
+        # and the interrupt is checked per image and during each image's component labelling
+        bar = comfy.utils.ProgressBar(len(images))
+        verdicts = []
+        for img in images:
+            mm.throw_exception_if_processing_interrupted()
+            verdicts.append(judge.check(img, spec, poll=mm.throw_exception_if_processing_interrupted))
+            bar.update(1)
         lines = [f"{i}: {'ok' if v['ok'] else 'no'}" + ("" if v["ok"] else " (" + ", ".join(
             k for k, x in v.items() if k != "ok" and x is False) + ")") for i, v in enumerate(verdicts)]
         correct = sum(v["ok"] for v in verdicts)

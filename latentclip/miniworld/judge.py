@@ -9,6 +9,7 @@ object's shape comes from two scale-free features: how much of its bounding box 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,12 +46,17 @@ def to_uint8(image) -> np.ndarray:
     return a
 
 
-def _components(mask: np.ndarray) -> np.ndarray:
-    """4-connected component labels (0 = none) by vectorised min-label propagation."""
+def _components(mask: np.ndarray, poll: Callable[[], None] | None = None) -> np.ndarray:
+    """4-connected component labels (0 = none) by vectorised min-label propagation.
+
+    ``poll`` (optional) is called before every propagation pass; it may raise to stop (the pass count grows
+    with the objects' size, so a large image takes seconds)."""
     h, w = mask.shape
     big = h * w + 1
     lab = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
     while True:
+        if poll is not None:
+            poll()
         p = np.pad(lab, 1, constant_values=big)
         new = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
         new = np.where(mask, new, big)
@@ -66,15 +72,15 @@ def classify_shape(fill: float, top: float) -> str:
     return "square" if fill > 0.885 else "circle"
 
 
-def detect(image) -> list[Detection]:
-    """Objects in an image, largest first."""
+def detect(image, poll: Callable[[], None] | None = None) -> list[Detection]:
+    """Objects in an image, largest first; ``poll`` as in ``_components``."""
     img = to_uint8(image).astype(np.float32)
     chroma = img.max(-1) - img.min(-1)
     obj = chroma >= CHROMA_MIN
     nearest = ((img[:, :, None, :] - _REF) ** 2).sum(-1).argmin(-1)
     out = []
     for ci, color in enumerate(S.COLORS):
-        lab = _components(obj & (nearest == ci))
+        lab = _components(obj & (nearest == ci), poll)
         for v in np.unique(lab[lab > 0]):
             ys, xs = np.nonzero(lab == v)
             area = len(ys)
@@ -92,16 +98,17 @@ def _obj(d: Detection) -> S.Obj:
     return S.Obj(d.shape, d.color, d.x, d.y, 0.0)
 
 
-def check(image, prompt) -> dict:
+def check(image, prompt, poll: Callable[[], None] | None = None) -> dict:
     """For a prompt of the grammar (str or Spec): which of its attributes hold in the image.
 
     Keys: ``color`` (the named colours are present), ``shape`` (the named shapes are present),
     ``object`` (colour-shape pairs bound correctly, with multiplicity), ``count`` (the scene holds
     exactly the described number of objects), ``relation`` (None unless the prompt has one) and
-    ``ok`` (all that apply).
+    ``ok`` (all that apply). ``poll`` (optional, no arguments) is called often while the image is analysed
+    and may raise to stop it (the ComfyUI node passes its interrupt check).
     """
     spec = prompt if isinstance(prompt, S.Spec) else S.parse(prompt)
-    dets = detect(image)
+    dets = detect(image, poll)
     return check_detections(dets, spec)
 
 
