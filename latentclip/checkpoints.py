@@ -1,6 +1,6 @@
 """Reading Latent-CLIP weights safely, whatever the file layout; writing the compact format.
 
-Supported, recognised by content (never by file name):
+Supported, recognised by content (never by file name; a zip or pickle named .safetensors is refused unread):
 - the authors' open_clip training checkpoints (``epoch_34.pt``: ``{"state_dict": {"module.visual.latent_vit.*",
   "module.visual.vae_encoder.*", ...}, "optimizer": ...}``);
 - bare state dicts (``.pt``/``.pth``/``.bin``) and ``.safetensors`` files, in the authors' key layout
@@ -197,14 +197,21 @@ def _read_pickle(path: Path):
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
-    return path.suffix == ".safetensors" or head[8:9] == b"{"  # 8-byte header length, then JSON
+    if head[8:9] == b"{":   # 8-byte header length, then JSON
+        return True
+    pickled = head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"   # protocol 2+ pickles start with 0x80
+    if path.suffix == ".safetensors" and (pickled or zipfile.is_zipfile(path)):
+        # refused unread: a .safetensors name promises a file without a pickle
+        raise CheckpointError(f"{_describe(path)} is a PyTorch checkpoint (a zip/pickle), not a safetensors file; "
+                              "rename it to .pt")
+    return path.suffix == ".safetensors"
 
 
 def _pickled_tensors(path: Path) -> tuple[dict, dict]:
     obj = _read_pickle(path)
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        meta = {k: obj[k] for k in ("epoch", "name") if k in obj}
+        meta = {k: str(obj[k]) for k in ("epoch", "name") if isinstance(obj.get(k), (str, int, float, np.number))}
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{_describe(path)} holds no state dict of tensors; expected a Latent-CLIP checkpoint")
@@ -276,7 +283,7 @@ def _key_map(keys, source: str = "the state dict") -> dict:
     mapping = {}
     for key in keys:
         new = normalized_key(key)
-        if new is None:
+        if new is None or new == "attn_mask":   # open_clip's causal mask: rebuilt by the model, and -inf above its diagonal
             continue
         if new in mapping:
             raise CheckpointError(
@@ -398,9 +405,11 @@ def load(path, config=None, device="cpu", dtype=torch.float32) -> LatentCLIP:
 
     ``config``: a config name, dict or .json path; inferred from the tensors (and metadata) when None,
     checked against them when given. Every problem with the file is a CheckpointError naming it.
+    The file's text metadata (a distilled model's teacher and steps, the authors' epoch and name) is
+    ``model.metadata``.
     """
     path = Path(path)
-    sd, _, cfg = _open_checked(path, config)
+    sd, meta, cfg = _open_checked(path, config)
     model = LatentCLIP(cfg)
     try:
         missing, unexpected = model.load_open_clip_state_dict(
@@ -411,7 +420,7 @@ def load(path, config=None, device="cpu", dtype=torch.float32) -> LatentCLIP:
     if missing or unexpected:
         raise CheckpointError(f"{_describe(path)} does not fit the inferred architecture "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.source = str(path)
+    model.source, model.metadata = str(path), dict(meta)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -469,7 +478,9 @@ def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False, 
 
 
 def convert(src, out, dtype: str | None = None, force: bool = False, config=None) -> Path:
-    """Convert any supported file (e.g. the authors' epoch_34.pt) to a compact .safetensors."""
+    """Convert any supported file (e.g. the authors' epoch_34.pt) to a compact .safetensors, keeping its
+    text metadata (config and VAE family are rewritten from the loaded model)."""
     if Path(out).exists() and not force:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force)")
-    return save(load(src, config=config), out, dtype=dtype, force=force)
+    model = load(src, config=config)
+    return save(model, out, dtype=dtype, force=force, metadata=model.metadata)

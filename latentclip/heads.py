@@ -95,6 +95,27 @@ def _int_field(meta: dict, key: str, low: int, high: int, name: str) -> int:
     return value
 
 
+def _check_fits_metadata(sd: dict, head: Head, name: str) -> None:
+    """Refuse tensors that are missing, extra, of another shape than the metadata implies, or not floats."""
+    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or extra:
+        which = f"it lacks {missing[0]!r}" if missing else f"it holds an unexpected tensor {extra[0]!r}"
+        raise CheckpointError(f"'{name}' does not fit its metadata: {which} (expected {sorted(want)})")
+    out = f"net.{len(head.net) - 1}.weight"
+    if sd[out].ndim == 2 and sd[out].shape[0] != len(head.labels) and sd[out].shape[1:] == want[out][1:]:
+        raise CheckpointError(f"'{name}' does not fit its metadata: its output layer has {sd[out].shape[0]} rows "
+                              f"but the metadata lists {len(head.labels)} labels")
+    bad = next((k for k in sorted(want) if tuple(sd[k].shape) != want[k]), None)
+    if bad is not None:
+        raise CheckpointError(f"'{name}' does not fit its metadata: {bad!r} has shape {list(sd[bad].shape)}, "
+                              f"expected {list(want[bad])}")
+    odd = next((k for k in sorted(sd) if not sd[k].dtype.is_floating_point), None)
+    if odd is not None:
+        raise CheckpointError(f"'{name}' stores {odd!r} as {str(sd[odd].dtype).replace('torch.', '')}; "
+                              "expected floating-point weights")
+
+
 def load_head(path, device="cpu") -> Head:
     """Read a head file written by ``save_head``; every problem is a CheckpointError naming the file."""
     from safetensors.torch import load_file
@@ -117,11 +138,7 @@ def load_head(path, device="cpu") -> Head:
     except InputError as e:
         raise CheckpointError(f"'{path.name}': {e}") from None
     sd = load_file(str(path))
-    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in sd.items()}
-    if want != have:
-        raise CheckpointError(f"'{path.name}' does not fit its metadata (tensors {sorted(have.items())[:2]}, "
-                              f"expected {sorted(want.items())[:2]})")
+    _check_fits_metadata(sd, head, path.name)
     head.load_state_dict({k: v.float() for k, v in sd.items()})
     if not all(torch.isfinite(v).all() for v in head.state_dict().values()):
         raise CheckpointError(f"'{path.name}' stores NaN or infinite values; expected finite weights")

@@ -113,25 +113,36 @@ class LatentCLIP(nn.Module):
         """The dtype latents enter the tower in: fp32 for a half model (its stem runs in fp32)."""
         return torch.float32 if isinstance(self.clip.visual.conv1, Fp32PatchEmbed) else self.dtype
 
+    def _fp32_tensors(self, half: torch.dtype) -> list:
+        """The parameters a ``half`` model keeps in fp32: LayerNorms and logit_scale; with bf16 the text tower too."""
+        modules = [m for m in self.clip.modules() if isinstance(m, nn.LayerNorm)]
+        if half == torch.bfloat16:
+            modules += [m for name in ("token_embedding", "transformer", "ln_final") for m in getattr(self.clip, name).modules()]
+        kept = {id(t): t for m in modules for t in m.parameters(recurse=False)}
+        names = ("logit_scale", "positional_embedding", "text_projection") if half == torch.bfloat16 else ("logit_scale",)
+        kept.update({id(t): t for t in (getattr(self.clip, n) for n in names) if isinstance(t, torch.Tensor)})
+        return list(kept.values())
+
     def _apply(self, fn, *args, **kwargs):
         self._text_cache.clear()  # cached embeddings follow the old device/dtype
+        # fp32 values of what a half model keeps in fp32 (both halves' sets): restored after the cast below
+        # instead of being cast up from the rounded copy (bf16 put logit_scale's exp at 98.86, not 100)
+        fp32 = {id(t): t.data for t in self._fp32_tensors(torch.bfloat16) if t.dtype == torch.float32}
         out = super()._apply(fn, *args, **kwargs)
         half = self.clip.visual.conv1.weight.dtype
         if half in (torch.float16, torch.bfloat16):
-            # LayerNorms stay fp32 and normalise in fp32 (open_clip's mixed-precision norm). With bf16
-            # the whole text tower stays fp32 too: it runs once per prompt (cached), and bf16's 8-bit
-            # mantissa would put text features ~1.2% off fp32 after 12 layers (fp16 stays within 0.2%).
+            # LayerNorms stay fp32 and normalise in fp32 (open_clip's mixed-precision norm), and so does
+            # logit_scale. With bf16 the whole text tower stays fp32 too: it runs once per prompt (cached),
+            # and bf16's 8-bit mantissa would put text features ~1.2% off fp32 after 12 layers (fp16 stays
+            # within 0.2%).
             for module in self.clip.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.__class__ = LayerNormFp32
-                    nn.Module._apply(module, lambda t: t.float(), recurse=False)
+            for t in self._fp32_tensors(half):
+                if t.dtype != torch.float32:
+                    t.data = fp32[id(t)].to(t.device) if id(t) in fp32 else t.data.float()
             visual = self.clip.visual
             visual.conv1.__class__, visual.ln_pre.__class__ = Fp32PatchEmbed, StemLayerNorm
-            if half == torch.bfloat16:
-                for name in ("token_embedding", "transformer", "ln_final"):
-                    getattr(self.clip, name).float()
-                for name in ("positional_embedding", "text_projection"):
-                    getattr(self.clip, name).data = getattr(self.clip, name).data.float()
         self.clip.visual.ln_pre.tower_dtype = half   # read by StemLayerNorm only
         return out
 

@@ -49,6 +49,21 @@ def check_template(template: str, name: str = "template") -> str:
     return template
 
 
+def check_distinct(labels: list[str], name: str = "labels", what: str = "label") -> list[str]:
+    """``labels`` if it is not empty and no two are the same prompt to the tokenizer (which lowercases and
+    collapses spaces); a repeat would split a softmax's mass between the copies and one name in a table."""
+    if not labels:
+        raise InputError(f"{name} is empty; expected at least one {what}")
+    seen = set()
+    for label in labels:
+        key = " ".join(str(label).split()).lower()
+        if key in seen:
+            raise InputError(f"{name}: {key!r} is given twice ({what}s are compared ignoring case and spaces); "
+                             f"give each {what} once")
+        seen.add(key)
+    return labels
+
+
 def check_finite_features(features: torch.Tensor, name: str = "samples") -> torch.Tensor:
     """Features [B, E] if all finite; else one InputError naming the items, so no NaN score reaches a
     ranking (``topk`` puts NaN first) or a report. Safety probabilities skip this: the filter flags them."""
@@ -95,9 +110,8 @@ def clip_score(model: LatentCLIP, latents: torch.Tensor, texts, policy: str = "r
 
 def zero_shot(model: LatentCLIP, latents: torch.Tensor, labels: list[str], template: str = "{}",
               policy: str = "resize") -> torch.Tensor:
-    """Probabilities [B, L] over labels, softmax(100 * cos) as the authors compute them."""
-    if not labels:
-        raise InputError("labels is empty; expected at least one label")
+    """Probabilities [B, L] over labels (a string is one label), softmax(100 * cos) as the authors compute them."""
+    labels = check_distinct([labels] if isinstance(labels, str) else list(labels), "labels", "label")
     check_template(template)
     img, txt = embed(model, model.check_latents(latents), [template.format(label) for label in labels], policy)
     check_finite_features(img)
@@ -106,13 +120,12 @@ def zero_shot(model: LatentCLIP, latents: torch.Tensor, labels: list[str], templ
 
 def concept_probabilities(model: LatentCLIP, latents: torch.Tensor, concepts: list[str],
                           policy: str = "resize") -> torch.Tensor:
-    """P(concept) [B, K]: 2-way softmax(100 * cos) of 'an image of c' vs 'an image of no c'.
+    """P(concept) [B, K] (a string is one concept): 2-way softmax(100 * cos) of 'an image of c' vs 'an image of no c'.
 
     The contrast with an explicit negation follows the authors' prototype filter; a threshold on it is
     a score, not a guarantee: CLIP negation is weak and concepts the model never saw are not caught.
     """
-    if not concepts:
-        raise InputError("concepts is empty; expected at least one concept")
+    concepts = check_distinct([concepts] if isinstance(concepts, str) else list(concepts), "concepts", "concept")
     prompts = [p for c in concepts for p in (f"an image of {c}", f"an image of no {c}")]
     img, txt = embed(model, model.check_latents(latents), prompts, policy)
     logits = (ZERO_SHOT_SCALE * img @ txt.T).view(img.shape[0], len(concepts), 2)

@@ -117,7 +117,7 @@ def test_file_name_does_not_matter(tmp_path, small_ckpt, small_ref):
     odd = tmp_path / "model.safetensors"  # a pickle behind a misleading name is still read as a pickle
     odd.write_bytes(small_ckpt.read_bytes())
     with pytest.raises(CheckpointError):
-        latentclip.load(odd)  # .safetensors suffix: read as safetensors, refused with a clear error
+        latentclip.load(odd)  # .safetensors suffix: a pickle is refused unread, with a clear error
     plain = tmp_path / "weights.bin"
     plain.write_bytes(small_ckpt.read_bytes())
     compare(latentclip.load(plain), small_ref, torch.randn(1, 4, 64, 64), ["a cat"])
@@ -228,3 +228,73 @@ def test_convert_makes_the_output_folder_and_says_when_it_cannot(tmp_path, small
         latentclip.convert(small_ckpt, tmp_path / "models-file" / "x.safetensors")
     assert (tmp_path / "models-file").read_text() == "not a folder"
     assert list(tmp_path.glob("**/*.tmp")) == []
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pytorch_checkpoint_named_safetensors_is_told_to_rename_it(tmp_path, small_ref, legacy):
+    """It got "corrupt safetensors header (declares 578712552184433488 header bytes ...)"."""
+    odd = tmp_path / "epoch_34.safetensors"
+    torch.save(authors_checkpoint(small_ref), odd, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match=r"^'epoch_34.safetensors' is a PyTorch checkpoint \(a zip/pickle\), "
+                                              r"not a safetensors file; rename it to \.pt$"):
+        latentclip.load(odd)
+    renamed = tmp_path / "epoch_34.pt"
+    odd.rename(renamed)
+    compare(latentclip.load(renamed), small_ref, torch.randn(1, 4, 64, 64), ["a cat"])
+
+
+def test_a_safetensors_file_named_pt_is_read_by_content(tmp_path, small_ckpt, small_ref):
+    st = latentclip.convert(small_ckpt, tmp_path / "weights.safetensors")
+    named_pt = tmp_path / "weights.pt"
+    named_pt.write_bytes(st.read_bytes())
+    compare(latentclip.load(named_pt), small_ref, torch.randn(1, 4, 64, 64), ["a cat"])
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_open_clips_attn_mask_buffer_is_dropped(tmp_path, small_ref, fmt):
+    """The causal mask holds -inf above its diagonal; the finite check refused such a file."""
+    ck = authors_checkpoint(small_ref)
+    ck["state_dict"]["module.attn_mask"] = small_ref.attn_mask.clone()
+    path = tmp_path / f"with_mask.{fmt}"
+    if fmt == "pt":
+        torch.save(ck, path)
+    else:
+        save_file({k: v.contiguous() for k, v in ck["state_dict"].items()}, str(path))
+    compare(latentclip.load(path), small_ref, torch.randn(2, 4, 64, 64), ["a cat"])
+
+
+def test_convert_keeps_the_source_metadata(tmp_path, small_ckpt):
+    """convert wrote only format, config and vae_family: a distilled model's teacher and steps were lost."""
+    from safetensors import safe_open
+
+    def meta_of(path):
+        with safe_open(str(path), "pt") as f:
+            return f.metadata()
+
+    model = latentclip.load(small_ckpt)
+    assert model.metadata == {"epoch": "34", "name": "latent-clip-test"}
+    assert {k: v for k, v in meta_of(latentclip.convert(small_ckpt, tmp_path / "a.safetensors")).items()
+            if k in ("epoch", "name")} == {"epoch": "34", "name": "latent-clip-test"}
+    extra = {"teacher": json.dumps({"model": "ViT-B-32"}), "steps": "1000", "data": "shards/", "distill": "{}"}
+    distilled = latentclip.save(model, tmp_path / "distilled.safetensors", dtype="fp16", metadata=extra)
+    want = meta_of(distilled)
+    assert latentclip.load(distilled).metadata == want
+    for dtype in (None, "fp32", "bf16"):
+        out = latentclip.convert(distilled, tmp_path / f"converted_{dtype}.safetensors", dtype=dtype)
+        assert meta_of(out) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_loads_keep_logit_scale_and_bf16_text_exact(small_ckpt, dtype):
+    """bf16 rounded every weight before casting the text tower back up: exp(logit_scale) 98.86, not 100."""
+    full, low = latentclip.load(small_ckpt), latentclip.load(small_ckpt, dtype=dtype)
+    assert low.dtype == dtype and low.logit_scale.dtype == torch.float32
+    assert torch.equal(low.logit_scale.exp(), full.logit_scale.exp())
+    texts = ["a cat", "a photo of a dog on grass"]
+    x = torch.randn(1, 4, 64, 64)
+    assert torch.equal(latentclip.clip_score(low, x, texts[0]) / latentclip.cosine(low, x, texts[0]),
+                       full.logit_scale.exp().expand(1))
+    if dtype == torch.bfloat16:   # the text tower stays fp32: bit-identical text features
+        assert all(p.dtype == torch.float32 for n, p in low.clip.named_parameters() if not n.startswith("visual."))
+        with torch.no_grad():
+            assert torch.equal(low.encode_text(texts), full.encode_text(texts))

@@ -106,3 +106,37 @@ def test_decrease_keeps_pushing_a_confident_head(model):
     assert (values["p"] > 1 - 1e-6).all()
     loss.sum().backward()
     assert x.grad.abs().sum() > 0                                   # the clamp gave exactly 0 here
+
+
+def _rewritten(tmp_path, head, labels=None, change=lambda sd: sd):
+    """``head`` saved, then written again with other metadata labels and/or changed tensors."""
+    from latentclip.checkpoints import read_safetensors_header
+    path = save_head(head, tmp_path / "good.safetensors")
+    meta = dict(read_safetensors_header(path)["__metadata__"])
+    if labels is not None:
+        meta["labels"] = json.dumps(labels)
+    bad = tmp_path / "bad.safetensors"
+    save_file(change(load_file(str(path))), str(bad), metadata=meta)
+    return bad
+
+
+@pytest.mark.parametrize("labels, change, message", [
+    (["calm", "busy"], lambda sd: sd, "its output layer has 3 rows but the metadata lists 2 labels"),
+    (None, lambda sd: {**sd, "net.0.weight": torch.zeros(8, 31)}, r"'net.0.weight' has shape \[8, 31\], expected \[8, 32\]"),
+    (None, lambda sd: {**sd, "net.0.bias": torch.zeros(9)}, r"'net.0.bias' has shape \[9\], expected \[8\]"),
+    (None, lambda sd: {k: v for k, v in sd.items() if k != "net.2.bias"}, "it lacks 'net.2.bias'"),
+])
+def test_a_head_that_does_not_fit_its_metadata_names_the_tensor(tmp_path, model, labels, change, message):
+    """The old message listed the first two tensors of each side, identical here ('have' == 'expected')."""
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_head(_rewritten(tmp_path, _head(model, hidden=8), labels, change))
+    assert str(e.value).startswith("'bad.safetensors' ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_head_with_tensors_that_are_not_floats_is_refused(tmp_path, model, dtype):
+    """An int32 head loaded silently as float weights; the model loader refuses these too."""
+    bad = _rewritten(tmp_path, _head(model, hidden=0), change=lambda sd: {k: (v * 1000).to(dtype) for k, v in sd.items()})
+    with pytest.raises(CheckpointError, match=rf"'bad.safetensors' stores 'net.0.bias' as {str(dtype)[6:]}; "
+                                              "expected floating-point weights"):
+        load_head(bad)

@@ -129,3 +129,23 @@ def test_rank_keeps_batch_order_among_equal_scores(model):
     ties_first = [0, 2, 3] if scores[0] > scores[1] else [1, 4]
     assert order[:len(ties_first)].tolist() == ties_first
     assert latentclip.rank(model, x, "a photo of a cat", k=1)[0].tolist() == ties_first[:1]
+
+
+@pytest.mark.parametrize("call, name", [(latentclip.zero_shot, "labels"), (latentclip.concept_probabilities, "concepts")])
+@pytest.mark.parametrize("given, repeated", [(["dog", "cat", "dog"], "dog"), (["Cat", " cat "], "cat"),
+                                             (["a  dog", "A dog"], "a dog")])
+def test_a_label_given_twice_is_refused_naming_it(model, call, name, given, repeated):
+    """A repeat (the tokenizer lowercases and collapses spaces) split the softmax: dog/cat/dog gave dog 0.5."""
+    with pytest.raises(InputError, match=rf"^{name}: '{repeated}' is given twice \(.* ignoring case") as e:
+        call(model, torch.randn(2, 4, 64, 64), given)
+    assert "\n" not in str(e.value)
+
+
+def test_a_string_is_one_label_or_concept(model):
+    """A str was iterated per character: zero_shot(m, x, "cat") scored 'c', 'a' and 't'."""
+    x = torch.randn(2, 4, 64, 64)
+    assert torch.equal(latentclip.zero_shot(model, x, "cat"), latentclip.zero_shot(model, x, ["cat"]))
+    assert latentclip.zero_shot(model, x, "cat").shape == (2, 1)
+    assert torch.equal(latentclip.concept_probabilities(model, x, "nudity"),
+                       latentclip.concept_probabilities(model, x, ["nudity"]))
+    assert latentclip.concept_probabilities(model, x, "nudity").shape == (2, 1)
