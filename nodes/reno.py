@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,10 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from latentclip import LatentAvoid, LatentMatch, PixelCLIPMatch, reno_optimize
+from latentclip.checkpoints import read_safetensors_header
 from latentclip.errors import InputError
 from latentclip.memory_probe import probe_backward_memory, request_bytes, reward_backward_memory
+from latentclip.pixel_clip import MINI_PIXEL_FORMAT
 from latentclip.plotting import plot_reno_history
 from latentclip.reno import checkpoint_layers, checkpointed
 from latentclip.rewards import RewardSum
@@ -32,6 +35,7 @@ from latentclip.rewards import RewardSum
 from .comfy_bridge import (OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check,
                            load_pixel_clip, model_file_problem, text_lines)
 from .loaders import LatentCLIPType
+from .miniworld import WEIGHTS_DIR as SHIPPED_WEIGHTS
 
 LatentRewardType = io.Custom("LATENT_REWARD")
 CATEGORY = "latent_clip/reno"
@@ -400,29 +404,84 @@ class LatentCLIPReward(io.ComfyNode):
         return io.NodeOutput(tuple(reward or ()) + (spec,))
 
 
-class PixelCLIPReward(io.ComfyNode):
+def _pixel_clip_or_user_file(folder: str, name: str) -> bool:
+    """False for a file of the pack's weights/ whose header names another format than the mini pixel CLIP (a mini
+    generator, VAE, Latent-CLIP or head): weights/ is registered as a models/open_clip folder for that one file."""
+    if os.path.realpath(folder) != os.path.realpath(SHIPPED_WEIGHTS):
+        return True
+    try:
+        meta = read_safetensors_header(os.path.join(folder, name)).get("__metadata__") or {}
+    except Exception:  # unreadable: the loader's own error explains it when picked
+        return True
+    return meta.get("format") == MINI_PIXEL_FORMAT
+
+
+def pixel_clip_options() -> list:
+    """Files in models/open_clip that are regular files (or links to one), as Load Latent-CLIP lists its folder: every
+    user file, and of the pack's own weights/ only the mini pixel CLIP. A graph naming another listed file (one saved
+    with an earlier list) still passes validation; the loader then says what the file is."""
+    folders = folder_paths.get_folder_paths(OPEN_CLIP_FOLDER)
+    return [name for name in folder_paths.get_filename_list(OPEN_CLIP_FOLDER)
+            if any(os.path.isfile(os.path.join(folder, name)) and _pixel_clip_or_user_file(folder, name)
+                   for folder in folders)]
+
+
+def _pixel_reward_schema(node_id: str, deprecated: bool = False) -> io.Schema:
+    return io.Schema(
+        node_id=node_id, display_name="Pixel-CLIP Reward (baseline)", category=CATEGORY,
+        description="ReNO's pixel CLIP reward: decode with the VAE, resize to the CLIP input, score with an "
+                    "open_clip model from models/open_clip. Costs a VAE decode per iteration." +
+                    (" Deprecated id: new graphs use LatentCLIPPixelReward (the same node)." if deprecated else ""),
+        inputs=[io.Combo.Input("clip_name", options=pixel_clip_options(),
+                               tooltip="A pixel CLIP in models/open_clip (open_clip weights, or the mini-world's "
+                                       "mini/mini-pixel-clip.safetensors)"),
+                io.String.Input("model_name", default="", tooltip="open_clip architecture, e.g. ViT-H-14; empty: inferred"),
+                io.Vae.Input("vae"),
+                io.String.Input("text", multiline=True, default="a photo of a cat"), *_reward_inputs()],
+        outputs=[LatentRewardType.Output(display_name="reward")],
+        is_deprecated=deprecated)
+
+
+def _pixel_validate(clip_name):
+    """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
+    A linked input arrives as None here and is checked when the node runs."""
+    return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name) or True
+
+
+def _pixel_term(clip_name, model_name, vae, text, weight, reward) -> io.NodeOutput:
+    spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
+    return io.NodeOutput(tuple(reward or ()) + (spec,))
+
+
+class LatentCLIPPixelReward(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PixelCLIPReward", display_name="Pixel-CLIP Reward (baseline)", category=CATEGORY,
-            description="ReNO's pixel CLIP reward: decode with the VAE, resize to the CLIP input, score with an "
-                        "open_clip model from models/open_clip. Costs a VAE decode per iteration.",
-            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list(OPEN_CLIP_FOLDER)),
-                    io.String.Input("model_name", default="", tooltip="open_clip architecture, e.g. ViT-H-14; empty: inferred"),
-                    io.Vae.Input("vae"),
-                    io.String.Input("text", multiline=True, default="a photo of a cat"), *_reward_inputs()],
-            outputs=[LatentRewardType.Output(display_name="reward")])
+        return _pixel_reward_schema("LatentCLIPPixelReward")
 
     @classmethod
     def validate_inputs(cls, clip_name):
-        """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
-        A linked input arrives as None here and is checked when the node runs."""
-        return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name) or True
+        return _pixel_validate(clip_name)
 
     @classmethod
     def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
-        spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
-        return io.NodeOutput(tuple(reward or ()) + (spec,))
+        return _pixel_term(clip_name, model_name, vae, text, weight, reward)
+
+
+class PixelCLIPReward(io.ComfyNode):
+    """The node's first id, without the pack's prefix: kept (deprecated, hidden from the node search) so that saved
+    workflows naming it still load and run. Not a subclass of LatentCLIPPixelReward: V3 caches schema fields on
+    the class, and a subclass would inherit the parent's."""
+    @classmethod
+    def define_schema(cls):
+        return _pixel_reward_schema("PixelCLIPReward", deprecated=True)
+
+    @classmethod
+    def validate_inputs(cls, clip_name):
+        return _pixel_validate(clip_name)
+
+    @classmethod
+    def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
+        return _pixel_term(clip_name, model_name, vae, text, weight, reward)
 
 
 def _loop_inputs():
@@ -514,4 +573,4 @@ class LatentCLIPReNO(io.ComfyNode):
         return io.NodeOutput(best_latent, initial_latent, text, plot, ui=ui.PreviewText(report))
 
 
-NODES = [LatentCLIPReward, PixelCLIPReward, LatentCLIPReNOSampler, LatentCLIPReNO]
+NODES = [LatentCLIPReward, LatentCLIPPixelReward, PixelCLIPReward, LatentCLIPReNOSampler, LatentCLIPReNO]

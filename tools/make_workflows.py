@@ -9,7 +9,8 @@ ComfyUI lists every ``*.json`` directly inside a pack's ``example_workflows/`` a
 card (an API graph there would open as an empty canvas), never a subfolder's: hence ``workflows/api/``.
 The UI format is derived with the live server's /object_info (widget order, socket types), so
 the files match the nodes as the server defines them. Nodes are laid out in columns by graph depth, each
-sized from its slot and widget counts no smaller than the front end draws it, so no node covers another.
+sized from its slot and widget counts no smaller than the front end draws it, with room for what a run adds
+(an image preview, the pack's text box), so no node covers another before or after Run.
 The folders' generated files are replaced: they are artefacts of this script.
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ def reno(pixel=False):
     g = turbo_front(prompt, batch=1, seed=0)
     del g["5"], g["6"], g["7"]
     if pixel:
-        g["8"] = node("PixelCLIPReward", "Pixel-CLIP reward (decodes every iteration)", clip_name=PIXEL_CLIP,
+        g["8"] = node("LatentCLIPPixelReward", "Pixel-CLIP reward (decodes every iteration)", clip_name=PIXEL_CLIP,
                       model_name="ViT-H-14", vae=["1", 2], text=prompt, weight=0.01)
     else:
         g["9"] = node("LatentCLIPReward", "Latent-CLIP reward (no decode)", latent_clip=["8", 0], text=prompt,
@@ -324,16 +325,16 @@ def start_zero_shot():
 def start_safety():
     """'a red object' leaves the shape open: the generator draws a triangle in about 40% of its images."""
     prompt = "a red object"
-    g = mini_front(prompt, batch=8, seed=3)
+    g = mini_front(prompt, batch=8, seed=SAFETY_SEED)
     g.update({
         "9": node("LatentCLIPSafetyFilter", "Flag triangles, blank them", latent_clip=["8", 0], samples=["5", 0],
-                  concepts="a triangle", threshold=0.5, action="replace with zeros"),
+                  concepts=SAFETY_FILTER_CONCEPT, threshold=0.5, action="replace with zeros"),
         "10": node("PreviewAny", "Filter report", source=["9", 3]),
         "11": node("LatentCLIPSafetyGuidance", "Steer away from triangles (every step)", model=["1", 0],
                    latent_clip=["8", 0], concepts="a triangle", anchors="a circle\na square", scale=SAFETY_SCALE,
                    start_percent=0.0, end_percent=1.0, threshold=0.0),
-        "12": node("KSampler", "Same seed, guided", model=["11", 0], seed=3, steps=4, cfg=1.0, sampler_name="euler",
-                   scheduler="simple", positive=["2", 0], negative=["3", 0], latent_image=["4", 0], denoise=1.0),
+        "12": node("KSampler", "Same seed, guided", model=["11", 0], seed=SAFETY_SEED, steps=4, cfg=1.0,
+                   sampler_name="euler", scheduler="simple", positive=["2", 0], negative=["3", 0], latent_image=["4", 0], denoise=1.0),
         "13": node("LatentCLIPGuidanceReport", "How often guidance fired", model=["11", 0], samples=["12", 0]),
         "14": node("PreviewAny", "Guidance report", source=["13", 0]),
     })
@@ -344,10 +345,10 @@ def start_safety():
 
 
 def start_reno(pixel=False):
-    prompt = "a green square above a red circle"
+    prompt = RENO_PROMPT
     g = mini_front(prompt, batch=4, seed=0, sampler=False)
     if pixel:
-        g["9"] = node("PixelCLIPReward", "Pixel-CLIP reward (decodes every iteration)", clip_name=MINI_PIXEL_CLIP,
+        g["9"] = node("LatentCLIPPixelReward", "Pixel-CLIP reward (decodes every iteration)", clip_name=MINI_PIXEL_CLIP,
                       model_name="", vae=["1", 2], text=prompt, weight=0.01)
     else:
         g["9"] = node("LatentCLIPReward", "Latent-CLIP reward (no decode)", latent_clip=["8", 0], text=prompt,
@@ -380,9 +381,10 @@ def start_reno_sampler():
 
 
 def start_search():
-    """The three strategies side by side on one prompt, 8 particles over 8 steps each (64 model calls per image)."""
+    """The three strategies side by side on one prompt, 8 particles over 8 steps each: 64 model rows per image for
+    best-of-8 and FK steering, 38 for prune (half the particles dropped after steps 3 and 5)."""
     prompt = "a red triangle to the left of a blue circle"
-    g = mini_front(prompt, batch=2, seed=5, sampler=False)
+    g = mini_front(prompt, batch=2, seed=SEARCH_SEED, sampler=False)
     g.update({
         "5": node("KSamplerSelect", "Stochastic stepping", sampler_name="euler_ancestral"),
         "6": node("BasicScheduler", "8 steps", scheduler="simple", steps=8, denoise=1.0, model=["1", 0]),
@@ -395,8 +397,8 @@ def start_search():
                         prune_steps="", keep=0.5, seed=0, max_batch=0, score_every_step=True)
         settings.update(extra)
         g[str(n)] = node("LatentCLIPSearchSampler", f"Search: {strategy}", reward=["9", 0], sampler=["5", 0], **settings)
-        g[str(n + 1)] = node("SamplerCustom", f"SamplerCustom ({strategy})", add_noise=True, noise_seed=5, cfg=1.0,
-                             model=["1", 0], positive=["2", 0], negative=["3", 0], sampler=[str(n), 0],
+        g[str(n + 1)] = node("SamplerCustom", f"SamplerCustom ({strategy})", add_noise=True, noise_seed=SEARCH_SEED,
+                             cfg=1.0, model=["1", 0], positive=["2", 0], negative=["3", 0], sampler=[str(n), 0],
                              sigmas=["6", 0], latent_image=["4", 0])
         g[str(n + 2)] = node("LatentCLIPSearchHistory", f"History ({strategy})", sampler=[str(n), 0],
                              samples=[str(n + 1), 0])
@@ -408,25 +410,49 @@ def start_search():
 #: Measured settings (docs/miniworld_comfyui.md): the guidance scale and ReNO's iterations on the mini-world.
 SAFETY_SCALE = 1.0
 RENO_ITERATIONS = 15
+# The cards' seeds and prompts, each picked by the rule its note states (docs/miniworld_comfyui.md has the counts over
+# more seeds; tests/comfy/test_review_workflow_fixes.py runs each card and checks what its note says).
+#: The Safety card's seed: the first from 0 at which guidance lowers the number of images with a triangle (seed 0:
+#: 3 -> 3). The filter's concept: the plural, the best of four phrasings measured on seeds 0-11 ("a triangle" flags
+#: 90 of 96 images; "triangles" 37, 36 of them with a triangle, of 42 with one).
+SAFETY_SEED = 1
+SAFETY_FILTER_CONCEPT = "triangles"
+#: The ReNO cards' prompt: the one tests/comfy/test_miniworld_semantics.py measures ReNO on; the seed stays 0.
+RENO_PROMPT = "two blue triangles"
+#: The Search card's seed: the first from 0 at which FK steering draws the prompt in both images.
+SEARCH_SEED = 2
 START_HERE = {
     "latent_clip_start_score": (start_score, "Start here. The mini generator makes 8 latents for the prompt; "
                                 "Latent-CLIP scores them without decoding and keeps the best 2."),
     "latent_clip_start_zero_shot": (start_zero_shot, "Zero-shot: which shape is in each latent, read by the "
                                     "Latent-CLIP from the generator's latents and from VAE-encoded images."),
     "latent_clip_start_safety": (start_safety, "Safety on latents: 'a red object' often comes out as a triangle. "
-                                 "The filter flags and blanks triangles after sampling; the guidance patch steers "
-                                 "the same seeds away from triangles while sampling (with a report)."),
+                                 f"The filter (concept '{SAFETY_FILTER_CONCEPT}') flags and blanks triangles after "
+                                 "sampling; the guidance patch steers the same seeds away from triangles while "
+                                 f"sampling (with a report). On this card's seed ({SAFETY_SEED}, the first from 0 at "
+                                 "which guidance lowers the count; seed 0 stays at 3 -> 3): 5 of the 8 unguided images "
+                                 "show a triangle, 3 of the guided ones; the filter flags and blanks 4 images, all with a "
+                                 "triangle (it misses one). Over seeds 0-11 (96 images) the filter flagged 37 images, "
+                                 "36 of them with a triangle, of the 42 with one. The guidance over 32 seeds: "
+                                 "docs/miniworld_comfyui.md."),
     "latent_clip_start_reno": (lambda: start_reno(False), "ReNO with a Latent-CLIP reward: the initial noise of 4 "
                                "images is optimised so that the 4-step generator draws the prompt; no decode in the "
-                               "loop. Compare 'initial noise' with 'after ReNO'."),
+                               "loop. Compare 'initial noise' with 'after ReNO': on this card's seed (0) the Judge "
+                               "finds 2/4 images right before ReNO and 3/4 after. Over seeds 0-9 (40 images): 24 "
+                               "right before, 39 after."),
     "latent_clip_start_reno_pixel": (lambda: start_reno(True), "ReNO with the pixel-CLIP baseline reward: the same "
                                      "loop, but every iteration decodes with the mini VAE and scores with the mini "
-                                     "pixel CLIP."),
+                                     "pixel CLIP. On this card's seed (0) the Judge finds 2/4 images right before "
+                                     "ReNO and 4/4 after. Over seeds 0-9 (40 images): 24 right before, 38 after."),
     "latent_clip_start_reno_sampler": (start_reno_sampler, "ReNO as a SAMPLER inside SamplerCustom (add_noise on), "
                                        "with the generator's own 4-step schedule."),
     "latent_clip_start_search": (start_search, "Inference-time search with each strategy: best-of-8, prune and FK "
-                                 "steering, 8 particles x 8 steps each (equal model calls), steered by Latent-CLIP "
-                                 "rewards of x0 predictions; each with its reward history."),
+                                 "steering, 8 particles over 8 steps each, steered by Latent-CLIP rewards of x0 "
+                                 "predictions; each with its reward history. Model rows per image: 64 for best-of-8 "
+                                 "and FK steering (8 x 8), 38 for prune (it drops half the particles after steps 3 "
+                                 f"and 5). On this card's seed ({SEARCH_SEED}, the first from 0 at which FK steering "
+                                 "draws both images right) the Judge finds best-of-8 0/2, prune 0/2, FK steering 2/2. "
+                                 "Over seeds 0-11 (24 images): best-of-8 2, prune 3, FK steering 11."),
 }
 START_TITLES = {
     "latent_clip_start_score": "Start here 1 - Score and pick the best (mini-world, no downloads)",
@@ -473,6 +499,17 @@ def _order(graph):
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H, PAD_H = 30, 20, 24, 56, 26
 COL_GAP, ROW_GAP, NOTE_W, NOTE_H = 60, 40, 420, 260
 FRONTEND_WIDGETS = {"PreviewAny": 1}   # widgets the front end adds (a multiline preview box)
+# Room the nodes take once a run has filled them, reserved in the saved size so that nothing covers a node below
+# after Run. Measured in front end 1.27.10 (headless Chromium, nodes 320 px wide): a PreviewImage of 8 mini-world
+# images (64x64) grows to 246 px of body, a SaveImage of 2 to 270 px; the reserve is 300 px of body for either.
+# The pack's nodes that report text get it in a read-only text box (web/js/show_text.js) on their first result: it
+# needs 42 px more at least; TEXT_RESERVE_H leaves room for a few lines of it.
+IMAGE_NODES = ("PreviewImage", "SaveImage")
+IMAGE_RESERVE_H = 300
+TEXT_NODES = ("LatentCLIPScore", "LatentCLIPZeroShot", "LatentCLIPSelectBest", "LatentCLIPSafetyFilter",
+              "LatentCLIPGuidanceReport", "LatentCLIPReNO", "LatentCLIPSearchHistory", "LatentCLIPMiniWorldJudge",
+              "LatentCLIPHeadScore")   # the nodes returning ui.PreviewText
+TEXT_RESERVE_H = 120
 
 
 def node_size(ui_node: dict, info_node: dict) -> list:
@@ -490,8 +527,26 @@ def node_size(ui_node: dict, info_node: dict) -> list:
     rows, multiline = rows + extra, multiline + extra
     slots = max(len(ui_node["inputs"]), len(ui_node["outputs"]))
     height = SLOT_H * slots + WIDGET_H * rows + MULTILINE_H * multiline + PAD_H
+    height += TEXT_RESERVE_H if ui_node["type"] in TEXT_NODES else 0
+    height = max(height, IMAGE_RESERVE_H if ui_node["type"] in IMAGE_NODES else 60)
     width = max(320, 7 * len(ui_node["title"]) + 70)
-    return [width, max(height, 60)]
+    return [width, height]
+
+
+def after_run_size(ui_node: dict) -> list:
+    """[width, height] of a node's body at least once a run has filled it: what a layout must keep free below it."""
+    w, h = ui_node["size"]
+    if ui_node["type"] in IMAGE_NODES:
+        h = max(h, IMAGE_RESERVE_H)
+    return [w, h]
+
+
+def overlaps(ui: dict) -> list:
+    """Pairs of node ids whose boxes (title bar included, each at its after-run size) cover each other."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_H, *after_run_size(n)) for n in ui["nodes"]]
+    boxes = [(i, x, y, w, h + TITLE_H) for i, x, y, w, h in boxes]
+    return [(a[0], b[0]) for k, a in enumerate(boxes) for b in boxes[k + 1:]
+            if a[1] < b[1] + b[3] and b[1] < a[1] + a[3] and a[2] < b[2] + b[4] and b[2] < a[2] + a[4]]
 
 
 def layout(nodes: list, depth: dict) -> None:
@@ -650,6 +705,8 @@ def main(argv=None) -> int:
         title = title_of(slug)
         (api_out / f"{slug}.json").write_text(json.dumps(graph, indent=2) + "\n")
         ui = to_ui(graph, info, note, api_path=f"{API_DIR}/{slug}.json")
+        if overlaps(ui):
+            raise SystemExit(f"{slug}: nodes cover each other once run: {overlaps(ui)}")
         (out / f"{title}.json").write_text(json.dumps(ui, indent=2) + "\n")
         thumbnail(ui, title).save(out / f"{title}.jpg", quality=88, optimize=True)
         print(f"wrote {out / title}.json, .jpg and {api_out / slug}.json")

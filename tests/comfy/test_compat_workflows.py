@@ -10,8 +10,9 @@ API format, through POST /prompt:
 - run: the same graph with the SDXL parts swapped for the test pack's tiny SDXL (MODEL and both
   CONDITIONINGs replace CheckpointLoaderSimple + CLIPTextEncode) and tiny TAESD-architecture VAE,
   run to success. Every other node and value is as saved, except what keeps CI short: latents of
-  256x256 px (EmptyLatentImage), 2 ReNO iterations, and PixelCLIPReward's model_name "" (the stand-in
-  pixel CLIP is a ViT-S-32, not the saved ViT-H-14).
+  256x256 px (EmptyLatentImage), 2 ReNO iterations, and the Pixel-CLIP Reward's model_name "" (the stand-in
+  pixel CLIP is a ViT-S-32, not the saved ViT-H-14). Its node id was PixelCLIPReward until the pack prefix was
+  added (LatentCLIPPixelReward); the old id stays registered as a deprecated alias, so both run.
 
 UI format, in the real front end (headless Chromium): each file is loaded as a drag-in does, and
 every widget must show the value of the API graph generated from the same definition in the same
@@ -37,6 +38,7 @@ MANIFEST = json.loads((COMPAT / "manifest.json").read_text())
 API_FILES = [e["fixture"] for e in MANIFEST if e["format"] == "api"]
 UI_FILES = [e for e in MANIFEST if e["format"] == "ui"]
 PIXEL_ARCH = "ViT-S-32"
+PIXEL_REWARDS = ("PixelCLIPReward", "LatentCLIPPixelReward")   # the first id, kept as a deprecated alias; today's
 RUN_SIDE = 256           # px: a 32x32 latent, twice the tiny Latent-CLIP's minimum
 RENO_ITERATIONS = 2
 
@@ -56,7 +58,7 @@ def _write_stand_ins(srv):
                 (srv.models / "checkpoints" / name).write_bytes(b"a stand-in name, not an SDXL checkpoint\n")
             elif node["class_type"] == "LatentCLIPLoader" and not (srv.models / "latent_clip" / name).exists():
                 latentclip.save(tiny_latent_clip(), srv.models / "latent_clip" / name)
-            elif node["class_type"] == "PixelCLIPReward":
+            elif node["class_type"] in PIXEL_REWARDS:
                 torch.manual_seed(0)
                 pixel = open_clip.create_model(PIXEL_ARCH, pretrained=None)
                 with torch.no_grad():
@@ -150,7 +152,7 @@ def tiny_sdxl_graph(graph: dict) -> dict:
             node["inputs"].update(width=RUN_SIDE, height=RUN_SIDE)
         elif kind in ("LatentCLIPReNO", "LatentCLIPReNOSampler"):
             node["inputs"]["iterations"] = min(node["inputs"]["iterations"], RENO_ITERATIONS)
-        elif kind == "PixelCLIPReward":
+        elif kind in PIXEL_REWARDS:
             node["inputs"]["model_name"] = ""
     return graph
 

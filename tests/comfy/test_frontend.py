@@ -199,13 +199,32 @@ def test_searching_start_here_shows_exactly_the_start_here_cards(page):
     close_dialogs(page)
 
 
+FIT_CANVAS = """() => {   // the whole graph on screen: the front end loads and sizes a node's image preview when it draws it
+    const c = window.app.canvas, t = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = window.app.graph._nodes;
+    const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - t));
+    const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+    const rect = c.canvas.getBoundingClientRect();
+    const scale = Math.min(1, 0.9 * rect.width / (x1 - x0), 0.9 * rect.height / (y1 - y0));
+    c.ds.scale = scale;
+    c.ds.offset = [-x0 + 20 / scale, -y0 + 20 / scale];
+    c.setDirty(true, true);
+}"""
+BOXES = """() => window.app.graph._nodes.map(n => [n.id, n.pos[0], n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT,
+                                           n.size[0], n.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT])"""
+TEXT_BOXES = """() => window.app.graph._nodes.map(n => ({id: String(n.id), type: n.type,
+    shown: ((n.widgets || []).find(w => w.name === 'result') || {}).value ?? null}))"""
+
+
 @pytest.mark.parametrize("path", START_HERE, ids=lambda p: p.stem)
 def test_start_here_card_opens_queues_and_shows_a_result_within_30_s(page, comfy_server, path):
     """As a newcomer does: Templates -> this pack -> the card; Queue; decoded images appear on the canvas within
-    30 s, and the run ends without an error (everything from weights/mini, no download)."""
+    30 s, and the run ends without an error (everything from weights/mini, no download). Then, as drawn: every
+    Judge shows its verdicts on the node (web/js/show_text.js), and no node covers another once the previews and
+    text boxes are in (the generator reserves their room)."""
     before = set(comfy_server.get("/history"))
     page.wait_for_function(open_card(page, path), timeout=5_000)
     close_dialogs(page)
+    page.evaluate(FIT_CANVAS)
     start = time.monotonic()
     page.evaluate("() => window.app.queuePrompt(0, 1)")   # the Run button
     new = []
@@ -220,3 +239,48 @@ def test_start_here_card_opens_queues_and_shows_a_result_within_30_s(page, comfy
         const shown = (n) => out[String(n.id)] && ((out[String(n.id)].images || []).length || (out[String(n.id)].text || []).length);
         return nodes.filter(n => ['PreviewImage', 'SaveImage', 'LatentCLIPMiniWorldJudge'].includes(n.type)).every(shown);
     }""", timeout=left_ms)
+    # the Judge's verdicts on the canvas: its text box holds what the node sent; so does every pack node's
+    page.wait_for_function("""() => window.app.graph._nodes.filter(n => n.type === 'LatentCLIPMiniWorldJudge')
+        .every(n => (n.widgets || []).some(w => w.name === 'result' && String(w.value).startsWith('judge: ')))""",
+                           timeout=10_000)
+    ran = new[0]["outputs"]   # what the server sent (the history keeps it)
+    texts = [t for t in page.evaluate(TEXT_BOXES) if t["shown"] is not None]
+    assert texts and all(t["type"].startswith(("LatentCLIP", "PixelCLIP")) and
+                         t["shown"] == "\n".join(ran[t["id"]]["text"]) for t in texts), texts
+    # after Run: the previews are loaded and drawn, nothing covers another node
+    page.wait_for_function("""() => window.app.graph._nodes.filter(n => ['PreviewImage', 'SaveImage'].includes(n.type))
+        .every(n => n.imgs && n.imgs.length && n.imgs.every(i => i.complete))""", timeout=20_000)
+    page.wait_for_timeout(1000)
+    assert drawn_overlaps(page.evaluate(BOXES)) == []
+
+
+def test_text_box_only_on_the_packs_nodes_and_a_graph_without_them_runs_cleanly(page, comfy_server):
+    """A graph of core nodes only: it runs, Preview Any shows its text as always, no node gets the pack's text box,
+    and the page reports no error (the extension touches only node types starting with the pack's prefixes)."""
+    assert page.evaluate("() => window.app.extensions.some(e => e.name === 'LatentCLIP.ShowText')")
+    errors = []
+    listen = lambda e: errors.append(str(e))   # noqa: E731
+    page.on("pageerror", listen)
+    close_dialogs(page)
+    page.evaluate("""() => {
+        window.app.graph.clear();
+        const text = window.LiteGraph.createNode("PrimitiveStringMultiline");
+        const preview = window.LiteGraph.createNode("PreviewAny");
+        text.pos = [100, 100]; preview.pos = [500, 100];
+        window.app.graph.add(text); window.app.graph.add(preview);
+        text.widgets.find(w => w.name === "value").value = "core text, no pack node";
+        text.connect(0, preview, 0);
+    }""")
+    before = set(comfy_server.get("/history"))
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    page.wait_for_function("""() => window.app.graph._nodes.some(n => n.type === 'PreviewAny' &&
+        (n.widgets || []).some(w => w.name === 'preview' && w.value === 'core text, no pack node'))""", timeout=30_000)
+    new, deadline = [], time.monotonic() + 30
+    while not new and time.monotonic() < deadline:
+        new = [entry for pid, entry in comfy_server.get("/history").items() if pid not in before]
+        time.sleep(0.2)
+    page.remove_listener("pageerror", listen)
+    assert len(new) == 1 and "execution_success" in _srv.status_messages(new[0]), new
+    shown = page.evaluate(TEXT_BOXES)
+    assert [t["type"] for t in shown if t["shown"] is not None] == [], shown
+    assert errors == []
