@@ -125,15 +125,31 @@ def plot(reward_step, path, title="", metric="median_s"):
     return path
 
 
-if __name__ == "__main__":
-    # python -m benchmarks.report RESULT.json [PLOT.png]: tables (and plot) again from a saved run
+def main(argv=None) -> int:
+    """python -m benchmarks.report RESULT.json [PLOT.png]: tables (and plot) again from a saved run."""
+    import argparse
     import json
-    with open(sys.argv[1]) as f:
-        res = json.load(f)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Print the Markdown tables of a saved benchmark run (the JSON "
+                                                 "benchmarks.run writes) and, given PLOT, draw its cost-growth plot.")
+    parser.add_argument("result", metavar="RESULT.json", help="a saved run, e.g. benchmarks/results/cpu.json")
+    parser.add_argument("plot_path", metavar="PLOT.png", nargs="?",
+                        help="also write the reward-step cost plot here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.result) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot read {args.result}: {e}")
     print(markdown(res))
-    if len(sys.argv) > 2:
+    if args.plot_path:
         m = res.get("machine", {})
         on_cpu = m.get("device") == "cpu"
         title = (f"{m.get('device')} {m.get('gpu') or m.get('cpu_model', '')}, {m.get('dtype')}, "
                  f"threads={m.get('torch_threads')}" + (", process CPU time" if on_cpu else ""))
-        plot(res["reward_step"], sys.argv[2], title, "median_cpu_s" if on_cpu else "median_s")
+        plot(res["reward_step"], args.plot_path, title, "median_cpu_s" if on_cpu else "median_s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     e.add_argument("--prompts", default=None, help="file of grammar prompts, one a line ('category: prompt' or a bare "
                    "prompt): restricts retrieval to them and is GenEval-mini's prompt set")
     e.add_argument("--seeds", type=positive_int, default=4, help="GenEval-mini seeds per prompt")
-    e.add_argument("--no-generation", action="store_true", help="skip GenEval-mini and safety-mini (about 10 min)")
+    e.add_argument("--no-generation", action="store_true", help="skip GenEval-mini and safety-mini (the slow part of eval: minutes on a CPU)")
     e.add_argument("--n", type=positive_int, default=400, help="held-out images per zero-shot task")
     e.add_argument("--per-prompt", type=positive_int, default=8, help="retrieval images per caption")
     e.add_argument("--judge-n", type=positive_int, default=600, help="held-out scenes for the judge's accuracy")

@@ -59,7 +59,7 @@ def test_ksampler_on_the_mini_generator_draws_the_prompt(comfy_server):
 
 
 def test_fk_search_beats_best_of_n_at_equal_model_calls(comfy_server):
-    """8 particles x 8 steps (64 model rows per image) each; measured on 24 images: best-of-N 3, FK 8."""
+    """8 particles x 8 steps (64 model rows per image) each; measured on 24 images: best-of-N 2, FK 6."""
     prompt = "a red triangle to the left of a blue circle"
     g = mini_front(prompt, 24)
     g["5"] = node("KSamplerSelect", sampler_name="euler_ancestral")
@@ -92,7 +92,7 @@ def test_reno_with_the_latent_clip_reward_lifts_the_judges_count(comfy_server):
 
 def test_safety_guidance_cuts_the_concept_rate(comfy_server):
     """'a red object' leaves the shape open; guidance away from 'a triangle' (anchors circle, square, scale 1) on
-    the same 32 seeds: measured 9 -> 4 images with a single triangle, prompt success 20 -> 20."""
+    the same 32 seeds: measured 9 -> 3 images with a single triangle, prompt success 20 -> 20."""
     g = mini_front("a red object", 32)
     sampler = dict(seed=7, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple", positive=["2", 0],
                    negative=["3", 0], latent_image=["4", 0], denoise=1.0)
