@@ -244,3 +244,16 @@ def test_a_zero_relation_weight_adds_no_relation_term(world):
     recipe = {"pool": 64, "steps": 2, "batch": 32, "relation_weight": 0.0, "relation_logit_scale": 1000.0}
     _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
     assert "relation" not in info["final_losses"]
+
+
+def test_the_half_run_halves_the_iterations_and_is_compared_with_both_pixel_runs():
+    from latentclip.miniworld import geneval as G
+    assert M.HALF_SETTINGS["iterations"] == G.RENO["iterations"] // 2
+    assert M.PIXEL_TUNED_SETTINGS.get("iterations", G.RENO["iterations"]) == G.RENO["iterations"]
+    run = lambda overall, sec: {"overall": overall, "seconds_per_image": sec}
+    g = {"reno_latent": run(0.20, 0.2), "reno_pixel": run(0.23, 0.3), "fk_latent": run(0.25, 0.1),
+         "fk_pixel": run(0.27, 0.25), M.HALF_RUN: run(0.25, 0.1), M.PIXEL_TUNED_RUN: run(0.27, 0.3),
+         "reno_interleaved_seconds_per_image": {"reno_latent": 0.2, "reno_pixel": 0.4, M.HALF_RUN: 0.12}}
+    M.compare_rewards(g)
+    assert g[f"{M.HALF_RUN}_vs_pixel"] == pytest.approx({"overall_points": 2.0, "time_ratio": 0.3})
+    assert g[f"{M.HALF_RUN}_vs_pixel_tuned"] == pytest.approx({"overall_points": -2.0, "time_ratio": 0.3})
