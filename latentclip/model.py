@@ -113,21 +113,21 @@ class LatentCLIP(nn.Module):
         """The dtype latents enter the tower in: fp32 for a half model (its stem runs in fp32)."""
         return torch.float32 if isinstance(self.clip.visual.conv1, Fp32PatchEmbed) else self.dtype
 
-    def _fp32_tensors(self, half: torch.dtype) -> list:
-        """The parameters a ``half`` model keeps in fp32: LayerNorms and logit_scale; with bf16 the text tower too."""
-        modules = [m for m in self.clip.modules() if isinstance(m, nn.LayerNorm)]
-        if half == torch.bfloat16:
-            modules += [m for name in ("token_embedding", "transformer", "ln_final") for m in getattr(self.clip, name).modules()]
-        kept = {id(t): t for m in modules for t in m.parameters(recurse=False)}
-        names = ("logit_scale", "positional_embedding", "text_projection") if half == torch.bfloat16 else ("logit_scale",)
-        kept.update({id(t): t for t in (getattr(self.clip, n) for n in names) if isinstance(t, torch.Tensor)})
-        return list(kept.values())
+    def _fp32_tensors(self, half: torch.dtype) -> dict:
+        """The parameters a ``half`` model keeps in fp32, by name: LayerNorms and logit_scale; with bf16 the text
+        tower too. By name, not identity: a cast may replace the parameter objects (torch's
+        ``set_overwrite_module_params_on_conversion``), and a freed object's id can be reused by another."""
+        norms = {name for name, m in self.clip.named_modules() if isinstance(m, nn.LayerNorm)}
+        text = ("token_embedding.", "transformer.", "ln_final.", "positional_embedding", "text_projection")
+        return {name: t for name, t in self.clip.named_parameters()
+                if name == "logit_scale" or name.rpartition(".")[0] in norms
+                or (half == torch.bfloat16 and name.startswith(text))}
 
     def _apply(self, fn, *args, **kwargs):
         self._text_cache.clear()  # cached embeddings follow the old device/dtype
         # fp32 values of what a half model keeps in fp32 (both halves' sets): restored after the cast below
         # instead of being cast up from the rounded copy (bf16 put logit_scale's exp at 98.86, not 100)
-        fp32 = {id(t): t.data for t in self._fp32_tensors(torch.bfloat16) if t.dtype == torch.float32}
+        fp32 = {n: t.data for n, t in self._fp32_tensors(torch.bfloat16).items() if t.dtype == torch.float32}
         out = super()._apply(fn, *args, **kwargs)
         half = self.clip.visual.conv1.weight.dtype
         if half in (torch.float16, torch.bfloat16):
@@ -138,9 +138,9 @@ class LatentCLIP(nn.Module):
             for module in self.clip.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.__class__ = LayerNormFp32
-            for t in self._fp32_tensors(half):
+            for name, t in self._fp32_tensors(half).items():
                 if t.dtype != torch.float32:
-                    t.data = fp32[id(t)].to(t.device) if id(t) in fp32 else t.data.float()
+                    t.data = fp32[name].to(t.device) if name in fp32 else t.data.float()
             visual = self.clip.visual
             visual.conv1.__class__, visual.ln_pre.__class__ = Fp32PatchEmbed, StemLayerNorm
         self.clip.visual.ln_pre.tower_dtype = half   # read by StemLayerNorm only
