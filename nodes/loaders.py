@@ -20,25 +20,32 @@ from .miniworld import WEIGHTS_DIR as SHIPPED_WEIGHTS
 LatentCLIPType = io.Custom("LATENT_CLIP")
 
 
-def loadable_files() -> list:
-    """Files in models/latent_clip that are regular files (or links to one): no FIFO, socket, dangling link or
-    other entry the loader would then refuse (ComfyUI's listing keeps every name os.walk yields). Of the pack's
-    own weights/ folder (the mini-worlds) only the Latent-CLIPs are listed, not their generators and VAEs."""
-    folders = folder_paths.get_folder_paths(LATENT_CLIP_FOLDER)
-    return [name for name in folder_paths.get_filename_list(LATENT_CLIP_FOLDER)
-            if any(os.path.isfile(os.path.join(folder, name)) and _latent_clip_or_user_file(folder, name)
+def listed_model_files(kind: str, shipped_format_ok) -> list:
+    """Files in a model folder (``kind``) that are regular files (or links to one): no FIFO, socket, dangling link
+    or other entry the loader would then refuse (ComfyUI's listing keeps every name os.walk yields). Every user file
+    is listed; of the pack's own weights/ folder (registered for several kinds) only the files whose format tag
+    (None when absent) ``shipped_format_ok`` accepts. A graph naming another file still validates; its loader then
+    says what the file is."""
+    folders = folder_paths.get_folder_paths(kind)
+    return [name for name in folder_paths.get_filename_list(kind)
+            if any(os.path.isfile(os.path.join(folder, name)) and _user_or_accepted(folder, name, shipped_format_ok)
                    for folder in folders)]
 
 
-def _latent_clip_or_user_file(folder: str, name: str) -> bool:
-    """False for a file of the pack's weights/ whose header names another format (a mini generator, VAE, pixel CLIP)."""
+def _user_or_accepted(folder: str, name: str, shipped_format_ok) -> bool:
     if os.path.realpath(folder) != os.path.realpath(SHIPPED_WEIGHTS):
         return True
     try:
         meta = read_safetensors_header(os.path.join(folder, name)).get("__metadata__") or {}
     except Exception:  # unreadable: the loader's own error explains it when picked
         return True
-    return meta.get("format", "latentclip") == "latentclip"
+    return shipped_format_ok(meta.get("format"))
+
+
+def loadable_files() -> list:
+    """Loadable files in models/latent_clip; of the pack's weights/ (the mini-worlds) only the Latent-CLIPs, not
+    their generators, VAEs and pixel CLIPs."""
+    return listed_model_files(LATENT_CLIP_FOLDER, lambda fmt: (fmt or "latentclip") == "latentclip")
 
 
 def ckpt_options() -> list:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,6 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from latentclip import LatentAvoid, LatentMatch, PixelCLIPMatch, reno_optimize
-from latentclip.checkpoints import read_safetensors_header
 from latentclip.errors import InputError
 from latentclip.memory_probe import probe_backward_memory, request_bytes, reward_backward_memory
 from latentclip.pixel_clip import MINI_PIXEL_FORMAT
@@ -34,8 +32,7 @@ from latentclip.rewards import RewardSum
 
 from .comfy_bridge import (OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check,
                            load_pixel_clip, model_file_problem, text_lines)
-from .loaders import LatentCLIPType
-from .miniworld import WEIGHTS_DIR as SHIPPED_WEIGHTS
+from .loaders import LatentCLIPType, listed_model_files
 
 LatentRewardType = io.Custom("LATENT_REWARD")
 CATEGORY = "latent_clip/reno"
@@ -404,26 +401,10 @@ class LatentCLIPReward(io.ComfyNode):
         return io.NodeOutput(tuple(reward or ()) + (spec,))
 
 
-def _pixel_clip_or_user_file(folder: str, name: str) -> bool:
-    """False for a file of the pack's weights/ whose header names another format than the mini pixel CLIP (a mini
-    generator, VAE, Latent-CLIP or head): weights/ is registered as a models/open_clip folder for that one file."""
-    if os.path.realpath(folder) != os.path.realpath(SHIPPED_WEIGHTS):
-        return True
-    try:
-        meta = read_safetensors_header(os.path.join(folder, name)).get("__metadata__") or {}
-    except Exception:  # unreadable: the loader's own error explains it when picked
-        return True
-    return meta.get("format") == MINI_PIXEL_FORMAT
-
-
 def pixel_clip_options() -> list:
-    """Files in models/open_clip that are regular files (or links to one), as Load Latent-CLIP lists its folder: every
-    user file, and of the pack's own weights/ only the mini pixel CLIP. A graph naming another listed file (one saved
-    with an earlier list) still passes validation; the loader then says what the file is."""
-    folders = folder_paths.get_folder_paths(OPEN_CLIP_FOLDER)
-    return [name for name in folder_paths.get_filename_list(OPEN_CLIP_FOLDER)
-            if any(os.path.isfile(os.path.join(folder, name)) and _pixel_clip_or_user_file(folder, name)
-                   for folder in folders)]
+    """Files in models/open_clip as Load Latent-CLIP lists its folder: every user file, and of the pack's own
+    weights/ (registered as a models/open_clip folder for that one file) only the mini pixel CLIP."""
+    return listed_model_files(OPEN_CLIP_FOLDER, lambda fmt: fmt == MINI_PIXEL_FORMAT)
 
 
 def _pixel_reward_schema(node_id: str, deprecated: bool = False) -> io.Schema:
@@ -442,46 +423,33 @@ def _pixel_reward_schema(node_id: str, deprecated: bool = False) -> io.Schema:
         is_deprecated=deprecated)
 
 
-def _pixel_validate(clip_name):
-    """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
-    A linked input arrives as None here and is checked when the node runs."""
-    return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name) or True
+def _pixel_reward_node(node_id: str, deprecated: bool = False) -> type:
+    """The Pixel-CLIP Reward node under ``node_id``. A factory, not a subclass, for the deprecated first id: V3
+    caches schema fields on the class, and a subclass would inherit its parent's."""
+    class Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return _pixel_reward_schema(node_id, deprecated)
+
+        @classmethod
+        def validate_inputs(cls, clip_name):
+            """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
+            A linked input arrives as None here and is checked when the node runs."""
+            return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name) or True
+
+        @classmethod
+        def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
+            spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
+            return io.NodeOutput(tuple(reward or ()) + (spec,))
+
+    Node.__name__ = Node.__qualname__ = node_id
+    return Node
 
 
-def _pixel_term(clip_name, model_name, vae, text, weight, reward) -> io.NodeOutput:
-    spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
-    return io.NodeOutput(tuple(reward or ()) + (spec,))
-
-
-class LatentCLIPPixelReward(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return _pixel_reward_schema("LatentCLIPPixelReward")
-
-    @classmethod
-    def validate_inputs(cls, clip_name):
-        return _pixel_validate(clip_name)
-
-    @classmethod
-    def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
-        return _pixel_term(clip_name, model_name, vae, text, weight, reward)
-
-
-class PixelCLIPReward(io.ComfyNode):
-    """The node's first id, without the pack's prefix: kept (deprecated, hidden from the node search) so that saved
-    workflows naming it still load and run. Not a subclass of LatentCLIPPixelReward: V3 caches schema fields on
-    the class, and a subclass would inherit the parent's."""
-    @classmethod
-    def define_schema(cls):
-        return _pixel_reward_schema("PixelCLIPReward", deprecated=True)
-
-    @classmethod
-    def validate_inputs(cls, clip_name):
-        return _pixel_validate(clip_name)
-
-    @classmethod
-    def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
-        return _pixel_term(clip_name, model_name, vae, text, weight, reward)
+LatentCLIPPixelReward = _pixel_reward_node("LatentCLIPPixelReward")
+#: The node's first id, without the pack's prefix: kept (deprecated, hidden from the node search) so that saved
+#: workflows naming it still load and run.
+PixelCLIPReward = _pixel_reward_node("PixelCLIPReward", deprecated=True)
 
 
 def _loop_inputs():
