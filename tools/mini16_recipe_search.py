@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     recipe = {**M.RECIPE["student"], **overrides}
     world = M.load_world(args.weights)
     pool, targets = load_pool(world, args.seed, recipe["pool"], Path(args.cache) if args.cache else None)
-    student, info = M.distill(world.vae, world.pixel_clip, args.seed, recipe, progress_every=100, targets=targets, pool=pool)
+    student, info = M.distill(world.vae, world.pixel_clip, args.seed, recipe, progress_every=100, targets=targets, pool=pool,
+                              generator=world.generator)
     if args.save:
         from latentclip import checkpoints
         checkpoints.save(student, args.save, dtype="fp16")

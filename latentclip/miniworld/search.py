@@ -196,10 +196,12 @@ def evaluate(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int 
 
 
 def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, steps: int = STEPS, eta: float = ETA,
-                      batch: int = 67, noise: str = NOISE) -> dict:
-    """Per step s: the judge's success of the particle picked by the Latent-CLIP reward after step s.
+                      batch: int = 67, noise: str = NOISE, kind: str = "latent") -> dict:
+    """Per step s: the judge's success of the particle picked by the reward after step s.
 
-    The reward is that of the x0 prediction of the state after step s (the lookahead FK scores).
+    The reward is that of the x0 prediction of the state after step s (the lookahead FK scores):
+    ``kind`` "latent" (Latent-CLIP) or "pixel" (decode + pixel CLIP), so two verifiers can be
+    compared on the same particles.
 
     One best-of-N pass with ``trace`` (no steering), so every particle's final image is judged;
     ``random`` is the mean success (a pick without information), ``final`` the pick by the last step.
@@ -213,7 +215,7 @@ def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, st
         b = len(chunk)
         ps, sd = [p for _, p, _ in chunk], [s for _, _, s in chunk]
         st = SearchSettings("best_of_n", particles, trace=True)
-        score = reward_scorer(match_terms(world, "latent", ps), b)
+        score = reward_scorer(match_terms(world, kind, ps), b)
         with torch.no_grad():
             cond = world.generator.prepare(ps, b)
         # keep every particle's final state: a no-op advance wrapper records it
@@ -224,7 +226,7 @@ def informative_steps(world, prompts, seeds=(0, 1, 2, 3), particles: int = 8, st
             x, x0s, carry = adv(x, start, end, carry)
             finals["x"] = x0s[-1]
             return x, x0s, carry
-        res = search(advance, particle_noise(sd, particles), steps, score, b, st)
+        res = search(advance, particle_noise(sd, particles, world.generator.latent_channels), steps, score, b, st)
         images = decode(world, finals["x"])
         ok = np.array([success(chunk[r % b][0], J.check(img, chunk[r % b][1])) for r, img in enumerate(images)],
                       dtype=float).reshape(particles, b)

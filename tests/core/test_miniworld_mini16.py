@@ -19,6 +19,8 @@ from latentclip.miniworld.vae import images_to_tensor, load_vae
 
 torch.set_num_threads(1)
 DIR = WEIGHTS_DIR / "mini16"
+#: Small distillations that are about another part of the recipe skip the generated rows (their pool samples the generator).
+NO_GENERATED = {"generated_prompts": 0}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_a_small_zero_shot_subset_beats_chance_and_the_head_transfers(world):
 
 
 def test_distillation_is_deterministic_per_seed(world):
-    recipe = {"pool": 96, "steps": 2, "batch": 32}
+    recipe = {**NO_GENERATED, "pool": 96, "steps": 2, "batch": 32}
     runs = [M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=10)[0] for _ in range(2)]
     a, b = (r.clip.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -159,7 +161,7 @@ def test_relation_choices_swap_the_relation_word_and_never_offer_a_true_caption(
 
 def test_the_relation_term_moves_relation_scenes_toward_their_true_caption(world):
     """A few steps with only the hard-negative relation term lower it on the training batch."""
-    recipe = {"pool": 64, "steps": 6, "batch": 64, "lr": 1e-3, "warmup": 1, "contrastive_weight": 0.0,
+    recipe = {**NO_GENERATED, "pool": 64, "steps": 6, "batch": 64, "lr": 1e-3, "warmup": 1, "contrastive_weight": 0.0,
               "relation_weight": 1.0, "relation_logit_scale": 100.0}
     _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
     assert "relation" in info["final_losses"] and info["recipe"]["relation_weight"] == 1.0
@@ -167,7 +169,7 @@ def test_the_relation_term_moves_relation_scenes_toward_their_true_caption(world
 
 def test_a_pool_encoded_beforehand_trains_the_same_student(world):
     """``distill(pool=..., targets=...)`` (a recipe search reuses one pre-encoded pool) equals a plain run."""
-    recipe = {"pool": 64, "steps": 3, "batch": 32, "relation_weight": 0.3, "relation_logit_scale": 1000.0}
+    recipe = {**NO_GENERATED, "pool": 64, "steps": 3, "batch": 32, "relation_weight": 0.3, "relation_logit_scale": 1000.0}
     plain, _ = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
     reused, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100,
                              targets=M.teacher_targets(world.pixel_clip, 0, 64), pool=M.encoded_pool(world.vae, 0, 64))
@@ -178,7 +180,7 @@ def test_a_pool_encoded_beforehand_trains_the_same_student(world):
 
 def test_a_probe_records_the_trajectory_and_leaves_training_alone(world):
     """Probing every step (held-out zero-shot scores, off the training clock) trains the same student."""
-    recipe = {"pool": 64, "steps": 3, "batch": 32, "trajectory_every": 2}
+    recipe = {**NO_GENERATED, "pool": 64, "steps": 3, "batch": 32, "trajectory_every": 2}
     plain, _ = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
     calls = []
 
@@ -217,7 +219,7 @@ def test_the_symmetric_relation_loss_prefers_an_image_that_agrees_with_both_word
 def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatch):
     monkeypatch.setattr(M, "contrastive_cpu_per_step", lambda seed=0: {"cpu_seconds_per_step": 0.5, "steps_measured": 1,
                                                                       "recipe_steps": 2250, "cpu_seconds": 1125.0})
-    recipe = {**M.RECIPE, "student": {**M.RECIPE["student"], "pool": 64, "steps": 2, "batch": 32}}
+    recipe = {**M.RECIPE, "student": {**M.RECIPE["student"], "pool": 64, "steps": 2, "batch": 32, "generated_prompts": 3}}
     out = M.train_student_only(tmp_path / "out", 0, recipe, evaluate=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {f["file"] for f in manifest["files"]} == set(M.FILES.values())
@@ -231,6 +233,7 @@ def test_only_student_copies_the_rest_and_writes_a_manifest(tmp_path, monkeypatc
     assert manifest["trained_with"]["recipe"]["vae"]["init_from"] == "weights/mini/mini-vae.safetensors"
     pre = manifest["trained_with"]["timings"]["student"]["pre_encoding"]
     assert 0 < pre["teacher_cpu_seconds"] <= pre["cpu_seconds"]
+    assert pre["generated_cpu_seconds"] > 0            # the copied generator sampled the generated rows
     assert not _absolute_paths(manifest["trained_with"]["recipe"])
 
 
@@ -241,7 +244,7 @@ def test_the_recipe_is_the_shipped_students():
 
 
 def test_a_zero_relation_weight_adds_no_relation_term(world):
-    recipe = {"pool": 64, "steps": 2, "batch": 32, "relation_weight": 0.0, "relation_logit_scale": 1000.0}
+    recipe = {**NO_GENERATED, "pool": 64, "steps": 2, "batch": 32, "relation_weight": 0.0, "relation_logit_scale": 1000.0}
     _, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
     assert "relation" not in info["final_losses"]
 
@@ -257,3 +260,35 @@ def test_the_half_run_halves_the_iterations_and_is_compared_with_both_pixel_runs
     M.compare_rewards(g)
     assert g[f"{M.HALF_RUN}_vs_pixel"] == pytest.approx({"overall_points": 2.0, "time_ratio": 0.3})
     assert g[f"{M.HALF_RUN}_vs_pixel_tuned"] == pytest.approx({"overall_points": -2.0, "time_ratio": 0.3})
+
+
+def test_the_generated_pool_is_the_samplers_x0_predictions_with_the_teachers_embeddings_of_their_decodes(world):
+    """What FK scores: every step's x0 prediction of search-mini's sampler, targets = teacher(decode(x0))."""
+    from latentclip.miniworld import search as MS
+    lat, targets, cpu = M.generated_pool(world.generator, world.vae, world.pixel_clip, 0, 3, chunk=2)
+    assert lat.shape == (3 * MS.STEPS, 16, 8, 8) and targets.shape == (3 * MS.STEPS, 128) and cpu > 0
+    assert torch.allclose(targets.norm(dim=-1), torch.ones(len(targets)), atol=1e-5)
+    with torch.no_grad():
+        decoded = torch.nn.functional.normalize(world.pixel_clip.encode_images(world.vae.decode(lat[:4])), dim=-1)
+    assert torch.allclose(decoded, targets[:4], atol=1e-5)
+    # chunk 2 of 3 prompts: rows of the first chunk are step-major over its 2 prompts; the last step is the
+    # sample itself, sharp (its decode is far from the flat grey of early steps' blurry predictions)
+    first, last = world.vae.decode(lat[:2]), world.vae.decode(lat[2 * (MS.STEPS - 1):2 * MS.STEPS])
+    assert last.std() > first.std()
+    again, targets2, _ = M.generated_pool(world.generator, world.vae, world.pixel_clip, 0, 3, chunk=2)
+    assert torch.equal(again, lat) and torch.equal(targets2, targets)
+
+
+def test_generated_rows_join_the_cosine_term_only_and_need_the_generator(world):
+    recipe = {"pool": 64, "steps": 2, "batch": 32, "generated_prompts": 4, "generated_rows": 8}
+    with pytest.raises(ValueError, match="generator"):
+        M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    pool = M.generated_pool(world.generator, world.vae, world.pixel_clip, 0, 4)
+    student, info = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100, generated=pool)
+    assert "cosine_generated" in info["final_losses"] and info["pre_encoding"]["generated_cpu_seconds"] > 0
+    direct, _ = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100, generator=world.generator)
+    for (name, a), b in zip(student.clip.state_dict().items(), direct.clip.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain, plain_info = M.distill(world.vae, world.pixel_clip, 0, {**recipe, "generated_prompts": 0}, progress_every=100)
+    assert "cosine_generated" not in plain_info["final_losses"]
+    assert any(not torch.equal(a, b) for a, b in zip(plain.clip.visual.parameters(), student.clip.visual.parameters()))
