@@ -24,13 +24,15 @@ def test_the_validation_split_shares_no_scene_with_the_evaluation():
 
 
 def test_a_run_scores_on_validation_and_a_cached_pool_gives_the_same_run(tmp_path):
-    args = ["--name", "tiny", "--recipe", json.dumps({"pool": 64, "steps": 2, "batch": 32}),
+    # generated rows from 3 prompts: the tool hands the folder's generator to distill
+    args = ["--name", "tiny", "--recipe", json.dumps({"pool": 64, "steps": 2, "batch": 32, "generated_prompts": 3}),
             "--cache", str(tmp_path / "cache"), "--log", str(tmp_path / "runs.jsonl")]
     assert tool.main(args) == 0
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".safetensors"]
     assert tool.main(args) == 0                                         # now from the cache
     first, second = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert first["final_losses"] == second["final_losses"] and first["validation"] == second["validation"]
+    assert "cosine_generated" in first["final_losses"]
     v = first["validation"]
     assert set(E.TASKS) | {"mean_shape_color_count_retrieval", "relation_axis"} <= set(v)
     assert v["relation_axis"] >= v["relation"]                          # the right relation is on the right axis
