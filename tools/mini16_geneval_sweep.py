@@ -30,9 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FK_RUNS = ("fk_latent", "fk_pixel")
-
-
 def seed_range(text: str) -> tuple[int, ...]:
     first, _, last = text.partition("-")
     try:
@@ -46,9 +43,10 @@ def seed_range(text: str) -> tuple[int, ...]:
 
 def run_one(world, pairs, run: str, settings: dict, seeds) -> dict:
     from latentclip.miniworld import geneval as G
+    from latentclip.miniworld import mini16
     from latentclip.miniworld import search as MS
     quiet = lambda *a: None   # noqa: E731
-    if run in FK_RUNS:
+    if run in mini16.FK_RUNS:
         return MS.evaluate(world, pairs, seeds=seeds, runs=(run,), fk=settings, log=quiet)[run]
     return G.evaluate(world, pairs, seeds=seeds, runs=(run,), settings=settings, log=quiet)[run]
 
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
 
     from latentclip.miniworld import geneval as G
     from latentclip.miniworld import mini16
-    kinds = G.RUNS + FK_RUNS
+    kinds = G.RUNS + mini16.FK_RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", help=f'JSON {{name: [run, {{settings}}]}}, run one of {", ".join(kinds)}')
     ap.add_argument("--seeds", type=seed_range, default=seed_range("100-111"))
