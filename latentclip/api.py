@@ -9,9 +9,10 @@ ProgressBar steps), fetches ``/history/{id}`` when the prompt is done, saves eve
 never overwritten, the new one gets ``_1``, ``_2``, ...) and prints one line per output. Failures
 print the server's own message (before anything is downloaded) and exit non-zero:
 2 bad arguments, workflow file, --set, --timeout or --out (all checked before anything is queued),
-3 prompt refused by validation (HTTP 400), 4 execution error, 5 interrupted, 6 server unreachable,
-not answering JSON like ComfyUI, or timed out, 7 an output could not be saved, 1 a bug in the runner.
-Every failure is one line on stderr.
+3 prompt refused by validation (HTTP 400), 4 execution error, 5 interrupted on the server, 6 server
+unreachable, not answering JSON like ComfyUI, or timed out, 7 an output could not be saved, 130 stopped
+with Ctrl-C (the prompt is withdrawn from the server), 1 a bug in the runner. Every failure is one
+``error:`` line on stderr (a refused prompt adds one line per node error).
 
 ComfyUI-free: only the standard library, plus aiohttp (shipped with ComfyUI) for the websocket;
 without aiohttp the runner polls ``/history`` instead.
@@ -38,6 +39,7 @@ from typing import Callable
 
 EXIT_USAGE, EXIT_INVALID, EXIT_EXECUTION, EXIT_INTERRUPTED, EXIT_SERVER, EXIT_OUTPUT = 2, 3, 4, 5, 6, 7
 EXIT_BUG = 1
+EXIT_STOPPED = 130   # Ctrl-C, as shells report SIGINT
 #: JSON nesting a workflow may have: an API graph is ~5 levels deep; far deeper is refused before Python's
 #: recursion limit turns ``deepcopy`` or ``json.dumps`` into a RecursionError traceback.
 MAX_JSON_DEPTH = 64
@@ -147,7 +149,7 @@ def check_api_graph(data, path="the workflow") -> dict:
 def load_workflow(path) -> dict:
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))   # Notepad and PowerShell write a BOM
     except OSError as e:
         raise WorkflowError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -235,8 +237,8 @@ class Client:
             raise RunError(f"GET {path} answered HTTP {status}: {raw[:200].decode(errors='replace')}")
         return self._json_object(f"GET {path}", status, raw)
 
-    def submit(self, graph: dict) -> str:
-        status, raw = self._open("/prompt", {"prompt": graph, "client_id": self.client_id})
+    def submit(self, graph: dict, timeout=_HTTP_TIMEOUT) -> str:
+        status, raw = self._open("/prompt", {"prompt": graph, "client_id": self.client_id}, timeout=timeout)
         body = self._json_object("POST /prompt", status, raw)
         if status != 200 or not isinstance(body.get("prompt_id"), str):
             raise PromptRejected(format_validation_error(body, graph), details=body)
@@ -259,8 +261,8 @@ class Client:
             except RunError:
                 pass
 
-    def history(self, prompt_id: str) -> dict | None:
-        entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+    def history(self, prompt_id: str, timeout=_HTTP_TIMEOUT) -> dict | None:
+        entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}", timeout=timeout).get(prompt_id)
         if entry is not None and not isinstance(entry, dict):
             raise RunError(f"GET /history/{prompt_id} answered an entry that is not a JSON object; "
                            f"expected a ComfyUI server at {self.base}")
@@ -300,8 +302,9 @@ def format_validation_error(body: dict, graph: dict) -> str:
 
 def format_execution_error(data: dict) -> str:
     node = data.get("node_id", "?")
+    message = " ".join(str(data.get("exception_message", "")).split())   # one line, whatever the node raised
     return (f"execution failed at node {node} ({data.get('node_type', '?')}): "
-            f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
+            f"{data.get('exception_type', 'Error')}: {message}")
 
 
 class ProgressPrinter:
@@ -340,8 +343,8 @@ async def _watch_ws(ws, prompt_id: str, on_event, deadline: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return True  # the caller's history poll reports the timeout
-        try:
-            msg = await ws.receive(timeout=left)
+        try:   # wait_for, not receive(timeout=): aiohttp restarts that timeout on every heartbeat PONG
+            msg = await asyncio.wait_for(ws.receive(), left)
         except asyncio.TimeoutError:
             return True
         if msg.type == aiohttp.WSMsgType.BINARY:
@@ -361,26 +364,38 @@ async def _watch_ws(ws, prompt_id: str, on_event, deadline: float) -> bool:
             return True
 
 
-async def _submit_and_watch(client: Client, graph: dict, on_event, deadline: float) -> str:
+def _left(deadline: float, cap: float = _HTTP_TIMEOUT) -> float:
+    """Seconds one request may take: at most ``cap``, at most what is left of the run (at least 1)."""
+    return max(1.0, min(cap, deadline - time.monotonic()))
+
+
+async def _submit_and_watch(client: Client, graph: dict, on_event, deadline: float, submitted: dict) -> str:
+    """Submit (the id goes into ``submitted['id']`` at once, so Ctrl-C can withdraw it) and follow its events."""
+    def submit() -> str:
+        submitted["id"] = client.submit(graph, timeout=_left(deadline))
+        return submitted["id"]
     try:
         import aiohttp
     except ImportError:
-        return client.submit(graph)
+        return submit()
     prompt_id = None
-    timeout = aiohttp.ClientTimeout(total=None, connect=min(_HTTP_TIMEOUT, max(deadline - time.monotonic(), 1)))
+    timeout = aiohttp.ClientTimeout(total=None, connect=_left(deadline))
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.ws_connect(client.ws_url(), heartbeat=30, max_msg_size=0) as ws:
-                prompt_id = client.submit(graph)  # after connecting, so no event is missed
+            # the handshake bounded too: a server that accepts and never answers must not outlast --timeout
+            ws = await asyncio.wait_for(session.ws_connect(client.ws_url(), heartbeat=30, max_msg_size=0),
+                                        _left(deadline))
+            async with ws:
+                prompt_id = submit()  # after connecting, so no event is missed
                 await _watch_ws(ws, prompt_id, on_event, deadline)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         pass  # no (or a broken) websocket: the history poll still finishes the run
-    return prompt_id if prompt_id is not None else client.submit(graph)
+    return prompt_id if prompt_id is not None else submit()
 
 
 def _wait_history(client: Client, prompt_id: str, deadline: float, timeout: float) -> dict:
     while True:
-        entry = client.history(prompt_id)
+        entry = client.history(prompt_id, timeout=_left(deadline))
         if entry:  # the server adds the entry once the prompt has finished
             return entry
         if time.monotonic() >= deadline:
@@ -390,7 +405,7 @@ def _wait_history(client: Client, prompt_id: str, deadline: float, timeout: floa
 
 
 # -- outputs ------------------------------------------------------------------------------------
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE = re.compile(r"[^\w.-]+")   # letters and digits of any script stay; separators go
 
 
 def safe_name(*parts) -> str:
@@ -407,11 +422,17 @@ def write_new_file(path: Path, data: bytes) -> Path:
     stem, suffix, n = path.stem, path.suffix, 1
     while True:
         try:
-            with open(path, "xb") as f:
-                f.write(data)
-            return path
+            f = open(path, "xb")
         except FileExistsError:
             path, n = path.with_name(f"{stem}_{n}{suffix}"), n + 1
+            continue
+        try:
+            with f:
+                f.write(data)
+        except BaseException:   # a full disk or a file size limit: no truncated file under an output's name
+            path.unlink(missing_ok=True)
+            raise
+        return path
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -503,8 +524,15 @@ def run_workflow(graph: dict, server: str, out_dir=None, on_event=None, timeout:
     client = Client(server)
     start = time.monotonic()
     deadline = start + timeout
-    prompt_id = _run_coroutine(lambda: _submit_and_watch(client, graph, on_event, deadline))
-    entry = _wait_history(client, prompt_id, deadline, timeout)
+    submitted = {}
+    try:
+        prompt_id = _run_coroutine(lambda: _submit_and_watch(client, graph, on_event, deadline, submitted))
+        entry = _wait_history(client, prompt_id, deadline, timeout)
+    except KeyboardInterrupt as e:   # Ctrl-C: the user wants the work stopped, not left running on the server
+        if "id" in submitted:
+            client.withdraw(submitted["id"])
+            e.prompt_id = submitted["id"]
+        raise
     status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
     result = RunResult(prompt_id, status.get("status_str") or "success", history=entry)
     result.seconds = time.monotonic() - start
@@ -605,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):   # a cp1252 console must not fail on a label after the files are saved
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -614,9 +645,11 @@ def main(argv=None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("stopped waiting (the prompt may still run on the server)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        pid = getattr(e, "prompt_id", None)
+        print(f"stopped: prompt {pid} was withdrawn from the server (taken off the queue, or interrupted)" if pid
+              else "stopped before a prompt was queued", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as e:   # a bug here: still one line, never a traceback in the user's script
         first = (str(e).strip().splitlines() or [""])[0][:200]
         print(f"error: the runner failed unexpectedly ({type(e).__name__}: {first}); please report it",

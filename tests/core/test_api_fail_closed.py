@@ -119,3 +119,79 @@ def test_the_command_line_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == api.EXIT_USAGE and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- review of 2026-12-04: deadlines, Ctrl-C, files a user's tools write, names --------------------------
+def test_a_server_that_accepts_and_never_answers_times_out_at_the_deadline():
+    """The websocket handshake and every request are bounded by --timeout (before, only the TCP connect was)."""
+    import socket
+    import threading
+    import time
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)          # the kernel accepts connections; nothing ever answers them
+    url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    outcome = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            api.run_workflow(GRAPH, url, timeout=2)
+        except api.RunError as e:
+            outcome["error"] = str(e)
+        outcome["seconds"] = time.monotonic() - t0
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(30)
+    hung.close()
+    assert not worker.is_alive(), "the runner outlived --timeout 2 by 28 s against a hung server"
+    assert "error" in outcome and outcome["seconds"] < 15
+
+
+def test_a_quiet_websocket_returns_at_the_deadline_even_when_receive_ignores_its_timeout():
+    """aiohttp restarts receive(timeout=) on every heartbeat PONG, so a quiet socket never timed out."""
+    import time
+
+    class Quiet:   # a socket whose receive() never returns, whatever timeout it is given
+        async def receive(self, timeout=None):
+            await asyncio.sleep(3600)
+
+    import asyncio
+    t0 = time.monotonic()
+    done = asyncio.run(asyncio.wait_for(api._watch_ws(Quiet(), "p1", None, time.monotonic() + 0.5), 10))
+    assert done is True and time.monotonic() - t0 < 5
+
+
+def test_ctrl_c_while_waiting_withdraws_the_prompt_and_exits_130(standin, workflow, capsys, monkeypatch):
+    standin.routes[("GET", "/history/p1")] = (200, b"{}")         # queued, never finished
+    standin.routes[("POST", "/queue")] = (200, b"{}")
+    standin.routes[("POST", "/interrupt")] = (200, b"{}")
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(api.time, "sleep", ctrl_c)                 # the user presses Ctrl-C during the first poll
+    code = api.main(["run", str(workflow), "--server", standin.url, "--timeout", "20"])
+    err = capsys.readouterr().err
+    assert code == api.EXIT_STOPPED == 130
+    assert "prompt p1 was withdrawn" in err and len(err.strip().splitlines()) == 1
+    assert _posted(standin) == ["/prompt", "/queue", "/interrupt"]
+
+
+def test_a_workflow_saved_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GRAPH).encode())     # Notepad / PowerShell's UTF-8
+    assert api.load_workflow(path) == GRAPH
+
+
+def test_a_failed_write_leaves_no_partial_file_and_names_keep_their_letters(tmp_path):
+    target = tmp_path / "out.latent"
+    with pytest.raises(TypeError):
+        api.write_new_file(target, "not bytes")                    # fails after the file was created
+    assert not target.exists()
+    assert api.safe_name("日本/ü", "a b") == "日本_ü-a_b" and api.safe_name("../x") == "_x"
+
+
+def test_a_node_exception_over_several_lines_is_reported_on_one():
+    text = api.format_execution_error({"node_id": "6", "node_type": "SaveLatent", "exception_type": "ValueError",
+                                       "exception_message": "Saving image outside the output folder\nis not allowed.\n"})
+    assert "\n" not in text and text.endswith("Saving image outside the output folder is not allowed.")
