@@ -648,7 +648,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         pid = getattr(e, "prompt_id", None)
         print(f"stopped: prompt {pid} was withdrawn from the server (taken off the queue, or interrupted)" if pid
-              else "stopped before a prompt was queued", file=sys.stderr)
+              else "stopped (Ctrl-C); no prompt was waiting to be withdrawn", file=sys.stderr)
         return EXIT_STOPPED
     except Exception as e:   # a bug here: still one line, never a traceback in the user's script
         first = (str(e).strip().splitlines() or [""])[0][:200]
