@@ -465,12 +465,13 @@ def check_out_dir(out_dir) -> Path:
     return out_dir
 
 
-def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir) -> list:
-    """Save every UI output of a history entry; returns one SavedOutput per output."""
+def save_outputs(client: Client | None, graph: dict, outputs: dict, out_dir, saved: list | None = None) -> list:
+    """Save every UI output of a history entry; returns one SavedOutput per output. ``saved``: the list to
+    append to, so a caller still knows what was saved when a later download or write fails."""
     out_dir = Path(out_dir) if out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    saved = []
+    saved = [] if saved is None else saved
     for node_id, ui in (outputs if isinstance(outputs, dict) else {}).items():
         class_type = graph.get(str(node_id), {}).get("class_type", "?")
         ui = ui if isinstance(ui, dict) or ui is None else {"output": ui}
@@ -541,14 +542,22 @@ def run_workflow(graph: dict, server: str, out_dir=None, on_event=None, timeout:
     except RunError:
         result.outputs = save_outputs(None, graph, entry.get("outputs") or {}, None)  # listed, not fetched
         raise
+    result.outputs = []   # filled as outputs are saved: a failure part-way still lists the ones already on disk
     try:
-        result.outputs = save_outputs(client, graph, entry.get("outputs") or {}, out_dir)
+        save_outputs(client, graph, entry.get("outputs") or {}, out_dir, result.outputs)
     except OSError as e:
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         raise OutputError(f"prompt {prompt_id} ran, but cannot save its outputs into {out_dir}: "
-                          f"{e.strerror or e}{where[:200]}", result=result) from None
+                          f"{e.strerror or e}{where[:200]}{_saved_before(result.outputs)}", result=result) from None
+    except RunError as e:   # a /view that failed part-way
+        raise type(e)(f"{e}{_saved_before(result.outputs)}", details=e.details, result=result) from None
     result.seconds = time.monotonic() - start
     return result
+
+
+def _saved_before(outputs: list) -> str:
+    n = sum(1 for o in outputs if o.path)
+    return f" ({n} output{'s' if n != 1 else ''} saved before it, listed above)" if n else ""
 
 
 def _run_coroutine(make):

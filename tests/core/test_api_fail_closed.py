@@ -195,3 +195,16 @@ def test_a_node_exception_over_several_lines_is_reported_on_one():
     text = api.format_execution_error({"node_id": "6", "node_type": "SaveLatent", "exception_type": "ValueError",
                                        "exception_message": "Saving image outside the output folder\nis not allowed.\n"})
     assert "\n" not in text and text.endswith("Saving image outside the output folder is not allowed.")
+
+
+def test_a_failure_part_way_lists_the_outputs_already_saved(standin, workflow, tmp_path, capsys):
+    """Node 3's text is saved, then node 6's download cannot be written: node 3's file is listed, not forgotten."""
+    standin.routes[("GET", "/history/p1")] = (200, json.dumps(history("success", [], outputs={
+        "3": {"text": ["#0: 25.0 a cat"]},
+        "6": {"latents": [{"filename": "x" * 300 + ".latent", "subfolder": "", "type": "output"}]}})).encode())
+    code = api.main(["run", str(workflow), "--server", standin.url, "--out", str(tmp_path / "out"), "--timeout", "20"])
+    captured = capsys.readouterr()
+    assert code == api.EXIT_OUTPUT and "(1 output saved before it, listed above)" in captured.err
+    listed = [line for line in captured.out.splitlines() if line.startswith("node 3 ")]
+    assert len(listed) == 1 and str(tmp_path / "out") in listed[0]
+    assert [p.suffix for p in (tmp_path / "out").iterdir()] == [".txt"]
