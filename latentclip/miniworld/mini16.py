@@ -473,15 +473,21 @@ def stage_b(seed: int, recipe: dict, out: Path) -> dict:
     teacher = _clips.load_pixel_clip(TEACHER)
     _wait_for(out / FILES["vae"])
     vae = load_vae(out / FILES["vae"])
-    generator = None
-    if recipe["student"].get("generated_prompts"):
-        _wait_for(out / FILES["generator"])
-        generator = _gen.load_generator(out / FILES["generator"])
     student, info["student"] = distill(vae, teacher, seed, recipe["student"], probe=zero_shot_probe(vae),
-                                       generator=generator)
+                                       generator=_generator_for(recipe["student"], out, wait=True))
     _ckpt.save(student, out / FILES["latent"], dtype="fp16")
     info.update(stage_head(seed, recipe, out, teacher))
     return info
+
+
+def _generator_for(student_recipe: dict, folder: Path, wait: bool = False):
+    """The folder's generator when the student's recipe samples generated rows, else None (not loaded).
+    ``wait``: the other worker is still training it."""
+    if not student_recipe.get("generated_prompts"):
+        return None
+    if wait:
+        _wait_for(folder / FILES["generator"])
+    return _gen.load_generator(folder / FILES["generator"])
 
 
 def stage_head(seed: int, recipe: dict, out: Path, teacher=None) -> dict:
@@ -546,7 +552,7 @@ def _train_student_into(out, tmp, t0, seed, recipe, base, evaluate) -> Path:
     teacher = _clips.load_pixel_clip(TEACHER)
     vae = load_vae(tmp / FILES["vae"])
     student, info["student"] = distill(vae, teacher, seed, recipe["student"], probe=zero_shot_probe(vae),
-                                       generator=_gen.load_generator(tmp / FILES["generator"]))
+                                       generator=_generator_for(recipe["student"], tmp))
     _ckpt.save(student, tmp / FILES["latent"], dtype="fp16")
     info["contrastive_cost"] = contrastive_cpu_per_step(seed)
     try:
