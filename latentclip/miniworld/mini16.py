@@ -111,6 +111,20 @@ def build_student(teacher, init_from_teacher: bool = True, cfg: dict | None = No
     return student
 
 
+def _shared_batch_order(seed: int, truesets, steps: int, batch: int, share: float) -> np.ndarray:
+    """Batches whose share of relation scenes is ``share`` (the pool's own share is about half): the
+    relation term, the slowest to learn, sees more scenes a step at the same cost. Each kind is its own
+    stream of shuffles, as ``train.batch_order``."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"recipe['relation_share'] must be between 0 and 1, got {share}")
+    is_rel = np.array([any(S.parse(c).kind == "relation" for c in t) for t in truesets])
+    rel, other = np.flatnonzero(is_rel), np.flatnonzero(~is_rel)
+    k = int(round(share * batch))
+    a = rel[_train.batch_order(seed, len(rel), steps, k)] if k else np.zeros((steps, 0), dtype=int)
+    b = other[_train.batch_order(seed + 7, len(other), steps, batch - k)] if batch - k else np.zeros((steps, 0), dtype=int)
+    return np.concatenate([a, b], axis=1)
+
+
 def _conflict_free(idx, captions, truesets) -> list[int]:
     """Batch positions whose captions are false for every other kept image (no false negatives)."""
     keep = []
@@ -275,7 +289,8 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
     time is kept off that clock), so a run records when it reached a score, not only where it ended.
     ``recipe['generated_prompts']`` > 0: each step also regresses ``recipe['generated_rows']`` latents of
     ``generated_pool`` (the generator's x0 predictions; needs ``generator``, or ``generated``: that
-    pool computed beforehand) to the teacher's embeddings of their decodes (cosine term only)."""
+    pool computed beforehand) to the teacher's embeddings of their decodes (cosine term only).
+    ``recipe['relation_share']`` (absent: the pool's own mix): the share of relation scenes in every batch."""
     r = {**RECIPE["student"], **(recipe or {})}
     n_gen = int(r.get("generated_prompts") or 0)
     if n_gen and generated is None and generator is None:
@@ -302,7 +317,10 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
     rest = [p for n, p in student.clip.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": r["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
                             lr=r["lr"], betas=(0.9, 0.98), eps=1e-6)
-    order = _train.batch_order(seed + 1, len(captions), r["steps"], r["batch"])
+    if r.get("relation_share") is not None:
+        order = _shared_batch_order(seed + 1, truesets, r["steps"], r["batch"], float(r["relation_share"]))
+    else:
+        order = _train.batch_order(seed + 1, len(captions), r["steps"], r["batch"])
     student.train()
     c1, w1, ema, trajectory, probe_cpu = time.process_time(), time.time(), {}, [], 0.0
     every = int(r.get("trajectory_every") or 0) if probe is not None else 0

@@ -58,3 +58,24 @@ def test_held_out_scores_are_the_evaluations():
     scores = tool.held_out_scores(world.latent_clip, world.vae)
     for task in E.TASKS:
         assert scores[task] == pytest.approx(100 * recorded[task], abs=0.01)
+
+
+def test_retrieval_draws_skip_the_evaluations_draw(monkeypatch):
+    seen = []
+    real = E.default_retrieval_captions
+
+    def spy(seed=11):
+        seen.append(seed)
+        return real(seed)
+    monkeypatch.setattr(tool.E, "default_retrieval_captions", spy)
+    world = tool.M.load_world(tool.M.WEIGHTS_DIR / "mini16")
+    r = tool.retrieval_over_draws(world.latent_clip, world.vae, 3)
+    assert r["draws"] == 3 and len(set(seen)) == 3 and 11 not in seen
+    assert r["min"] <= r["mean"] <= 100
+
+
+def test_score_reads_a_saved_model_with_its_own_vae(capsys):
+    """--score trains nothing; the 4-channel contrastive model is scored on its own 4-channel VAE."""
+    assert tool.main(["--score", str(tool.M.CONTRASTIVE_DIR / "mini-latent-clip.safetensors"), "--retrieval-draws", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["validation"]["relation"] > 80 and out["validation"]["retrieval_draws"]["draws"] == 1

@@ -292,3 +292,24 @@ def test_generated_rows_join_the_cosine_term_only_and_need_the_generator(world):
     plain, plain_info = M.distill(world.vae, world.pixel_clip, 0, {**recipe, "generated_prompts": 0}, progress_every=100)
     assert "cosine_generated" not in plain_info["final_losses"]
     assert any(not torch.equal(a, b) for a, b in zip(plain.clip.visual.parameters(), student.clip.visual.parameters()))
+
+
+def test_a_relation_share_fills_each_batch_with_that_share_and_walks_each_kind_in_epochs():
+    _, _, truesets = M._train.make_pool(0, 200)
+    is_rel = np.array([any(S.parse(c).kind == "relation" for c in t) for t in truesets])
+    order = M._shared_batch_order(1, truesets, steps=12, batch=16, share=0.75)
+    assert order.shape == (12, 16)
+    assert (is_rel[order].sum(axis=1) == 12).all()
+    rel = order[:, :12].ravel()
+    n = int(is_rel.sum())
+    assert len(set(rel[:n].tolist())) == n          # every relation scene once before any comes again
+    assert not is_rel[order[:, 12:]].any()
+
+
+def test_a_relation_share_changes_only_the_batches(world):
+    recipe = {**NO_GENERATED, "pool": 64, "steps": 2, "batch": 32}
+    _, plain = M.distill(world.vae, world.pixel_clip, 0, recipe, progress_every=100)
+    _, shared = M.distill(world.vae, world.pixel_clip, 0, {**recipe, "relation_share": 1.0}, progress_every=100)
+    assert shared["final_losses"]["relation"] != plain["final_losses"]["relation"]
+    assert shared["recipe"]["relation_share"] == 1.0
+
