@@ -561,14 +561,41 @@ def _saved_before(outputs: list) -> str:
 
 
 def _run_coroutine(make):
-    """``asyncio.run(make())``, or the same in a worker thread when this thread already runs a loop."""
+    """``asyncio.run(make())``, or the same in a worker thread when this thread already runs a loop (a
+    notebook). There, an interrupt of this thread (the kernel's stop button) cancels the worker's task
+    and is raised at once, so the caller withdraws the prompt instead of waiting for it to finish."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(make())
-    import concurrent.futures
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentclip-api") as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
+    import threading
+    box = {}
+
+    async def main():
+        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        return await make()
+
+    def work():
+        try:
+            box["result"] = asyncio.run(main())
+        except BaseException as e:   # handed to the caller's thread
+            box["error"] = e
+    worker = threading.Thread(target=work, name="latentclip-api", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:
+        if "task" in box:
+            try:
+                box["loop"].call_soon_threadsafe(box["task"].cancel)
+            except RuntimeError:     # its loop already closed: the task had finished
+                pass
+        worker.join(5)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def raise_for_status(result: RunResult, graph: dict) -> None:

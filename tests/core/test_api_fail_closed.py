@@ -208,3 +208,38 @@ def test_a_failure_part_way_lists_the_outputs_already_saved(standin, workflow, t
     listed = [line for line in captured.out.splitlines() if line.startswith("node 3 ")]
     assert len(listed) == 1 and str(tmp_path / "out") in listed[0]
     assert [p.suffix for p in (tmp_path / "out").iterdir()] == [".txt"]
+
+
+def test_an_interrupt_in_a_notebook_stops_the_watch_and_withdraws_the_prompt(standin, monkeypatch):
+    """In a notebook the runner watches from a worker thread (the kernel's loop is running); the stop button
+    interrupts the main thread. Before, the interrupt waited for the worker to finish watching the prompt."""
+    import _thread
+    import asyncio
+    import threading
+    standin.routes[("POST", "/queue")] = (200, b"{}")
+    standin.routes[("POST", "/interrupt")] = (200, b"{}")
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def watch(client, graph, on_event, deadline, submitted):   # a prompt that runs for 20 s
+        submitted["id"] = client.submit(graph, timeout=5)
+        started.set()
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return submitted["id"]
+    monkeypatch.setattr(api, "_submit_and_watch", watch)
+    threading.Thread(target=lambda: started.wait(10) and _thread.interrupt_main(), daemon=True).start()
+
+    async def notebook_cell():
+        api.run_workflow(GRAPH, standin.url, timeout=60)
+    loop = asyncio.new_event_loop()   # a kernel's loop: SIGINT keeps Python's handler (asyncio.run would cancel instead)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            loop.run_until_complete(notebook_cell())
+    finally:
+        loop.close()
+    assert cancelled.is_set(), "the watch ran on after the interrupt"
+    assert stopped.value.prompt_id == "p1"
+    assert _posted(standin) == ["/prompt", "/queue", "/interrupt"]
