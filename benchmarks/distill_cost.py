@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.distill_cost [--configs mini,Latent-ViT-B-8-512,...] [--steps 4] [--encode]``
 
-Training: ``latentclip.train.distill.run`` itself (one process, this machine's device) on synthetic
+Training: ``latentclip.train.distill.run`` itself (one process, on the CPU) on synthetic
 shards of 16-channel latents (64x64x16 for the 512-pixel configs, 8x8x16 for the mini-world's), with
 a randomly initialised teacher of the right text tower (ViT-B-32 for the B configs), cosine loss and
 with the caption-contrastive term. The first step is warm-up; the rest are timed from the trainer's
@@ -67,7 +67,8 @@ def train_cost(case: str, steps: int, contrastive: float, root: Path) -> dict:
     data = _shards(root / f"{case}-{contrastive}-data", teacher, side, batch * (steps + 1))
     work = root / f"{case}-{contrastive}-work"
     s = Settings(data=str(data), teacher="", out=str(root / f"{case}-{contrastive}.safetensors"), work=str(work),
-                 config=config, batch=batch, steps=steps + 1, warmup=1, log_every=1, contrastive_weight=contrastive)
+                 config=config, batch=batch, steps=steps + 1, warmup=1, log_every=1, contrastive_weight=contrastive,
+                 device="cpu")   # the table is CPU seconds; left unset, the trainer picks a GPU when there is one
     run(s, teacher=teacher, log=lambda m: None)
     log = [json.loads(line) for line in (work / LOG_FILE).read_text().splitlines()]
     timed = (len(log) - 1) * batch
@@ -105,7 +106,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--encode", action="store_true", help="also time encoding one 512-pixel image (COMFYUI_PATH)")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     args = p.parse_args(argv)
+    unknown = [c for c in args.configs.split(",") if c not in CASES]
+    if unknown:
+        p.error(f"--configs: {', '.join(map(repr, unknown))} unknown; expected some of {', '.join(CASES)}")
+    if args.steps < 1:   # one warm-up step alone leaves nothing timed
+        p.error(f"--steps {args.steps}: expected at least 1")
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        p.error(f"{args.json} exists; refusing to overwrite it (choose another path or pass --overwrite)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,9 +12,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
+for f in "$OUT"/benchmarks_cuda.{json,log,png}; do   # before tee empties an earlier run's log
+    [ ! -e "$f" ] || { echo "gpu.sh: $f exists; refusing to overwrite it (set OUT to another folder)"; exit 1; }
+done
 
+trap 'rm -rf "${GPU_STAGE:-}"' EXIT   # set first: env.sh makes GPU_STAGE before it can fail
 source tests/gpu/env.sh || exit 1
-trap 'rm -rf "$GPU_STAGE"' EXIT
 python3 -c "import open_clip, torch; assert torch.cuda.is_available(), 'no CUDA device'" || {
     echo "gpu.sh: needs torch with CUDA and open_clip (run tests/gpu/prepare.sh and carry .gpu)"; exit 1; }
 

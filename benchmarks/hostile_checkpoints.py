@@ -90,19 +90,32 @@ def _write_variant(good: Path, out: Path, change) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hostile_checkpoints", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="Latent-ViT-B-8-512")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args(argv)
+    from latentclip.configs import ConfigError, get_config
+    try:   # before any folder is made
+        get_config(args.config)
+    except ConfigError as e:
+        parser.error(f"--config: {e}")
+    if args.dir:
+        folder = Path(args.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _measure(folder, args.config)
+    else:   # the full-size file is 100+ MiB: not left behind in the temporary folder
+        with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
+            _measure(Path(tmp), args.config)
+
+
+def _measure(folder: Path, config: str):
     import torch
     import latentclip
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="hostile-"))
-    folder.mkdir(parents=True, exist_ok=True)
     good = folder / "good.safetensors"
     if not good.exists():
         torch.manual_seed(0)
-        latentclip.save(latentclip.LatentCLIP(args.config), good, dtype="fp16")
-    print(f"{args.config}, fp16, {good.stat().st_size / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
+        latentclip.save(latentclip.LatentCLIP(config), good, dtype="fp16")
+    print(f"{config}, fp16, {good.stat().st_size / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
     print(f"| case | outcome | seconds | peak RSS growth (MiB) | tensor data read | model built |")
     print("|---|---|---|---|---|---|")
     for name, change in CASES.items():

@@ -77,7 +77,7 @@ def table(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.reno_memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--cases", default="sd21:512", help="comma-separated unet:px (unet: sd21 or sdxl)")
@@ -87,14 +87,27 @@ def main(argv=None):
                     help="comfyui: what ComfyUI picks on this device (sub-quadratic on the CPU); pytorch: "
                          "PyTorch's kernels, ComfyUI's pick on CUDA")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)   # internal: one case, in this process
     args = ap.parse_args(argv)
+    for flag, n in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if n < 1:
+            ap.error(f"{flag} {n}: expected at least 1")
+    if not args.case:   # checked here: a bad case used to end as a traceback per subprocess, exit 0
+        from benchmarks.arch import UNET_CONFIGS
+        for case in args.cases.split(","):
+            kind, _, px = case.partition(":")
+            if kind not in UNET_CONFIGS or not px.isdigit() or int(px) < 8 or int(px) % 8:
+                ap.error(f"--cases: {case!r} is not unet:px with unet one of {sorted(UNET_CONFIGS)} "
+                         "and px a multiple of 8")
+        if args.json and os.path.exists(args.json) and not args.overwrite:
+            ap.error(f"{args.json} exists; refusing to overwrite it (choose another path or pass --overwrite)")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.case:
         kind, px, ckpt = args.case.split(":")
         print("RESULT " + json.dumps(run_case(kind, int(px), ckpt == "1", args.device, dtype, args.threads, args.repeats)), flush=True)
-        return
-    rows = []
+        return 0
+    rows, failed = [], 0
     for case in args.cases.split(","):
         for ckpt in ("0", "1"):
             cmd = [sys.executable, "-m", "benchmarks.reno_memory", "--case", f"{case}:{ckpt}", "--device", args.device,
@@ -104,6 +117,7 @@ def main(argv=None):
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(f"{case} checkpointing={ckpt}: failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
+                failed += 1
                 continue
             row = json.loads(lines[-1][7:])
             rows.append(row)
@@ -114,7 +128,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return 1 if failed else 0   # tests/gpu/run.sh reads a failed case from the exit status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

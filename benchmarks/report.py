@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def _fmt_s(x):
@@ -135,14 +136,21 @@ def main(argv=None) -> int:
     parser.add_argument("result", metavar="RESULT.json", help="a saved run, e.g. benchmarks/results/cpu.json")
     parser.add_argument("plot_path", metavar="PLOT.png", nargs="?",
                         help="also write the reward-step cost plot here (needs matplotlib)")
+    parser.add_argument("--overwrite", action="store_true", help="replace PLOT.png if it exists")
     args = parser.parse_args(argv)
+    if args.plot_path and Path(args.plot_path).exists() and not args.overwrite:
+        parser.error(f"{args.plot_path} exists; refusing to overwrite it (choose another path or pass --overwrite)")
     try:
         with open(args.result) as f:
             res = json.load(f)
     except (OSError, ValueError) as e:
         parser.error(f"cannot read {args.result}: {e}")
+    if not isinstance(res, dict) or not isinstance(res.get("reward_step"), list):   # e.g. a reno_memory JSON
+        parser.error(f"{args.result} is not a saved python -m benchmarks.run result (no 'reward_step' list)")
     print(markdown(res))
-    if args.plot_path:
+    if args.plot_path and not res["reward_step"]:   # an empty plot would pass for a result
+        print(f"plot skipped ({args.plot_path} not written): {args.result} has no reward-step rows", file=sys.stderr)
+    elif args.plot_path:
         m = res.get("machine", {})
         on_cpu = m.get("device") == "cpu"
         title = (f"{m.get('device')} {m.get('gpu') or m.get('cpu_model', '')}, {m.get('dtype')}, "

@@ -24,13 +24,32 @@ LATENT_MODELS = ("Latent-ViT-B-8-512", "Latent-ViT-B-4-512-plus")
 PIXEL_MODELS = ("ViT-B-32", "ViT-H-14")
 
 
+def _positive(text):
+    """argparse type: a whole number of at least 1 (0 used to fall back to the default silently)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
+
+
+def _check_sides(p, flag, csv):
+    """Image sides must be positive multiples of 8: the latent side is side // 8, and the decode makes side // 8 * 8."""
+    for x in csv.split(","):
+        if x.strip() and not (x.strip().isdigit() and int(x) >= 8 and int(x) % 8 == 0):
+            p.error(f"{flag}: {x.strip()!r} is not an image side in pixels (a multiple of 8, at least 8)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--plot", help="cost-growth PNG (default: next to --json, or none)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU)")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
+    p.add_argument("--overwrite", action="store_true", help="replace --json / --plot files that exist")
+    p.add_argument("--threads", type=_positive, default=None, help="torch threads (default 1 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
     p.add_argument("--resolutions", default="256,512,768,1024", help="reward-step image sides, pixels")
     p.add_argument("--latent-models", default=",".join(LATENT_MODELS))
     p.add_argument("--pixel-models", default=",".join(PIXEL_MODELS))
@@ -42,20 +61,29 @@ def parse_args(argv=None):
     p.add_argument("--reno-latent-model", default="Latent-ViT-B-4-512-plus")
     p.add_argument("--reno-pixel-model", default=None,
                    help="ReNO's CLIP reward is ViT-H-14 (CUDA default); ViT-B-32 on CPU to fit 24 GB")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (max; default 5 CPU, 10 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 CPU, 2 CUDA)")
+    p.add_argument("--repeats", type=_positive, default=None, help="timed repeats per case (max; default 5 CPU, 10 CUDA)")
+    p.add_argument("--warmup", type=_positive, default=None, help="untimed runs first (default 1 CPU, 2 CUDA)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed runs per case; big cases get fewer repeats (default 60 CPU, 20 CUDA)")
-    p.add_argument("--reno-repeats", type=int, default=None, help="timed rounds of the ReNO case (default 3 CPU, 10 CUDA)")
+    p.add_argument("--reno-repeats", type=_positive, default=None, help="timed rounds of the ReNO case (default 3 CPU, 10 CUDA)")
     p.add_argument("--reno-budget", type=float, default=None,
                    help="seconds for the timed ReNO rounds (all three variants; default 600 CPU, 60 CUDA)")
     p.add_argument("--only", default="reward,reno", help="which parts: reward, reno, search")
-    p.add_argument("--search-particles", type=int, default=8, help="search: particles scored at one scoring point")
-    p.add_argument("--search-resolution", type=int, default=None, help="search: image side (default 512 CPU, 1024 CUDA)")
+    p.add_argument("--search-particles", type=_positive, default=8, help="search: particles scored at one scoring point")
+    p.add_argument("--search-resolution", type=_positive, default=None, help="search: image side (default 512 CPU, 1024 CUDA)")
     p.add_argument("--isolate", default="auto", choices=["auto", "yes", "no"],
                    help="fresh subprocess per case (auto: yes on CPU, no on CUDA)")
     p.add_argument("--force", action="store_true", help="run CPU cases even when they look too big for the memory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(_names(args.only)) - {"reward", "reno", "search"}
+    if unknown or not _names(args.only):   # a typo used to run nothing and exit 0
+        p.error(f"--only {args.only!r}: expected a comma-separated list of reward, reno, search")
+    _check_sides(p, "--resolutions", args.resolutions)
+    if args.reno_resolutions is not None:
+        _check_sides(p, "--reno-resolutions", args.reno_resolutions)
+    if args.search_resolution is not None:
+        _check_sides(p, "--search-resolution", str(args.search_resolution))
+    return args
 
 
 def machine_info(args, threads):
@@ -81,8 +109,8 @@ def plan(args):
     common = {"device": args.device, "dtype": args.dtype, "threads": args.threads,
               "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget}
     specs = []
-    parts = set(args.only.split(","))
-    res = [int(r) for r in args.resolutions.split(",") if r]
+    parts = set(_names(args.only))
+    res = [int(r) for r in _names(args.resolutions)]
     if "reward" in parts:
         sweep = set(args.sweep_pixel_models.split(","))
         for r in res:
@@ -92,7 +120,7 @@ def plan(args):
                 if m in sweep or r in (512, 1024) or len(res) == 1:
                     specs.append({**common, "kind": "reward_step", "path": "pixel", "model": m, "resolution": r})
     if "reno" in parts:
-        for r in [int(x) for x in args.reno_resolutions.split(",") if x]:
+        for r in [int(x) for x in _names(args.reno_resolutions)]:
             specs.append({**common, "budget_s": args.reno_budget, "repeats": args.reno_repeats,
                           "kind": "reno_iteration", "unet": args.unet, "resolution": r,
                           "latent_model": args.reno_latent_model, "pixel_model": args.reno_pixel_model})
@@ -208,6 +236,11 @@ def main(argv=None):
         args.unet = "sd21" if cpu else "sdxl"
     args.reno_resolutions = args.reno_resolutions or ("256,512" if cpu else "512,1024")
     args.reno_pixel_model = args.reno_pixel_model or ("ViT-B-32" if cpu else "ViT-H-14")
+    plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    writes = (args.json, plot_path if "reward" in _names(args.only) else None)   # only reward steps are plotted
+    for path in writes:   # checked now, not after an hour of benchmarking
+        if path and os.path.exists(path) and not args.overwrite:
+            raise SystemExit(f"{path} exists; refusing to overwrite it (choose another path or pass --overwrite)")
     if args.threads:
         torch.set_num_threads(args.threads)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and cpu)
@@ -260,7 +293,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"\nJSON: {args.json}")
-    plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if plot_path and result["reward_step"]:
         title = (f"{args.device} {info.get('gpu') or info.get('cpu_model', '')}, {args.dtype}, "
                  f"threads={info['torch_threads']}" + (", process CPU time" if cpu else ""))
