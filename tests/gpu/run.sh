@@ -30,8 +30,8 @@ started=$SECONDS
 say() { echo "$*" | tee -a "$summary"; }
 
 # -- set-up: the prepared wheels, the ComfyUI tree, PyAV's stand-in (tests/gpu/env.sh) ------------------
+trap 'rm -rf "${GPU_STAGE:-}"' EXIT   # set first: env.sh makes GPU_STAGE before a step of it can fail
 source tests/gpu/env.sh > "$OUT/setup.txt" 2>&1 || { say "run.sh: $(cat "$OUT/setup.txt")"; exit 1; }
-trap 'rm -rf "$GPU_STAGE"' EXIT
 rm -f "$OUT/setup.txt"
 COMFY_ARGS="--front-end-root $GPU_STAGE/frontend --disable-api-nodes"
 if [ "$DEVICE" = cuda ]; then
