@@ -75,7 +75,7 @@ def n_repeats(spec, first_s: float) -> int:
 
 
 def measured(step, mem: "PeakMemory", device):
-    """(step's result, wall s, process CPU s, peak MB above the start, peak total MB) of one call of ``step``."""
+    """(step's result, wall s, process CPU s, peak MiB above the start, peak total MiB) of one call of ``step``."""
     mem.start()
     t0, c0 = time.perf_counter(), time.process_time()
     result = step()

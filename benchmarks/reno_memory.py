@@ -63,8 +63,8 @@ def run_case(kind: str, px: int, ckpt: bool, device: str, dtype: str, threads: i
 
 
 def table(rows) -> str:
-    out = ["| UNet | px | dtype | checkpointing | s / iteration (wall) | CPU s | peak above weights (MB) | "
-           "peak allocated (MB) | ReNO's request (MB) | vs. off: memory | vs. off: time |",
+    out = ["| UNet | px | dtype | checkpointing | s / iteration (wall) | CPU s | peak above weights (MiB) | "
+           "peak allocated (MiB) | ReNO's request (MiB) | vs. off: memory | vs. off: time |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["unet"], r["px"]): r for r in rows if not r["checkpointing"]}
     for r in rows:
@@ -121,8 +121,8 @@ def main(argv=None):
                 continue
             row = json.loads(lines[-1][7:])
             rows.append(row)
-            print(f"{case} checkpointing={ckpt}: {row['seconds']:.2f} s, peak +{row['peak_mb']:.0f} MB, "
-                  f"allocated {row['allocated_mb']:.0f} MB, request {row['request_mb']:.0f} MB "
+            print(f"{case} checkpointing={ckpt}: {row['seconds']:.2f} s, peak +{row['peak_mb']:.0f} MiB, "
+                  f"allocated {row['allocated_mb']:.0f} MiB, request {row['request_mb']:.0f} MiB "
                   f"({row['layers_checkpointed']} layers checkpointed) [{row['source']}]", flush=True)
     print(table(rows))
     if args.json:

@@ -59,7 +59,7 @@ def markdown(result) -> str:
         rows = [[r["path"], r["model"], r["resolution"], _fmt_s(r["median_s"]), _fmt_s(r.get("median_cpu_s")),
                  len(r["times_s"]), f"{r['peak_mb']:.0f}"] for r in rs]
         parts.append("Reward step (forward + backward to the latent, batch 1)\n\n"
-                     + _table(["path", "model", "px", "median s", "median CPU s", "n", "peak MB"], rows))
+                     + _table(["path", "model", "px", "median s", "median CPU s", "n", "peak MiB"], rows))
         ratios = reward_ratios(rs)
         if ratios:
             rows = [[r["resolution"], f"decode + {r['pixel_model']}", r["latent_model"], f"{r['ratio']:.1f}x",

@@ -275,12 +275,12 @@ def main(argv=None):
             print(f"  {what} x{spec['particles']} particles: {search_summary(out)}", flush=True)
         elif spec["kind"] == "reward_step":
             print(f"  {what}: median {out['median_s']:.3f}s (CPU {out['median_cpu_s']:.3f}s) over "
-                  f"{len(out['times_s'])}, peak +{out['peak_mb']:.0f} MB  [{out['source']}]", flush=True)
+                  f"{len(out['times_s'])}, peak +{out['peak_mb']:.0f} MiB  [{out['source']}]", flush=True)
         else:
             for k in ("bare", "latent", "pixel"):
                 if f"{k}_s" in out:
                     print(f"  {what} [{k}]: median {out[f'{k}_s']:.3f}s (CPU {out[f'{k}_cpu_s']:.3f}s) over "
-                          f"{len(out[f'{k}_times_s'])}, peak +{out[f'{k}_peak_mb']:.0f} MB  [{out[f'{k}_source']}]",
+                          f"{len(out[f'{k}_times_s'])}, peak +{out[f'{k}_peak_mb']:.0f} MiB  [{out[f'{k}_source']}]",
                           flush=True)
     result = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": info, "settings": {k: getattr(args, k) for k in ("warmup", "repeats", "budget", "unet", "reno_repeats",
