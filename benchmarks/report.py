@@ -87,6 +87,21 @@ def markdown(result) -> str:
         parts.append("One ReNO iteration (UNet fwd+bwd + reward + noise update), median seconds\n\n"
                      + _table(["UNet", "px", "time", "bare", "+ latent reward", "+ pixel reward",
                                "latent overhead", "pixel overhead", "latent/pixel", "saving"], rows))
+    sc = result.get("search_scoring", [])
+    if sc:
+        rows = []
+        for r in sc:
+            for path, label in (("latent", r.get("latent_model") or "latent"),
+                                ("pixel", f"decode + {r['pixel_model']}" if r.get("pixel_model") else "decode + pixel CLIP")):
+                if path + "_s" not in r:
+                    why = "skipped: memory" if r.get(path + "_skipped") else "-"
+                    rows.append([r["particles"], r["resolution"], label, why, "-", "-", "-"])
+                    continue
+                cpu = r.get(path + "_cpu_s")
+                rows.append([r["particles"], r["resolution"], label, _fmt_s(r[path + "_s"]), _fmt_s(cpu),
+                             _fmt_s(cpu / r["particles"]) if cpu is not None else "-", f"{r[path + '_peak_mb']:.0f}"])
+        parts.append("One search scoring point (every particle's x0 prediction scored once, forward only)\n\n"
+                     + _table(["particles", "px", "verifier", "wall s", "CPU s", "CPU s / particle", "peak MiB"], rows))
     return "\n\n".join(parts)
 
 

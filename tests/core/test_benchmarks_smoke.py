@@ -264,3 +264,13 @@ def test_gpu_sh_removes_its_staging_folder_when_the_set_up_fails(tmp_path):
     r = subprocess.run(["bash", str(repo / "benchmarks/gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no usable .gpu/" in r.stdout
     assert list((tmp_path / "out").glob("stage.*")) == []
+
+
+def test_the_report_prints_a_saved_search_run():
+    """A saved --only search run used to print nothing: report.markdown had no table for search_scoring."""
+    from benchmarks import report
+    saved = json.loads((ROOT / "benchmarks/results/cpu_search.json").read_text())
+    text = report.markdown(saved)
+    assert "One search scoring point" in text and "Latent-ViT-B-4-512-plus" in text and "decode + ViT-B-32" in text
+    skipped = json.loads((ROOT / "benchmarks/results/cpu_search_1024.json").read_text())
+    assert "skipped: memory" in report.markdown(skipped)
