@@ -72,11 +72,12 @@ def _search(args) -> int:
     out = Path(args.json)
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it (choose another --json path)")
+    fk = {k: v for k, v in {"start": args.fk_start, "interval": args.fk_interval, "temperature": args.temperature,
+                            "potential": args.potential}.items() if v is not None}
+    _check_search_settings(args, fk)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
     world = load_world(args.weights)
     seeds = tuple(range(args.seeds))
-    fk = {k: v for k, v in {"start": args.fk_start, "interval": args.fk_interval, "temperature": args.temperature,
-                            "potential": args.potential}.items() if v is not None}
     args.eta = MS.ETA if args.eta is None else args.eta
     t0 = time.perf_counter()
     runs = MS.evaluate(world, prompts, seeds, args.particles, args.steps, args.eta, fk=fk, noise=args.noise,
@@ -103,6 +104,33 @@ def _search(args) -> int:
     return 0
 
 
+def _check_search_settings(args, fk: dict) -> None:
+    """Every requested run's settings, checked before minutes of sampling: a bad --fk-interval or --steps
+    used to surface only when the FK run started, after the runs before it, with nothing written."""
+    import math
+    from ..errors import InputError
+    from . import search as MS
+    if args.eta is not None and not (math.isfinite(args.eta) and args.eta >= 0):
+        raise InputError(f"--eta {args.eta} is not a finite number >= 0 (0 deterministic, 1 the full noise)")
+    runs = tuple(args.runs.split(","))
+    unknown = [r for r in runs if r not in MS.RUNS]
+    if unknown:
+        raise InputError(f"--runs: unknown run {unknown[0]!r}; expected some of {','.join(MS.RUNS)}")
+    for run in runs + (() if args.no_safety else ("fk_latent",)):   # safety-mini steers with the FK settings
+        MS.settings_for(run, args.particles, args.steps, 0, fk).validate(args.steps)
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32) (numpy's seeding refuses negative ones, torch's overflows)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, {2**32 - 1}]; expected a seed in that range")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (argparse then names the flag in one line)."""
     try:
@@ -122,7 +150,7 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="a new or empty directory (default weights/<family>)")
     t.add_argument("--family", default="mini", choices=FAMILIES,
                    help="mini: the 4-channel world; mini16: the 16-channel VAE, generator and distilled Latent-CLIP")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed_int, default=0)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the manifest")
     t.add_argument("--only", default=None, choices=["student"],
                    help="mini16: retrain only the distilled Latent-CLIP on --base's VAE (VAE, generator and head copied)")

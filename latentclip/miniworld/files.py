@@ -37,21 +37,25 @@ def read_tagged(path, expected_format: str, what: str) -> tuple[dict, dict]:
 def build_from_metadata(path, meta: dict, key: str, sd: dict, what: str, build: Callable) -> torch.nn.Module:
     """``build(json.loads(meta[key]))`` with the file's weights loaded, or CheckpointError naming the file.
 
-    The module is first built on the meta device (no memory) and refused if it would hold more values
-    than the file has, so a metadata config cannot make the reader allocate what the file does not carry.
+    The module is first built on the meta device (no memory) and refused if its parameters, or its
+    buffers (a text tower's causal mask grows with the square of its context length), would hold more
+    values than the file has, so a metadata config cannot make the reader allocate what the file does
+    not carry.
     """
     name = Path(path).name
     try:
         config = json.loads(meta[key])
         with torch.device("meta"):
-            size = sum(p.numel() for p in build(config).parameters())
+            probe = build(config)
+            size = sum(p.numel() for p in probe.parameters())
+            buffers = sum(b.numel() for b in probe.buffers())
     except _BUILD_ERRORS as e:
         raise CheckpointError(f"'{name}' has a metadata {key!r} that does not describe a {what} "
                               f"({type(e).__name__})") from None
     held = sum(t.numel() for t in sd.values())
-    if size > held:
-        raise CheckpointError(f"'{name}': its metadata {key!r} describes a {what} of {size} weights but the file "
-                              f"holds {held}")
+    if size > held or buffers > held:
+        raise CheckpointError(f"'{name}': its metadata {key!r} describes a {what} of {size} weights and {buffers} "
+                              f"buffer values but the file holds {held}")
     module = build(config)
     target = getattr(module, "clip", module)   # the pixel CLIP stores its open_clip model's keys
     try:

@@ -148,7 +148,8 @@ class MiniGenerator(nn.Module):
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: tuple) -> torch.Tensor:
         seq, pooled, pad = cond
-        c = self.time(_time_features(t.expand(x.shape[0]))) + self.text_proj(pooled)
+        # ``sample`` steps through CPU times: the time features must be made where the model is
+        c = self.time(_time_features(t.to(x.device).expand(x.shape[0]))) + self.text_proj(pooled)
         h = self.inp(x) + self.pos
         half = len(self.blocks) // 2
         for i, blk in enumerate(self.blocks):

@@ -535,12 +535,16 @@ def train_family(out="weights/mini16", seed: int = 0, recipe: dict | None = None
     recipe = recipe or RECIPE
     t0 = time.time()
     out, tmp = _train.fresh_training_dir(out)
-    info = _train.run_workers(_worker, ("a", "b"), seed, recipe, tmp, "the mini16 family")
-    scores = None
-    if evaluate:
-        torch.set_num_threads(recipe["threads_per_worker"])
-        scores = evaluate_family(tmp, info=info)
-    write_manifest(tmp, seed, recipe, info, scores)
+    try:
+        info = _train.run_workers(_worker, ("a", "b"), seed, recipe, tmp, "the mini16 family")
+        scores = None
+        if evaluate:
+            torch.set_num_threads(recipe["threads_per_worker"])
+            scores = evaluate_family(tmp, info=info)
+        write_manifest(tmp, seed, recipe, info, scores)
+    except BaseException:   # a failed evaluation or Ctrl-C: no half-written folder left beside --out
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return _train.publish(tmp, out, t0)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import queue as _queue
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -208,44 +210,86 @@ def _worker(which: str, seed: int, recipe: dict, out: str, queue) -> None:
 
 
 def fresh_training_dir(out) -> tuple[Path, Path]:
-    """``out`` (refused unless new or empty) and a temporary sibling to train into, moved there when done."""
+    """``out`` (refused unless new or empty) and a temporary sibling to train into, moved there when done.
+
+    The sibling's name is unique (not the pid alone): in a container the pid repeats from run to run,
+    and the folder of a run killed outright would otherwise block every later one."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new --out)")
-    tmp = out.parent / f".{out.name}.training-{os.getpid()}"
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.training-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)   # mkdtemp's 0700 would follow the folder to --out: others could not read the weights
     return out, tmp
+
+
+def _next_report(queue, procs: dict, reported: set) -> tuple:
+    """The next worker's (name, info, error); a worker that died without a word (killed by the OOM
+    killer, a signal, a crash in native code) is an error too, instead of a wait that never ends."""
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except _queue.Empty:
+            pass
+        for name, p in procs.items():
+            if name not in reported and p.exitcode is not None:
+                try:   # its report, if it sent one, was in the pipe before it exited
+                    return queue.get(timeout=1.0)
+                except _queue.Empty:
+                    return name, None, f"its process exited with code {p.exitcode} without reporting " \
+                                       "(killed by a signal or out of memory?)"
 
 
 def run_workers(worker, names, seed: int, recipe: dict, tmp: Path, what: str) -> dict:
     """Run ``worker(name, seed, recipe, tmp, queue)`` for each name in its own spawned process; their infos merged,
-    with the training time and the machine's load (timings are slower when other work shared the cores)."""
+    with the training time and the machine's load (timings are slower when other work shared the cores).
+
+    If a worker fails or dies, or the caller is interrupted (Ctrl-C), the other workers are stopped and
+    ``tmp`` is removed: no half-written folder is left beside ``--out``."""
     t0, load_start = time.time(), os.getloadavg()
     log(f"training {what} into {tmp} (seed {seed}, {len(names)} workers x {recipe['threads_per_worker']} thread)")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(w, seed, recipe, str(tmp), queue)) for w in names]
-    for p in procs:
-        p.start()
-    info, errors = {}, []
-    for _ in procs:
-        which, part, err = queue.get()
-        if err:
-            errors.append(f"{which} worker failed:\n{err}")
-            break  # the other worker may be waiting for this one's output: stop it below
-        info.update(part)
-    for p in procs:
-        if errors and p.is_alive():
-            p.terminate()
-        p.join()
+    procs = {w: ctx.Process(target=worker, args=(w, seed, recipe, str(tmp), queue)) for w in names}
+    info, errors, reported = {}, [], set()
+    try:
+        for p in procs.values():
+            p.start()
+        while len(reported) < len(procs):
+            which, part, err = _next_report(queue, procs, reported)
+            reported.add(which)
+            if err:
+                errors.append(f"{which} worker failed:\n{err}")
+                break  # the other worker may be waiting for this one's output: stop it below
+            info.update(part)
+    except BaseException:
+        _stop(procs.values())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if errors:
-        raise RuntimeError("\n".join(errors) + f"\npartial outputs left in {tmp}")
+        _stop(procs.values())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError("\n".join(errors) + f"\nthe unfinished training folder {tmp} was removed")
+    for p in procs.values():
+        p.join()
     info["train_seconds"] = round(time.time() - t0, 1)
     # the two workers alone make ~2; more means other work shared the cores and timings are slower
     info["load_average_1_5_15_min"] = {"start": [round(x, 2) for x in load_start],
                                        "end": [round(x, 2) for x in os.getloadavg()]}
     log(f"training done in {info['train_seconds'] / 60:.1f} min")
     return info
+
+
+def _stop(procs) -> None:
+    """Terminate the workers still running and wait for every one (none outlives the caller)."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        if p.pid is not None:   # started
+            p.join()
 
 
 def publish(tmp: Path, out: Path, t0: float) -> Path:
@@ -263,17 +307,21 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
     recipe = recipe or RECIPE
     t0 = time.time()
     out, tmp = fresh_training_dir(out)
-    info = run_workers(_worker, ("latent", "pixel"), seed, recipe, tmp, "the mini-world")
-    scores = None
-    if evaluate:
-        from .eval import evaluate_dir
-        torch.set_num_threads(2)
-        scores = evaluate_dir(tmp, equal_steps=tmp / "latent-equal-steps.pt")
-    eq = tmp / "latent-equal-steps.pt"
-    if eq.exists():
-        eq.unlink()
-    from .manifest import write_manifest
-    write_manifest(tmp, seed=seed, recipe=recipe, info=info, scores=scores)
-    if (tmp / _gen.FILE).is_file():
-        _gen.add_to_manifest(tmp)
+    try:
+        info = run_workers(_worker, ("latent", "pixel"), seed, recipe, tmp, "the mini-world")
+        scores = None
+        if evaluate:
+            from .eval import evaluate_dir
+            torch.set_num_threads(2)
+            scores = evaluate_dir(tmp, equal_steps=tmp / "latent-equal-steps.pt")
+        eq = tmp / "latent-equal-steps.pt"
+        if eq.exists():
+            eq.unlink()
+        from .manifest import write_manifest
+        write_manifest(tmp, seed=seed, recipe=recipe, info=info, scores=scores)
+        if (tmp / _gen.FILE).is_file():
+            _gen.add_to_manifest(tmp)
+    except BaseException:   # a failed evaluation or Ctrl-C: no half-written folder left beside --out
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return publish(tmp, out, t0)

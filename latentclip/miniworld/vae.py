@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -77,8 +78,7 @@ class MiniVAE(nn.Module):
         mean, logvar = self.posterior(images)
         if not sample:
             return mean
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + noise * (0.5 * logvar).exp()
+        return mean + _noise_like(mean, generator) * (0.5 * logvar).exp()
 
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Images [B, 3, 64, 64] in [0, 1] from raw latents; differentiable."""
@@ -97,7 +97,7 @@ class MiniVAE(nn.Module):
         Returns (loss, plain summed squared error, KL).
         """
         mean, logvar = self.posterior(images)
-        z = mean + torch.randn(mean.shape, generator=generator, dtype=mean.dtype) * (0.5 * logvar).exp()
+        z = mean + _noise_like(mean, generator) * (0.5 * logvar).exp()
         rec = self.decode(z, clamp=False)
         err = (rec - images) ** 2
         mse = err.flatten(1).sum(1).mean()
@@ -115,6 +115,13 @@ class MiniVAE(nn.Module):
         self.latent_mean.copy_(latents.mean(dim=(0, 2, 3)))
         self.latent_std.copy_(latents.std(dim=(0, 2, 3)))
         self.scale.copy_(1.0 / latents.std())
+
+
+def _noise_like(t: torch.Tensor, generator=None) -> torch.Tensor:
+    """Gaussian noise shaped like ``t`` on its device, drawn where ``generator`` lives (a seeded CPU
+    generator gives the same draws whether the VAE is on the CPU or a GPU)."""
+    device = generator.device if generator is not None else t.device
+    return torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype).to(t.device)
 
 
 def save_vae(vae: MiniVAE, path, extra: dict | None = None) -> Path:
@@ -145,5 +152,10 @@ def load_vae(path, device="cpu") -> MiniVAE:
 
 
 def images_to_tensor(images) -> torch.Tensor:
-    """uint8 [N, 64, 64, 3] numpy images -> float NCHW in [0, 1]."""
+    """uint8 [N, 64, 64, 3] numpy images -> float NCHW in [0, 1].
+
+    Anything else is refused: float images would be divided by 255 again, in the caller's own array."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        what = f"{images.dtype} array {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise InputError(f"images must be a uint8 numpy array [N, 64, 64, 3] (0-255), got a {what}")
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)

@@ -1,5 +1,10 @@
 """Mini-world: renderer, grammar, judge, VAE shapes and training pieces (no shipped weights needed)."""
+import contextlib
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,4 +182,132 @@ def test_train_all_stops_the_other_worker_when_one_fails(tmp_path):
     recipe["vae"]["lr"] = "not a number"
     with pytest.raises(RuntimeError, match="latent worker failed"):
         T.train_all(tmp_path / "mini", seed=5, recipe=recipe, evaluate=False)
-    assert not (tmp_path / "mini").exists()
+    assert list(tmp_path.iterdir()) == []   # neither --out nor a half-written work folder beside it
+
+
+def test_vae_noise_follows_the_model_to_a_gpu_and_a_cpu_generator_keeps_its_draws():
+    """``loss`` drew its noise on the CPU whatever the VAE's device; with a seeded CPU generator both
+    ``loss`` and ``encode(sample=True)`` now draw there and move the noise, so a GPU gives the CPU's numbers."""
+    import copy
+    from fake_device import fake_device, to_device
+    torch.manual_seed(0)
+    vae = MiniVAE((8, 8, 8))
+    x = images_to_tensor(S.make_batch(0, 2).images)
+    want_loss = vae.loss(x, 1e-3, 4.0, generator=torch.Generator().manual_seed(3))[0]
+    want_z = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
+    gpu = to_device(copy.deepcopy(vae))
+    with fake_device() as dev:
+        xd = x.to(dev)
+        loss = gpu.loss(xd, 1e-3, 4.0, generator=torch.Generator().manual_seed(3))[0]
+        z = gpu.encode(xd, sample=True, generator=torch.Generator().manual_seed(3))
+        assert z.device == dev
+        assert torch.isfinite(gpu.loss(xd, 1e-3)[0].cpu())           # no generator: drawn on the device
+        loss, z = loss.cpu(), z.cpu()
+    assert torch.allclose(loss, want_loss, rtol=1e-5) and torch.allclose(z, want_z, atol=1e-6)
+
+
+def test_images_to_tensor_refuses_float_images_and_leaves_them_alone():
+    """Float images were divided by 255 again, in place: the caller's array changed and the result was ~0."""
+    images = np.full((1, 64, 64, 3), 0.5, np.float32)
+    with pytest.raises(InputError, match="uint8"):
+        images_to_tensor(images)
+    assert (images == 0.5).all()
+    assert images_to_tensor(np.full((1, 64, 64, 3), 255, np.uint8)).eq(1).all()
+
+
+def _die_silently(which, seed, recipe, out, queue):
+    """A worker killed without a word (the OOM killer, a crash in native code)."""
+    os._exit(9)
+
+
+def _interrupt_parent(which, seed, recipe, out, queue):
+    """A worker that is still busy when the user presses Ctrl-C in the training's terminal."""
+    (Path(out).parent / f"{which}.pid").write_text(str(os.getpid()))
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(120)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """TimeoutError in the test instead of a run that never returns."""
+    def expire(*_):
+        raise TimeoutError(f"still waiting after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_worker_that_dies_without_reporting_is_an_error_not_a_hang(tmp_path):
+    """The parent waited on the queue for a report that a killed worker never sends: train hung forever."""
+    from latentclip.miniworld import train as T
+    work = tmp_path / ".work"
+    work.mkdir()
+    with _deadline(120), pytest.raises(RuntimeError, match="exited with code 9 without reporting"):
+        T.run_workers(_die_silently, ("a",), 0, _tiny_recipe(), work, "a test")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_the_workers_and_removes_the_work_folder(tmp_path):
+    """Ctrl-C left the workers running (writing into the folder) and the half-written folder in place."""
+    from latentclip.miniworld import train as T
+    work = tmp_path / ".work"
+    work.mkdir()
+    try:
+        with _deadline(120), pytest.raises(KeyboardInterrupt):
+            T.run_workers(_interrupt_parent, ("a",), 0, _tiny_recipe(), work, "a test")
+        pid = int((tmp_path / "a.pid").read_text())
+        assert not work.exists()
+        with pytest.raises(ProcessLookupError):   # stopped and reaped
+            os.kill(pid, 0)
+    finally:
+        if (tmp_path / "a.pid").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int((tmp_path / "a.pid").read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("stage", ["workers", "evaluation"])
+def test_train_all_leaves_no_work_folder_when_interrupted_or_failing_late(tmp_path, monkeypatch, stage):
+    """Ctrl-C while training, or a failing evaluation after it, left a hidden .mini.training-* folder."""
+    from latentclip.miniworld import eval as E, train as T
+
+    def workers(worker, names, seed, recipe, tmp, what):
+        (tmp / "mini-vae.safetensors").write_bytes(b"half")
+        if stage == "workers":
+            raise KeyboardInterrupt
+        return {}
+
+    def evaluate(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(T, "run_workers", workers)
+    monkeypatch.setattr(E, "evaluate_dir", evaluate)
+    with pytest.raises(KeyboardInterrupt if stage == "workers" else RuntimeError):
+        T.train_all(tmp_path / "mini", seed=0, recipe=_tiny_recipe(), evaluate=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_work_folder_left_by_a_killed_run_with_the_same_pid_does_not_block_training(tmp_path):
+    """The work folder was named by the pid alone; in a container the pid repeats, so one run killed
+    outright (SIGKILL, power loss) made every later `train --out` into that folder fail with EEXIST."""
+    from latentclip.miniworld import train as T
+    stale = tmp_path / f".mini.training-{os.getpid()}"
+    stale.mkdir()
+    out, tmp = T.fresh_training_dir(tmp_path / "mini")
+    assert out == tmp_path / "mini" and tmp.parent == tmp_path and tmp != stale and tmp.is_dir()
+    assert not any(tmp.iterdir())
+
+
+def test_the_training_folder_gets_the_usual_permissions(tmp_path):
+    """The folder moves to --out when done: mkdtemp's owner-only mode would make the weights unreadable to a
+    ComfyUI server running as another user."""
+    import os
+    from latentclip.miniworld.train import fresh_training_dir
+    umask = os.umask(0o022)
+    try:
+        _, tmp = fresh_training_dir(tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert tmp.stat().st_mode & 0o777 == 0o755

@@ -34,3 +34,28 @@ def test_a_weights_folder_of_the_other_family_says_which_it_is(tmp_path, capsys)
                  "--base", str(WEIGHTS_DIR / "mini")]) == 2
     assert "--base" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []                               # no temporary folder left
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_numpy_or_torch_cannot_take_is_refused_by_the_parser(seed, tmp_path, capsys):
+    """A negative seed passed the parser, started both workers and failed in each with numpy's traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--seed", seed, "--out", str(tmp_path / "new"), "--no-eval"])
+    assert e.value.code == 2 and f"argument --seed: {int(seed)} is outside [0, 4294967295]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--fk-interval", "0"], "interval must be an integer >= 1"),
+    (["--fk-start", "8"], "must be below the sampler's 8 steps"),
+    (["--temperature", "nan"], "temperature (lambda) must be a finite number"),
+    (["--steps", "1"], "schedule of 1 step"),
+    (["--eta", "-1"], "--eta -1.0 is not a finite number >= 0"),
+    (["--runs", "baseline,fk"], "unknown run 'fk'")])
+def test_search_settings_are_checked_before_any_sampling(argv, says, tmp_path, capsys):
+    """These were found when the FK run began, after minutes of the runs before it, with nothing written;
+    the settings are now checked first (here before the missing --weights folder is even read)."""
+    out = tmp_path / "s.json"
+    assert main(["search", "--json", str(out), "--weights", str(tmp_path / "absent")] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and not out.exists()

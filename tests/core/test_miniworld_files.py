@@ -86,3 +86,20 @@ def test_a_truncated_file_is_refused_on_its_header(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_vae(path)
+
+
+def test_a_config_whose_buffers_outgrow_the_file_is_refused(tmp_path):
+    """Only parameters were sized: a pixel CLIP with a long context holds exactly the weights its config
+    asks for, yet its causal mask (context x context, not stored) was then allocated; at context 40000
+    that is 6 GB. Buffers larger than the whole file are now refused like oversized weights."""
+    import torch
+    from latentclip.miniworld.clips import PIXEL_CFG, PixelCLIP, save_clip
+    cfg = json.loads(json.dumps(PIXEL_CFG))
+    cfg["vision_cfg"].update(width=8, layers=1, head_width=8)
+    cfg["text_cfg"].update(width=8, heads=1, layers=1, context_length=2000)   # a 4M-value mask, 0.4M weights
+    torch.manual_seed(0)
+    path = save_clip(PixelCLIP(cfg), "pixel", tmp_path / "long.safetensors", dtype="fp32")
+    with pytest.raises(CheckpointError, match="long.safetensors.*buffer values"):
+        load_pixel_clip(path)
+    cfg["text_cfg"]["context_length"] = 16          # the same tiny model with the shipped context still loads
+    assert load_pixel_clip(save_clip(PixelCLIP(cfg), "pixel", tmp_path / "short.safetensors")) is not None

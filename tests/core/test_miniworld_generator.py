@@ -148,3 +148,18 @@ def test_category_success_reads_the_right_attributes():
     v = {"color": False, "shape": True, "object": False, "count": True, "relation": False, "ok": False}
     assert G.success("two_objects", v) and not G.success("color_binding", v) and not G.success("position", v)
     assert G.success("color_binding", {**v, "object": True}) and not G.success("colors", v)
+
+
+def test_sample_runs_on_a_gpu_and_matches_the_cpu(fresh):
+    """``sample`` steps through CPU times; the time features must follow the model onto its device
+    (before, ``load_generator(path, device="cuda").sample(...)`` stopped on a device mismatch)."""
+    import copy
+    from fake_device import fake_device, to_device
+    noise = GN.noise_for([1, 2])
+    want = fresh.sample(noise, "a red circle", steps=3)
+    gpu = to_device(copy.deepcopy(fresh))
+    with fake_device() as dev:
+        got = gpu.sample(noise.to(dev), "a red circle", steps=3)
+        assert got.device == dev
+        got = got.cpu()
+    assert torch.allclose(got, want, atol=1e-6)

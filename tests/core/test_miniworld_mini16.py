@@ -313,3 +313,17 @@ def test_a_relation_share_changes_only_the_batches(world):
     assert shared["final_losses"]["relation"] != plain["final_losses"]["relation"]
     assert shared["recipe"]["relation_share"] == 1.0
 
+
+
+def test_a_family_run_that_fails_after_training_leaves_no_folder(tmp_path, monkeypatch):
+    def trained(worker, names, seed, recipe, tmp, what):
+        (tmp / "partial.safetensors").write_bytes(b"x")
+        return {}
+
+    def failing_eval(*a, **k):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(M._train, "run_workers", trained)
+    monkeypatch.setattr(M, "evaluate_family", failing_eval)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        M.train_family(tmp_path / "out", 0)
+    assert list(tmp_path.iterdir()) == []
