@@ -30,10 +30,13 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
+    from pathlib import Path
     import torch
     from .eval import evaluate_dir, format_table, write_json
     from .scenes import parse
     torch.set_num_threads(args.threads)
+    if args.json and Path(args.json).exists():   # checked before minutes of evaluation, not after
+        raise FileExistsError(f"{args.json} exists; refusing to overwrite it (choose another --json path)")
     prompts = pairs = None
     if args.prompts:
         from .geneval import read_prompts

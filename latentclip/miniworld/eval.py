@@ -200,5 +200,6 @@ def format_table(r: dict) -> str:
 def write_json(result: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    with open(path, "x") as f:   # never over a file that appeared meanwhile
+        f.write(json.dumps(result, indent=2) + "\n")
     return path

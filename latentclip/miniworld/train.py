@@ -296,7 +296,11 @@ def publish(tmp: Path, out: Path, t0: float) -> Path:
     """Move the finished training folder to ``out`` (new or empty, checked before training)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
-        out.rmdir()  # empty, checked above
+        try:
+            out.rmdir()  # empty when training started
+        except OSError:
+            raise FileExistsError(f"{out} was filled while training ran; refusing to overwrite it. The finished "
+                                  f"training is in {tmp}: move it where you want it") from None
     shutil.move(str(tmp), str(out))
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
     return out

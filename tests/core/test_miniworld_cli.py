@@ -59,3 +59,31 @@ def test_search_settings_are_checked_before_any_sampling(argv, says, tmp_path, c
     assert main(["search", "--json", str(out), "--weights", str(tmp_path / "absent")] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("family", ["mini", "mini16"])
+def test_eval_refuses_an_existing_json_before_evaluating(tmp_path, capsys, monkeypatch, family):
+    """eval --json wrote over an existing file, and only after the whole evaluation."""
+    from latentclip.miniworld import eval as E, mini16
+    from latentclip.miniworld.__main__ import main
+
+    def evaluated(*a, **k):
+        raise AssertionError("evaluated before refusing the --json path")
+    monkeypatch.setattr(E, "evaluate_dir", evaluated)
+    monkeypatch.setattr(mini16, "evaluate_family", evaluated)
+    out = tmp_path / "scores.json"
+    out.write_text("a user's file\n")
+    assert main(["eval", "--family", family, "--json", str(out)]) != 0
+    assert "exists; refusing to overwrite it" in capsys.readouterr().err
+    assert out.read_text() == "a user's file\n"
+
+
+def test_publish_keeps_the_training_when_out_was_filled_meanwhile(tmp_path):
+    from latentclip.miniworld.train import fresh_training_dir, publish
+    out, tmp = fresh_training_dir(tmp_path / "out")
+    (tmp / "model.safetensors").write_bytes(b"trained")
+    out.mkdir()
+    (out / "theirs.txt").write_text("written during training")
+    with pytest.raises(FileExistsError, match="finished training is in"):
+        publish(tmp, out, 0.0)
+    assert (tmp / "model.safetensors").read_bytes() == b"trained" and (out / "theirs.txt").exists()
