@@ -38,7 +38,7 @@ from latentclip.errors import InputError
 from latentclip.miniworld import generator as G, judge, scenes
 from latentclip.miniworld.vae import MiniVAE, load_vae
 
-from .comfy_bridge import LATENT_CLIP_FOLDER, OPEN_CLIP_FOLDER, register_model_folders
+from .comfy_bridge import LATENT_CLIP_FOLDER, OPEN_CLIP_FOLDER, WholeModelPatcher, register_model_folders
 
 #: The pack's shipped weights: ``mini/`` holds the mini-world (generator, VAE, both CLIPs).
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
@@ -214,8 +214,8 @@ class MiniWorldVAE(comfy.sd.VAE):
         self.first_stage_model = SignedMiniVAE(vae).eval()
         self.device, self.vae_dtype = mm.vae_device(), torch.float32
         self.output_device = mm.intermediate_device()
-        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
-                                                        offload_device=mm.vae_offload_device())
+        self.patcher = WholeModelPatcher(self.first_stage_model, load_device=self.device,   # see load_world
+                                         offload_device=mm.vae_offload_device())
 
 
 # -- the loader node ------------------------------------------------------------------------------
@@ -232,7 +232,10 @@ def load_world(world: str):
         encoder = generator.text
         del generator.text   # the MODEL never runs it; the CLIP holds it
         base = MiniWorldModel(generator, device=mm.unet_offload_device())
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    # Loaded whole (a few MB): the mini models are plain torch layers, which a partial load (--novram) would
+    # leave on the CPU, as it skips parameters held beside children (the generator's pos), and ComfyUI casts
+    # layer by layer only for comfy.ops layers.
+    model = WholeModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     return model, text_encoder_clip(encoder), MiniWorldVAE(vae)
 
 

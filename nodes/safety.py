@@ -125,11 +125,12 @@ class GuidanceRecord:
 
     def report(self, samples: torch.Tensor | None = None) -> str:
         s = self.settings
+        run, matched = self.find_run(samples)
+        sigma_start, sigma_end = (run or {}).get("window") or (s["sigma_start"], s["sigma_end"])
         head = (f"Latent-CLIP safety guidance #{self.patch_id}: concepts {', '.join(self.concepts)}; "
                 f"anchors {', '.join(self.anchors) if self.anchors else '(none)'}; scale {s['scale']}, "
-                f"window {s['start_percent']:.2f}-{s['end_percent']:.2f} (sigma {_sig(s['sigma_start'])} to {_sig(s['sigma_end'])}), "
+                f"window {s['start_percent']:.2f}-{s['end_percent']:.2f} (sigma {_sig(sigma_start)} to {_sig(sigma_end)}), "
                 f"threshold {s['threshold']}")
-        run, matched = self.find_run(samples)
         if run is None:
             return head + "\n  no sampling run recorded yet"
         lines = [head, f"  run {run['run']}" + ("" if matched else
@@ -163,9 +164,18 @@ def records_of(model) -> list[GuidanceRecord]:
     return [fn.latent_clip_record for fn in hooks if isinstance(getattr(fn, "latent_clip_record", None), GuidanceRecord)]
 
 
+def sampling_window(model_sampling, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(sigma_start, sigma_end) of the start/end percents on ``model_sampling``."""
+    return float(model_sampling.percent_to_sigma(start_percent)), float(model_sampling.percent_to_sigma(end_percent))
+
+
 def make_hook(handle, record: GuidanceRecord, concepts: list[str], anchors: list[str], scale: float,
-              sigma_start: float, sigma_end: float, threshold: float, max_move: float = DEFAULT_MAX_MOVE):
-    """The post-CFG function: one guidance step on the raw-space x0 while sigma is in the window."""
+              start_percent: float, end_percent: float, threshold: float, max_move: float = DEFAULT_MAX_MOVE):
+    """The post-CFG function: one guidance step on the raw-space x0 while sigma is in the window.
+
+    The window is resolved per run on the sampled model's own model_sampling, as ComfyUI resolves
+    ControlNet and timestep-range percents: a ModelSampling* node applied after this patch (shift, zsnr,
+    a flow schedule) changes which sigmas the percents mean."""
     concept_prompts = [CONCEPT_TEMPLATE.format(c) for c in concepts]
     # Alternatives only enter the concept probability (threshold and report), never the direction.
     alt_prompts = anchors if anchors else [NEGATION_TEMPLATE.format(c) for c in concepts]
@@ -182,12 +192,15 @@ def make_hook(handle, record: GuidanceRecord, concepts: list[str], anchors: list
         return embeds[key]
 
     def latent_clip_safety_guidance(args):
-        denoised, sigma = args["denoised"], args["sigma"]
+        denoised, sigma, base = args["denoised"], args["sigma"], args["model"]
         s = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)
+        run = record.current()
+        if "window" not in run:
+            run["window"] = sampling_window(base.model_sampling, start_percent, end_percent)
+        sigma_start, sigma_end = run["window"]
         if not (sigma_end <= s <= sigma_start):
             record.add_call(s)
             return denoised
-        base = args["model"]
         lc = record.model_for_run(handle)
         c, a, alt = text_embeds(lc)
         raw = base.process_latent_out(denoised)
@@ -297,15 +310,14 @@ class LatentCLIPSafetyGuidance(io.ComfyNode):
                              "expected start_percent <= end_percent")
         if scale == 0:
             return io.NodeOutput(model)   # no hook at all: sampling is bit-identical to the input MODEL
-        sampling = model.get_model_object("model_sampling")
-        sigma_start = float(sampling.percent_to_sigma(start_percent))
-        sigma_end = float(sampling.percent_to_sigma(end_percent))
+        # as the input MODEL samples; each run resolves its window on the model it samples (make_hook)
+        sigma_start, sigma_end = sampling_window(model.get_model_object("model_sampling"), start_percent, end_percent)
         settings = {"scale": scale, "start_percent": start_percent, "end_percent": end_percent,
                     "sigma_start": sigma_start, "sigma_end": sigma_end, "threshold": threshold}
         record = GuidanceRecord(next(_patch_ids), concept_list, anchor_list, settings)
         m = model.clone()
         m.set_model_sampler_post_cfg_function(make_hook(latent_clip, record, concept_list, anchor_list, scale,
-                                                        sigma_start, sigma_end, threshold))
+                                                        start_percent, end_percent, threshold))
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY,
                                make_run_wrapper(record))
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, PATCH_KEY,
