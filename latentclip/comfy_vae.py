@@ -36,7 +36,7 @@ def _import_comfy(root: Path, device: torch.device):
     from comfy.cli_args import args
     if device.type == "cpu":
         args.cpu = True
-    elif device.type == "cuda":
+    elif device.type == "cuda" and device.index is not None:   # a bare "cuda" is the current device already
         torch.cuda.set_device(device)  # model management picks the current device
     import comfy.sd
     import comfy.utils

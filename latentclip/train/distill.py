@@ -145,11 +145,13 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
 
 def global_rows(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
     """The sample numbers of global batch ``step``: a seeded permutation per epoch, its last batch
-    topped up from the permutation's start (so a batch is always full)."""
+    topped up from the permutation's start (so a batch is always full).
+
+    The permutation repeats as often as the top-up needs: with fewer samples than half a global batch,
+    one copy could not fill it, and a rank whose slice came out empty failed while the others waited."""
     per_epoch = steps_per_epoch(n, global_batch)
     epoch, pos = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    order = np.concatenate([order, order[:per_epoch * global_batch - n]]) if per_epoch * global_batch > n else order
+    order = np.resize(np.random.default_rng([seed, epoch]).permutation(n), per_epoch * global_batch)
     return order[pos * global_batch:(pos + 1) * global_batch]
 
 
@@ -214,6 +216,22 @@ def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
     return int(state["step"])
 
 
+def _check_same_data(index: ShardIndex, world) -> None:
+    """Every rank indexed the same shards: the data order is computed per rank, so ranks that saw another
+    sample count (an encode still writing, a node's incomplete copy) would silently train on overlapping
+    and missing samples."""
+    if world.size == 1:
+        return
+    mine = (len(index), [p.name for p in index.shards])
+    seen = [None] * world.size
+    dist.all_gather_object(seen, mine)
+    odd = [r for r, other in enumerate(seen) if other != seen[0]]
+    if odd:
+        raise InputError(f"the ranks see different shards in --data: rank 0 {seen[0][0]} samples in {len(seen[0][1])} "
+                         f"shards, rank {odd[0]} {seen[odd[0]][0]} in {len(seen[odd[0]][1])}; expected every rank to "
+                         "read the same finished shards (wait for encode to finish, or complete each node's copy)")
+
+
 def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     """Train (or resume) and, when ``s.steps`` are done, write the fp16 Latent-CLIP to ``s.out``.
 
@@ -224,6 +242,8 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     say = (log or (lambda m: print(m, file=sys.stderr, flush=True))) if world.is_main else (lambda m: None)
     if s.batch < 1 or s.steps < 1:
         raise InputError(f"--batch {s.batch} and --steps {s.steps} must be at least 1")
+    if s.save_every < 1 or s.log_every < 1:   # they divide the step count: 0 failed after the first step
+        raise InputError(f"--save-every {s.save_every} and --log-every {s.log_every} must be at least 1")
     out, work = Path(s.out), Path(s.work)
     if out.exists() and not s.force:
         raise InputError(f"--out '{out}' exists; refusing to overwrite it (use --force)")
@@ -234,6 +254,11 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"--out folder '{out.parent}' cannot be created ({e.strerror or e})") from None
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--work folder '{work}' cannot be created ({e.strerror or e}); expected a folder "
+                             "for the resume checkpoint and log") from None
     index = ShardIndex(s.data)
     manifest = index.manifest
     if not len(index):
@@ -250,6 +275,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                          f"--teacher '{Path(s.teacher).name or teacher.name}' holds other weights of the same architecture; "
                          "the student's text tower must come from the teacher that made the embeddings")
     distributed.init(world, device)
+    _check_same_data(index, world)
     torch.manual_seed(s.seed)
     cfg = student_config(s.config, teacher, family, manifest.get("vae", ""))
     if manifest.get("image_size") and manifest["image_size"] != cfg["vision_cfg"].get("image_size"):
@@ -268,8 +294,6 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     fingerprint = s.fingerprint(world.size, len(index), len(index.shards))
     resume = work / RESUME_FILE
     step = _load_resume(resume, visual, opt, fingerprint) if resume.is_file() else 0
-    if world.is_main:
-        work.mkdir(parents=True, exist_ok=True)
     G = s.batch * world.size
     say(f"distilling {teacher_name(manifest)} into a {family.name} Latent-CLIP: {len(index)} samples, "
         f"{sum(p.numel() for p in visual.parameters()) / 1e6:.2f}M trained parameters ({copied} tensors from the "

@@ -44,11 +44,18 @@ def world_from_env(env=None) -> World:
 
 
 def pick_device(world: World, device: str | None = None) -> torch.device:
-    """``device`` if given, else this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    """``device`` if given, else this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU.
+
+    A bare ``cuda`` also means this rank's GPU: without an index every rank would share one GPU, and
+    ``torch.cuda.set_device`` refuses a device without an index (a ValueError before any work).
+    """
     if device:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        picked = torch.device(device)
+        if picked.type != "cuda" or picked.index is not None:
+            return picked
+    if device or torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return torch.device("cuda", world.local_rank % count if count else world.local_rank)
     return torch.device("cpu")
 
 

@@ -74,7 +74,9 @@ def write_shard(path, samples) -> int:
     count = [0]
 
     def write(tmp):
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        # pax: a name past ustar's 100 bytes (a long image file name, deep folders) gets a pax header
+        # instead of failing the shard after all its images were encoded; short names stay plain ustar
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for s in samples:
                 parts = {LATENT: npy_bytes(s.latent.astype(np.float16)), TEACHER: npy_bytes(s.teacher.astype(np.float32))}
                 if s.caption is not None:
@@ -137,6 +139,21 @@ def shard_paths(folder) -> list:
     return sorted(p for p in Path(folder).glob("*.tar") if p.is_file())
 
 
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax header's data (records are ``LENGTH key=value\\n``)."""
+    pos = 0
+    while pos < len(data):
+        length, _, _ = data[pos:pos + 20].partition(b" ")
+        if not length.isdigit() or int(length) < 1:
+            return None
+        record = data[pos:pos + int(length)]
+        key, _, value = record[len(length) + 1:-1].partition(b"=")   # without the record's newline
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+        pos += int(length)
+    return None
+
+
 class ShardIndex:
     """Random access to every sample of a folder of shards (the trainer's permutation needs it).
 
@@ -145,6 +162,9 @@ class ShardIndex:
     """
 
     PARTS = (LATENT, TEACHER, CAPTION, META)
+    #: shards kept open at once, the least recently read closed first: a permutation reaches every
+    #: shard within a few batches, and a process may hold only ~1024 files (ulimit -n)
+    MAX_OPEN = 64
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -172,18 +192,42 @@ class ShardIndex:
         return len(self.shard_of)
 
     def _read(self, shard: int, span) -> bytes:
-        f = self._files.get(shard)
+        f = self._files.pop(shard, None)
         if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")
+            if len(self._files) >= self.MAX_OPEN:
+                self._files.pop(next(iter(self._files))).close()
+            try:
+                f = open(self.shards[shard], "rb")
+            except OSError as e:
+                raise InputError(f"shard '{self.shards[shard].name}' could not be opened ({e.strerror or e}); expected "
+                                 "the shards in --data to stay in place while training") from None
+        self._files[shard] = f   # the most recently read last
         f.seek(int(span[0]))
         return f.read(int(span[1]))
 
     def _key(self, shard: int, data_offset: int) -> str:
-        """The sample's key from its member's ustar header (the 512 bytes before its data)."""
+        """The sample's key from its member's ustar header (the 512 bytes before its data), or from the
+        pax header before that one when the name did not fit ustar."""
         header = self._read(shard, (data_offset - 512, 512))
         name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
         prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace")
-        return split_key(f"{prefix}/{name}" if prefix else name)[0]
+        name = f"{prefix}/{name}" if prefix else name
+        if name.endswith("." + LATENT) and "?" not in name:   # whole and ASCII: no pax header before it
+            return split_key(name)[0]
+        for blocks in range(1, 9):   # pax data of up to 4 KiB: names of any length a file system allows
+            at = data_offset - 512 * (blocks + 2)
+            if at < 0:
+                break
+            pax = self._read(shard, (at, 512))
+            if pax[156:157] == b"x" and pax[257:262] == b"ustar":
+                try:
+                    size = int(pax[124:136].rstrip(b"\0 ") or b"0", 8)
+                except ValueError:
+                    break
+                if -(-size // 512) == blocks:
+                    name = _pax_path(self._read(shard, (at + 512, size))) or name
+                break
+        return split_key(name)[0]
 
     def __getitem__(self, i: int) -> Sample:
         shard, spans = int(self.shard_of[i]), self.spans[i]

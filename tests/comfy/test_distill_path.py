@@ -269,3 +269,26 @@ def test_folder_resume_checks_finished_shards_and_captions_need_not_be_utf8(asse
     assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder, "--shard-size", "2") == 2
     assert "the inputs or --shard-size changed since it was written" in _last_error(capsys)
     assert sorted(p.stat().st_mtime_ns for p in out.glob("*.tar")) == stamps
+
+
+def test_a_long_image_file_name_is_encoded_and_read_back(assets, tmp_path):
+    """A sample key past ustar's 100 bytes failed the shard (ValueError: name is too long) after its images were encoded."""
+    from latentclip.train.shards import ShardIndex
+    folder, out = tmp_path / "imgs", tmp_path / "out"
+    (folder / "holiday").mkdir(parents=True)
+    name = "a very long descriptive file name as scrapers write them, " * 2
+    _image(0).save(folder / "holiday" / f"{name}.png")
+    (folder / "holiday" / f"{name}.txt").write_text(CAPTIONS[0])
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder) == 0
+    index = ShardIndex(out)
+    assert len(index) == 1 and index[0].key == f"holiday_{name}".replace(".", "_") and index[0].caption == CAPTIONS[0]
+    index.close()
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder) == 0   # a rerun finds it finished
+
+
+def test_a_bare_cuda_device_does_not_make_comfyui_setup_fail():
+    """torch.cuda.set_device refuses a device without an index (a ValueError before any CUDA call), so
+    ``ComfyVAE(path, root, "cuda")`` failed on every GPU machine."""
+    from latentclip.comfy_vae import _import_comfy
+    _import_comfy(COMFYUI, torch.device("cpu"))       # ComfyUI set up for this CPU machine, as the other tests
+    assert _import_comfy(COMFYUI, torch.device("cuda")).sd.VAE is not None
