@@ -210,6 +210,15 @@ def _check_finished(path: Path, job: Job) -> None:
                          "written; encode into a new --out folder")
 
 
+def _check_finite(values: torch.Tensor, chunk, job, what: str, expected: str) -> None:
+    """Refuse NaN or infinite outputs here, naming the images, rather than in a shard the trainer
+    meets hours later."""
+    bad = [key for (key, _, _, _), v in zip(chunk, values) if not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{what} gave NaN or infinite values for {len(bad)} of {len(chunk)} images of shard "
+                         f"{job.out_name} (first: '{bad[0]}'); expected finite {expected}")
+
+
 def encode(args, log=print) -> list:
     """Encode every shard this rank owns that is not on disk yet; returns the shards written."""
     world = distributed.world_from_env()
@@ -245,7 +254,10 @@ def encode(args, log=print) -> list:
             chunk = items[i:i + args.batch]
             images = torch.stack([load_image(src, args.size) for _, src, _, _ in chunk])
             latents = vae.encode(images)
+            _check_finite(latents, chunk, job, "the VAE", "latents (a VAE in half precision can overflow: try its "
+                                                          "fp32 weights or --device cpu)")
             embeds = teacher.embed(images)
+            _check_finite(embeds, chunk, job, "the teacher", "image embeddings")
             for (key, _, caption, meta), lat, emb in zip(chunk, latents, embeds):
                 samples.append(Sample(key, lat.numpy(), emb.numpy(), caption, meta))
             done += len(chunk)

@@ -292,3 +292,17 @@ def test_a_bare_cuda_device_does_not_make_comfyui_setup_fail():
     from latentclip.comfy_vae import _import_comfy
     _import_comfy(COMFYUI, torch.device("cpu"))       # ComfyUI set up for this CPU machine, as the other tests
     assert _import_comfy(COMFYUI, torch.device("cuda")).sd.VAE is not None
+
+
+def test_a_vae_that_gives_nan_latents_is_refused_at_encode_and_no_shard_is_written(assets, tmp_path, capsys):
+    """Before, NaN latents went into the shards and the trainer refused them only when it met them."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(assets / "flux-arch-vae.safetensors"))
+    key = next(k for k in sd if k.startswith("encoder.") and k.endswith("conv_out.bias"))
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(tmp_path / "nan-vae.safetensors"))
+    out = tmp_path / "out"
+    assert _encode(assets, out, "flux", tmp_path / "nan-vae.safetensors", _images(tmp_path)) == 2   # absolute: assets / it
+    err = _last_error(capsys)
+    assert "the VAE gave NaN or infinite values for 2 of 2 images of shard" in err and "img0" in err
+    assert not list(out.glob("*.tar"))
