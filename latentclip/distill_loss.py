@@ -64,7 +64,7 @@ def hard_negative_choice(student: torch.Tensor, options: torch.Tensor, logit_sca
     opt = F.normalize(options.float(), dim=-1)
     logits = logit_scale * torch.einsum("ne,nke->nk", img, opt)
     if mask is not None:
-        logits = logits.masked_fill(~mask.bool(), float("-inf"))
+        logits = logits.masked_fill(~mask.to(logits.device).bool(), float("-inf"))   # a mask built on the CPU
     return F.cross_entropy(logits, torch.zeros(img.shape[0], dtype=torch.long, device=img.device))
 
 
@@ -80,7 +80,7 @@ def hard_negative_margin(student: torch.Tensor, options: torch.Tensor, margin: f
     img = F.normalize(student.float(), dim=-1)
     cos = torch.einsum("ne,nke->nk", img, F.normalize(options.float(), dim=-1))
     hinge = F.relu(margin - (cos[:, :1] - cos[:, 1:]))
-    valid = torch.ones_like(hinge, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    valid = torch.ones_like(hinge, dtype=torch.bool) if mask is None else mask[:, 1:].to(hinge.device).bool()
     return (hinge * valid).sum() / valid.sum().clamp(min=1)
 
 

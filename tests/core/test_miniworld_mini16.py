@@ -327,3 +327,18 @@ def test_a_family_run_that_fails_after_training_leaves_no_folder(tmp_path, monke
     with pytest.raises(RuntimeError, match="evaluation failed"):
         M.train_family(tmp_path / "out", 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_hard_negative_losses_take_a_cpu_mask_with_gpu_embeddings():
+    """The mask is built in Python on the CPU; with embeddings on a GPU, masked_fill and the hinge's product
+    stopped on a device mismatch."""
+    from fake_device import fake_device
+    from latentclip.distill_loss import hard_negative_choice, hard_negative_margin
+    torch.manual_seed(0)
+    img, opts = torch.randn(3, 8), torch.randn(3, 3, 8)
+    mask = torch.tensor([[True, True, False]] * 3)
+    want = float(hard_negative_choice(img, opts, 100.0, mask)), float(hard_negative_margin(img, opts, 0.1, mask))
+    with fake_device() as dev:
+        got = (float(hard_negative_choice(img.to(dev), opts.to(dev), 100.0, mask).cpu()),
+               float(hard_negative_margin(img.to(dev), opts.to(dev), 0.1, mask).cpu()))
+    assert got == pytest.approx(want, rel=1e-5)
