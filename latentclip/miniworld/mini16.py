@@ -535,16 +535,13 @@ def train_family(out="weights/mini16", seed: int = 0, recipe: dict | None = None
     recipe = recipe or RECIPE
     t0 = time.time()
     out, tmp = _train.fresh_training_dir(out)
-    try:
+    with _train.removed_on_failure(tmp):
         info = _train.run_workers(_worker, ("a", "b"), seed, recipe, tmp, "the mini16 family")
         scores = None
         if evaluate:
             torch.set_num_threads(recipe["threads_per_worker"])
             scores = evaluate_family(tmp, info=info)
         write_manifest(tmp, seed, recipe, info, scores)
-    except BaseException:   # a failed evaluation or Ctrl-C: no half-written folder left beside --out
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _train.publish(tmp, out, t0)
 
 
@@ -558,14 +555,12 @@ def train_student_only(out, seed: int = 0, recipe: dict | None = None, base=WEIG
     base = check_family_folder(base, FAMILY, "--base")   # before anything is created
     t0 = time.time()
     out, tmp = _train.fresh_training_dir(out)
-    try:
-        return _train_student_into(out, tmp, t0, seed, recipe, base, evaluate)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # no half-trained folder left beside --out
-        raise
+    with _train.removed_on_failure(tmp):
+        _train_student_into(tmp, t0, seed, recipe, base, evaluate)
+    return _train.publish(tmp, out, t0)
 
 
-def _train_student_into(out, tmp, t0, seed, recipe, base, evaluate) -> Path:
+def _train_student_into(tmp, t0, seed, recipe, base, evaluate) -> None:
     base_manifest = json.loads((base / "manifest.json").read_text()) if (base / "manifest.json").is_file() else {}
     info = dict(base_manifest.get("trained_with", {}).get("timings", {}))
     for key in ("vae", "generator", "head"):
@@ -588,7 +583,6 @@ def _train_student_into(out, tmp, t0, seed, recipe, base, evaluate) -> Path:
     scores = evaluate_family(tmp, info=info) if evaluate else None
     write_manifest(tmp, seed, recipe, info, scores,
                    command=f"python -m latentclip.miniworld train --family {FAMILY} --only student --seed {seed} --out DIR")
-    return _train.publish(tmp, out, t0)
 
 
 DESCRIPTIONS = {

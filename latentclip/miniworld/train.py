@@ -10,6 +10,7 @@ never overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -292,6 +293,17 @@ def _stop(procs) -> None:
             p.join()
 
 
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path):
+    """Remove the work folder when what runs inside fails or is interrupted (Ctrl-C): no half-written
+    folder is left beside ``--out``. ``publish`` runs after it, so a finished folder is never removed."""
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def publish(tmp: Path, out: Path, t0: float) -> Path:
     """Move the finished training folder to ``out`` (new or empty, checked before training)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +323,7 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
     recipe = recipe or RECIPE
     t0 = time.time()
     out, tmp = fresh_training_dir(out)
-    try:
+    with removed_on_failure(tmp):
         info = run_workers(_worker, ("latent", "pixel"), seed, recipe, tmp, "the mini-world")
         scores = None
         if evaluate:
@@ -325,7 +337,4 @@ def train_all(out="weights/mini", seed: int = 0, recipe: dict | None = None, eva
         write_manifest(tmp, seed=seed, recipe=recipe, info=info, scores=scores)
         if (tmp / _gen.FILE).is_file():
             _gen.add_to_manifest(tmp)
-    except BaseException:   # a failed evaluation or Ctrl-C: no half-written folder left beside --out
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return publish(tmp, out, t0)

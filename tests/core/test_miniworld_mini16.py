@@ -342,3 +342,19 @@ def test_the_hard_negative_losses_take_a_cpu_mask_with_gpu_embeddings():
         got = (float(hard_negative_choice(img.to(dev), opts.to(dev), 100.0, mask).cpu()),
                float(hard_negative_margin(img.to(dev), opts.to(dev), 0.1, mask).cpu()))
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_finished_student_is_kept_when_out_was_filled_meanwhile(tmp_path, monkeypatch):
+    """The student-only run published inside its clean-up: when --out was filled during training, the
+    finished folder that the error names was removed."""
+    out = tmp_path / "out"
+
+    def trained(tmp, *args):
+        (tmp / "student.safetensors").write_bytes(b"trained")
+        out.mkdir()
+        (out / "theirs.txt").write_text("written during training")
+    monkeypatch.setattr(M, "_train_student_into", trained)
+    with pytest.raises(FileExistsError, match="finished training is in"):
+        M.train_student_only(out, 0)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.training-")]
+    assert len(kept) == 1 and (kept[0] / "student.safetensors").read_bytes() == b"trained"
