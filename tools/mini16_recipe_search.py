@@ -101,10 +101,7 @@ def retrieval_over_draws(model, vae, draws: int, kind: str = "latent") -> dict:
     for d in range(VALIDATION_RETRIEVAL_DRAW, VALIDATION_RETRIEVAL_DRAW + draws):
         caps = E.default_retrieval_captions(seed=d)
         ret = E.retrieval_set(caps, 8, seed=VALIDATION_SEED + 1 + d)
-        img = E._features(kind, model, vae, ret["images"])
-        txt = E._text(model, caps)
-        best = (img @ torch.stack([txt[c] for c in caps]).T).argmax(1)
-        accs.append(100 * float(np.mean([S.holds(sc, ret["specs"][int(b)]) for sc, b in zip(ret["scenes"], best)])))
+        accs.append(100 * E.zero_shot(kind, model, vae, {}, ret)["retrieval"])
     a = np.array(accs)
     return {"draws": draws, "mean": round(float(a.mean()), 2), "min": round(float(a.min()), 2),
             "below_99": int((a < 99).sum())}
@@ -166,11 +163,11 @@ def main(argv=None) -> int:
                               load_latent_clip(M.CONTRASTIVE_DIR / "mini-latent-clip.safetensors"))}))
         return 0
     if args.score:
-        world = M.load_world(args.weights)
         from latentclip import checkpoints
         from latentclip.miniworld.vae import load_vae
-        model = checkpoints.load(args.score)
-        vae = world.vae if model.vae_family == M.FAMILY else load_vae(M.CONTRASTIVE_DIR / "mini-vae.safetensors")
+        model = checkpoints.load(args.score)   # only the VAE its latents come from is needed besides it
+        vae = load_vae(Path(args.weights) / M.FILES["vae"] if model.vae_family == M.FAMILY
+                       else M.CONTRASTIVE_DIR / "mini-vae.safetensors")
         out = {"score": Path(args.score).name, "validation": validation_scores(model, vae)}
         if args.retrieval_draws:
             out["validation"]["retrieval_draws"] = retrieval_over_draws(model, vae, args.retrieval_draws)
