@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import overwrite_refusal
+
 #: name -> (student config, teacher open_clip name or None for the mini teacher, latent side, batch)
 CASES = {
     "mini": ("mini-latent", None, 8, 32),
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
         p.error(f"--configs: {', '.join(map(repr, unknown))} unknown; expected some of {', '.join(CASES)}")
     if args.steps < 1:   # one warm-up step alone leaves nothing timed
         p.error(f"--steps {args.steps}: expected at least 1")
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        p.error(f"{args.json} exists; refusing to overwrite it (choose another path or pass --overwrite)")
+    refusal = overwrite_refusal(args.json, args.overwrite)
+    if refusal:
+        p.error(refusal)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,8 +100,10 @@ def main(argv=None):
             if kind not in UNET_CONFIGS or not px.isdigit() or int(px) < 8 or int(px) % 8:
                 ap.error(f"--cases: {case!r} is not unet:px with unet one of {sorted(UNET_CONFIGS)} "
                          "and px a multiple of 8")
-        if args.json and os.path.exists(args.json) and not args.overwrite:
-            ap.error(f"{args.json} exists; refusing to overwrite it (choose another path or pass --overwrite)")
+        from benchmarks import overwrite_refusal
+        refusal = overwrite_refusal(args.json, args.overwrite)
+        if refusal:
+            ap.error(refusal)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.case:
         kind, px, ckpt = args.case.split(":")

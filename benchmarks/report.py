@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from . import overwrite_refusal
 
 
 def _fmt_s(x):
@@ -153,8 +154,9 @@ def main(argv=None) -> int:
                         help="also write the reward-step cost plot here (needs matplotlib)")
     parser.add_argument("--overwrite", action="store_true", help="replace PLOT.png if it exists")
     args = parser.parse_args(argv)
-    if args.plot_path and Path(args.plot_path).exists() and not args.overwrite:
-        parser.error(f"{args.plot_path} exists; refusing to overwrite it (choose another path or pass --overwrite)")
+    refusal = overwrite_refusal(args.plot_path, args.overwrite)
+    if refusal:
+        parser.error(refusal)
     try:
         with open(args.result) as f:
             res = json.load(f)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import arch, report
+from . import arch, overwrite_refusal, report
 from .cases import run_case
 from .search import summary_line as search_summary
 
@@ -239,8 +239,9 @@ def main(argv=None):
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     writes = (args.json, plot_path if "reward" in _names(args.only) else None)   # only reward steps are plotted
     for path in writes:   # checked now, not after an hour of benchmarking
-        if path and os.path.exists(path) and not args.overwrite:
-            raise SystemExit(f"{path} exists; refusing to overwrite it (choose another path or pass --overwrite)")
+        refusal = overwrite_refusal(path, args.overwrite)
+        if refusal:
+            raise SystemExit(refusal)
     if args.threads:
         torch.set_num_threads(args.threads)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and cpu)

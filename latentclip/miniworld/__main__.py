@@ -29,14 +29,19 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+def _refuse_existing_json(path) -> None:
+    """Refuse a ``--json`` path that already exists (``path`` is named as given); a falsy path is no --json."""
     from pathlib import Path
+    if path and Path(path).exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it (choose another --json path)")
+
+
+def _eval(args) -> int:
     import torch
     from .eval import evaluate_dir, format_table, write_json
     from .scenes import parse
     torch.set_num_threads(args.threads)
-    if args.json and Path(args.json).exists():   # checked before minutes of evaluation, not after
-        raise FileExistsError(f"{args.json} exists; refusing to overwrite it (choose another --json path)")
+    _refuse_existing_json(args.json)   # checked before minutes of evaluation, not after
     prompts = pairs = None
     if args.prompts:
         from .geneval import read_prompts
@@ -73,8 +78,7 @@ def _search(args) -> int:
     from .geneval import default_prompts, load_world, read_prompts
     torch.set_num_threads(args.threads)
     out = Path(args.json)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; refusing to overwrite it (choose another --json path)")
+    _refuse_existing_json(out)
     fk = {k: v for k, v in {"start": args.fk_start, "interval": args.fk_interval, "temperature": args.temperature,
                             "potential": args.potential}.items() if v is not None}
     _check_search_settings(args, fk)

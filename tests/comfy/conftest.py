@@ -145,6 +145,16 @@ def tiny_reward_latent_clip(seed=3):
     return model
 
 
+def tiny_reward_handle(comfy, name, device="default"):
+    """The LATENT_CLIP handle of ``tiny_reward_latent_clip(seed=3)``, saved as ``name`` in the registered
+    models/latent_clip folder if missing and loaded by LatentCLIPLoader (fp32) on ``device``."""
+    import latentclip
+    path = comfy.models / "latent_clip" / name
+    if not path.exists():
+        latentclip.save(tiny_reward_latent_clip(seed=3), path)
+    return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device=device, dtype="fp32").result[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(comfy):
     """Name of a tiny Latent-CLIP in the registered models/latent_clip folder."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import latentclip
-from conftest import tiny_conditioning, tiny_latent_clip, tiny_reward_latent_clip, tiny_sdxl
+from conftest import tiny_conditioning, tiny_latent_clip, tiny_reward_handle, tiny_sdxl
 from gpu_emulation import emulated_moves
 
 META, CPU = torch.device("meta"), torch.device("cpu")
@@ -76,10 +76,7 @@ def test_a_plain_model_patcher_partial_load_leaves_weights_behind(comfy, make):
 # -- ReNO inputs -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reno_reward(comfy):
-    path = comfy.models / "latent_clip" / "tiny-reno.safetensors"
-    if not path.exists():
-        latentclip.save(tiny_reward_latent_clip(seed=3), path)
-    handle = comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="default", dtype="fp32").result[0]
+    handle = tiny_reward_handle(comfy, "tiny-reno.safetensors")
     return handle, comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match",
                                   weight=0.01).result[0]
 

@@ -9,18 +9,14 @@ import sys
 import pytest
 import torch
 
-import latentclip
-from conftest import tiny_conditioning, tiny_reward_latent_clip, tiny_sdxl
+from conftest import tiny_conditioning, tiny_reward_handle, tiny_sdxl
 
 META = torch.device("meta")
 
 
 @pytest.fixture(scope="module")
 def handle(comfy):
-    path = comfy.models / "latent_clip" / "tiny-review-1204.safetensors"
-    if not path.exists():
-        latentclip.save(tiny_reward_latent_clip(seed=3), path)
-    return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="default", dtype="fp32").result[0]
+    return tiny_reward_handle(comfy, "tiny-review-1204.safetensors")
 
 
 # -- 1. the mini-world's models under a partial load (--novram) ------------------------------------------

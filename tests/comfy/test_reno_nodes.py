@@ -6,16 +6,13 @@ import torch
 
 import latentclip
 from latentclip import configs
-from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_reward_latent_clip, tiny_sdxl
+from conftest import interrupt_at_progress, tiny_conditioning, tiny_latent_clip, tiny_reward_handle, tiny_sdxl
 
 
 @pytest.fixture(scope="module")
 def reno_handle(comfy):
     """A tiny Latent-CLIP with a trained CLIP's logit scale (100), so rewards have real gradients."""
-    path = comfy.models / "latent_clip" / "tiny-reno.safetensors"
-    if not path.exists():
-        latentclip.save(tiny_reward_latent_clip(seed=3), path)
-    return comfy.run_node("LatentCLIPLoader", ckpt_name=path.name, device="cpu", dtype="fp32").result[0]
+    return tiny_reward_handle(comfy, "tiny-reno.safetensors", device="cpu")
 
 
 def reward_of(comfy, handle, text="a red fox", mode="match", weight=0.01, chain=None):
