@@ -229,14 +229,17 @@ class LatentCLIP(nn.Module):
         """Like ``encode_text`` without gradients, caching each prompt's features per model."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.tokenize(texts)  # validates
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        found = {t: self._text_cache[t] for t in dict.fromkeys(texts) if t in self._text_cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             with torch.no_grad():
                 feats = self.encode_text(missing)
+            new = {t: f.detach() for t, f in zip(missing, feats)}
             if len(self._text_cache) + len(missing) > 4096:
-                self._text_cache.clear()
-            self._text_cache.update({t: f.detach() for t, f in zip(missing, feats)})
-        return torch.stack([self._text_cache[t] for t in texts])
+                self._text_cache.clear()   # `found` keeps this call's cached prompts
+            self._text_cache.update(new)
+            found.update(new)
+        return torch.stack([found[t] for t in texts])
 
     def forward(self, latents: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_latents(latents), self.encode_text(texts)
