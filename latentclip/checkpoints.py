@@ -97,6 +97,9 @@ def read_safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{_describe(path)} is too short to be a safetensors file ({size} bytes)")
         n = struct.unpack("<Q", head)[0]
         if n <= 1 or n > min(size - 8, _MAX_HEADER_BYTES):
+            wrong = _not_a_checkpoint(path)   # a .safetensors name on an LFS pointer or a saved /blob/ page
+            if wrong:
+                raise CheckpointError(f"{_describe(path)} is {wrong}")
             raise CheckpointError(f"{_describe(path)} has a corrupt safetensors header (declares {n} header bytes in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))

@@ -40,8 +40,8 @@ class Head(nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
             raise InputError(f"the head reads embeddings [batch, {self.embed_dim}], got shape {list(embeddings.shape)}")
-        w = self.net[0].weight
-        return self.net(F.normalize(embeddings.float(), dim=-1).to(w.dtype))
+        w = self.net[0].weight   # a head on the CPU (load_head's default) also reads a GPU model's embeddings
+        return self.net(F.normalize(embeddings.float(), dim=-1).to(w.device, w.dtype)).to(embeddings.device)
 
     def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.forward(embeddings).float().softmax(-1)

@@ -96,13 +96,15 @@ def offline() -> bool:
 def unreachable(repo_id: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     """Why the Hub cannot be reached (one request, no retries; proxies from the environment), or None.
 
-    Any HTTP answer, even an error status, means a server is there: huggingface_hub then reports what it says.
+    Any other HTTP answer, even an error status, means a server is there: huggingface_hub then reports what
+    it says. 502-504 (an outage) count as unreachable: huggingface_hub would retry them for ~20 s and then fail
+    without looking in its cache.
     """
     request = urllib.request.Request(f"{endpoint()}/api/models/{repo_id}", method="HEAD")
     try:
         urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None
+    except urllib.error.HTTPError as e:
+        return f"the Hub answered HTTP {e.code}" if e.code in (502, 503, 504) else None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         return f"the Hub could not be reached ({reason})"

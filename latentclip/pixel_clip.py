@@ -98,8 +98,10 @@ def load_pixel_clip(path, model_name: str | None = None, device="cpu", dtype=tor
         model = open_clip.create_model(name, pretrained=None)
         try:
             model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"'{path.name}' does not fit open_clip model {name}: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:   # torch's first line is only "Error(s) in loading state_dict for CLIP:"
+            why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:160]
+            raise CheckpointError(f"'{path.name}' does not fit open_clip model {name} ({why}); give the model_name of "
+                                  "the file's architecture, or leave it empty to infer it") from None
         # moved here too: a move under the executor's inference mode would make inference tensors
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name), name

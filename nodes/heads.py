@@ -15,8 +15,8 @@ import torch
 import folder_paths
 from comfy_api.latest import io, ui
 
-from latentclip.errors import CheckpointError
-from latentclip.heads import latent_probabilities, load_head
+from latentclip.errors import CheckpointError, InputError
+from latentclip.heads import check_compatible, latent_probabilities, load_head
 from latentclip.rewards import LatentHead
 
 from .comfy_bridge import (check_vae_family, latent_samples, model_file_path, model_file_problem, naming_the_input,
@@ -51,6 +51,17 @@ def head_for(head_name: str):
         _CACHE.clear()
         _CACHE[key] = head
     return _CACHE[key]
+
+
+def checked_head(latent_clip, head_name: str):
+    """The head named ``head_name``, refused at once, naming that input, if it reads another embedding width
+    than ``latent_clip`` makes (a reward found it only after ReNO had loaded every model)."""
+    head = head_for(head_name)
+    try:
+        check_compatible(head, latent_clip.patcher.model)
+    except InputError as e:
+        raise InputError(f"head_name {head_name!r}: {e}") from None
+    return head
 
 
 def _head_input():
@@ -111,7 +122,7 @@ class LatentCLIPHeadScore(io.ComfyNode):
     def execute(cls, latent_clip, samples, head_name, label="") -> io.NodeOutput:
         model = latent_clip.load()
         x = latent_samples(samples, model)
-        head = head_for(head_name)
+        head = checked_head(latent_clip, head_name)
         index = head.label_index(label.strip()) if label.strip() else None
         with torch.no_grad():
             probs = latent_probabilities(model, head_on(head_name, model.device), x).cpu()
@@ -150,7 +161,7 @@ class LatentCLIPHeadReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent_clip, head_name, label, mode="increase", weight=1.0, reward=None) -> io.NodeOutput:
-        head_for(head_name).label_index(label.strip())   # a wrong label is refused here, not mid-sampling
+        checked_head(latent_clip, head_name).label_index(label.strip())   # refused here, not mid-sampling
         spec = HeadTermSpec(latent_clip, head_name, label.strip(), mode, float(weight))
         return io.NodeOutput(tuple(reward or ()) + (spec,))
 
