@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     except (CheckpointError, InputError, OSError) as e:   # OSError: FileExistsError, an unwritable folder, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # the user stopped it (a minute-long demo, a download): no traceback, as in run
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

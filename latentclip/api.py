@@ -8,10 +8,10 @@ ProgressBar steps), fetches ``/history/{id}`` when the prompt is done, saves eve
 (files through ``/view``, ``text`` entries as .txt, other UI entries as .json; an existing file is
 never overwritten, the new one gets ``_1``, ``_2``, ...) and prints one line per output. Failures
 print the server's own message (before anything is downloaded) and exit non-zero:
-2 bad arguments, workflow file, --set, --timeout or --out (all checked before anything is queued),
-3 prompt refused by validation (HTTP 400), 4 execution error, 5 interrupted on the server, 6 server
-unreachable, not answering JSON like ComfyUI, or timed out, 7 an output could not be saved, 130 stopped
-with Ctrl-C (the prompt is withdrawn from the server), 1 a bug in the runner. Every failure is one
+2 bad arguments, workflow file, --set, --server, --timeout or --out (all checked before anything is
+queued), 3 prompt refused by validation (HTTP 400), 4 execution error, 5 interrupted on the server, 6
+server unreachable, not answering JSON like ComfyUI, or timed out, 7 an output could not be saved, 130
+stopped with Ctrl-C (the prompt is withdrawn from the server), 1 a bug in the runner. Every failure is one
 ``error:`` line on stderr (a refused prompt adds one line per node error).
 
 ComfyUI-free: only the standard library, plus aiohttp (shipped with ComfyUI) for the websocket;
@@ -163,6 +163,12 @@ def load_workflow(path) -> dict:
     return check_api_graph(data, str(path))
 
 
+class _Set(tuple):
+    """(id, input, value) of one --set, also holding ``raw``, the value as typed: a text input gets that, since
+    JSON's spelling of a number is not the user's (2024.10 would become "2024.1")."""
+    raw: str
+
+
 def parse_set(expr: str) -> tuple[str, str, object]:
     """``ID.INPUT=VALUE`` -> (id, input, value); VALUE is JSON when it parses, else the raw string."""
     key, sep, raw = expr.partition("=")
@@ -176,13 +182,16 @@ def parse_set(expr: str) -> tuple[str, str, object]:
     except RecursionError:
         raise WorkflowError(f"--set {key.strip()}: the value nests lists/objects more than {MAX_JSON_DEPTH} "
                             "levels deep; a ComfyUI input needs a handful") from None   # deeper than the check below allows
-    return node_id, name, _check_depth(value, f"--set {key.strip()}")
+    parsed = _Set((node_id, name, _check_depth(value, f"--set {key.strip()}")))
+    parsed.raw = raw
+    return parsed
 
 
 def apply_sets(graph: dict, sets, warn: Callable[[str], None] | None = None) -> dict:
     """A copy of ``graph`` with each (id, input, value) set; an unknown node id is an error."""
     graph = copy.deepcopy(graph)
-    for node_id, name, value in sets:
+    for item in sets:
+        node_id, name, value = item
         if node_id not in graph:
             ids = ", ".join(sorted(graph, key=lambda k: (len(k), k)))
             raise WorkflowError(f"--set {node_id}.{name}: the workflow has no node {node_id!r} (its nodes: {ids})")
@@ -191,19 +200,33 @@ def apply_sets(graph: dict, sets, warn: Callable[[str], None] | None = None) -> 
         if name not in inputs and warn:
             warn(f"note: node {node_id} ({graph[node_id]['class_type']}) had no input {name!r}; adding it")
         if isinstance(old, str) and not isinstance(value, (str, list, dict)):
-            value = json.dumps(value)  # keep text text: --set 3.text=42 stays "42"
+            value = getattr(item, "raw", None) or json.dumps(value)  # keep text text, as typed: 3.text=42 stays "42"
         inputs[name] = value
     return graph
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
+def check_server(server: str) -> str:
+    """The server's base URL (``http://`` added when missing). A mistyped one is a usage error naming --server:
+    urllib raises ValueError for it, which surfaced as a bug in the runner."""
+    base = (server if "://" in server else "http://" + server).rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(base)
+        # .port raises ValueError for a port that is not a number from 0 to 65535
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:
+        usable = False
+    if not usable or any(c.isspace() or not c.isprintable() for c in base):
+        raise WorkflowError(f"--server {server!r} is not a ComfyUI server URL; expected http(s)://HOST[:PORT], "
+                            "e.g. http://127.0.0.1:8188")
+    return base
+
+
 class Client:
     """The few ComfyUI endpoints the runner needs, over urllib, each bounded by a timeout."""
 
     def __init__(self, server: str, client_id: str | None = None):
-        if "://" not in server:
-            server = "http://" + server
-        self.base = server.rstrip("/")
+        self.base = check_server(server)
         self.client_id = client_id or uuid.uuid4().hex
 
     def _open(self, path: str, body=None, timeout=_HTTP_TIMEOUT):

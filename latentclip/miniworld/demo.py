@@ -246,7 +246,9 @@ def main(out: str = "demo_out", force: bool = False) -> int:
     """Entry point of ``python -m latentclip demo --out DIR [--force]``: a folder that holds files is
     refused unless ``force`` (the demo writes summary.md and pictures under fixed names)."""
     folder = Path(out)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
+    if folder.exists() and not folder.is_dir():   # --force replaces the demo's files in a folder, never a file
+        raise FileExistsError(f"--out '{folder}' is a file, not a folder; give a new or empty folder")
+    if folder.exists() and any(folder.iterdir()) and not force:
         raise FileExistsError(f"--out '{folder}' exists and is not an empty folder; give a new folder, or --force "
                               "to replace the demo's files in it")
     # one thread: the batches are tiny, and on a busy 2-core machine a second OpenMP thread stalls
