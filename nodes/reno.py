@@ -275,6 +275,10 @@ class ReNOSampler(comfy.samplers.Sampler):
         ms = base.model_sampling
         max_denoise = self.max_denoise(model_wrap, sigmas)
         check_reno_latent(noise, base, self.reward, "noise")
+        if not torch.isfinite(sigmas).all():   # else NaN latents, reported as a NaN latent at the first reward
+            raise InputError("sigmas contains NaN or infinite values (a continuous EDM schedule, e.g. Playground v2.5's, "
+                             "maps SDTurboScheduler's timesteps to them); expected a finite schedule of a one-step "
+                             "model such as SDXL-Turbo")
         if not torch.any(noise):
             raise InputError("noise is all zeros (SamplerCustom's add_noise is off?); ReNO optimises the initial "
                              "noise, so it needs add_noise on (or use the ReNO node, which always adds noise)")

@@ -222,9 +222,13 @@ def noise_level_sigma(base, sigma):
     """The sigma whose ``sigma^2 / (sigma^2 + 1)`` is the noise share of the model's input, the schedule the
     guidance weights its steps by. A flow model (SD3, Flux, Wan: ``CONST``) mixes x = (1 - s) x0 + s noise
     with s <= 1, whose noise share is s^2 / (s^2 + (1 - s)^2): the same as sigma = s / (1 - s) of an EPS
-    model. Without this, scale would act at half strength at pure noise on those models and fade early."""
-    if not isinstance(getattr(base, "model_sampling", None), comfy.model_sampling.CONST):
-        return sigma
+    model. Without this, scale would act at half strength at pure noise on those models and fade early.
+    Other models' sigma is read in units of their sigma_data (Playground v2.5, EDM: 0.5), whose noise share
+    is sigma^2 / (sigma^2 + sigma_data^2); read as 1, the move at sigma 0.5 was a fifth of scale, not half."""
+    ms = getattr(base, "model_sampling", None)
+    if not isinstance(ms, comfy.model_sampling.CONST):
+        sigma_data = float(getattr(ms, "sigma_data", 1.0))
+        return sigma if sigma_data == 1.0 else torch.as_tensor(sigma).float() / sigma_data
     s = torch.as_tensor(sigma).float()
     return s / (1.0 - s).clamp(min=1e-6)
 
