@@ -259,6 +259,18 @@ class refusing_in_place_models:
         return False
 
 
+def latent_format_for_grad(base) -> None:
+    """Replace the model's latent-format tensors made under the executor's inference mode (Wan 2.1's per-channel
+    mean and std, ...) by equal ordinary ones: ``process_latent_out`` moves them with ``.to()``, which hands the
+    same inference tensor back on its own device, and autograd refuses to save it for ReNO's backward pass.
+    Ordinary tensors serve inference mode alike, so the model is otherwise unchanged."""
+    fmt = getattr(base, "latent_format", None)
+    with torch.inference_mode(False):
+        for name, value in list(vars(fmt).items()) if fmt is not None else ():
+            if isinstance(value, torch.Tensor) and value.is_inference():
+                setattr(fmt, name, value.clone())
+
+
 class ReNOSampler(comfy.samplers.Sampler):
     """A SAMPLER that runs ReNO: its result is the best x0 found, in the sampler's scaled space."""
 
@@ -291,6 +303,7 @@ class ReNOSampler(comfy.samplers.Sampler):
         if controls:
             extra_args = with_control_safe_skips(extra_args)
         with torch.inference_mode(False):
+            latent_format_for_grad(base)
             sig = sigmas.detach().clone()
             start = (latent_image if latent_image is not None else torch.zeros_like(noise)).detach().clone()
             mask = None if denoise_mask is None else denoise_mask.detach().to(noise.device, torch.float32).clone()

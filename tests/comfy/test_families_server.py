@@ -161,10 +161,6 @@ def test_guidance_and_fk_search_steer_a_16_channel_model(server, family):
     assert len(reported_scores(out["36"]["text"][0])) == 1
 
 
-WAN_RENO = pytest.mark.xfail(strict=True, reason="ReNO stops on ComfyUI's Wan 2.1 model: backward meets an inference tensor "
-                              "in its forward (not traced yet); docs/families.md")
-
-
 def reno_graph(family):
     return {
         "1": loader(family),
@@ -180,7 +176,7 @@ def reno_graph(family):
         **shown("41")}
 
 
-@pytest.mark.parametrize("family", ["sd3", pytest.param("wan21", marks=WAN_RENO)])
+@pytest.mark.parametrize("family", ["sd3", "wan21"])
 def test_reno_optimises_the_noise_of_a_16_channel_model(server, family):
     out = succeeded(server.run(reno_graph(family), timeout=240))
     assert len(reported_scores(out["41"]["text"][0])) == 1                  # ReNO's best latent, scored
