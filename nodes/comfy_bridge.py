@@ -23,6 +23,7 @@ from latentclip.families import family_of_latent_format
 LATENT_CLIP_FOLDER = "latent_clip"
 OPEN_CLIP_FOLDER = "open_clip"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE_CHOICES, DTYPE_CHOICES = ["default", "cpu"], ["auto", *DTYPES]   # the loader's device and dtype lists
 _CACHE_SIZE = 2  # loaded Latent-CLIP files kept; older ones are dropped and freed by ComfyUI
 
 
@@ -148,16 +149,18 @@ def _resolve_dtype(dtype: str, device) -> torch.dtype:
     return torch.float32
 
 
-def model_file_problem(folder: str, input_name: str, name) -> str | None:
+def model_file_problem(folder: str, input_name: str, name, offered: list | None = None) -> str | None:
     """Why ``name`` is not a file listed in the registered ``models/<folder>``, or None.
 
     Only names from ComfyUI's own listing are accepted, so a workflow can never make the pack open a
-    path of its choosing (``../../etc/passwd``, an absolute path, a link that is not listed).
+    path of its choosing (``../../etc/passwd``, an absolute path, a link that is not listed). The refusal
+    suggests ``offered`` (the node's list) when given: ComfyUI's listing also holds the pack's other weights.
     """
     listed = folder_paths.get_filename_list(folder)
     if isinstance(name, str) and name in listed and folder_paths.get_full_path(folder, name) is not None:
         return None
-    return f"{input_name} {name!r} is not a file in models/{folder}; expected one of {listed[:8]}"
+    shown = listed if offered is None else offered
+    return f"{input_name} {name!r} is not a file in models/{folder}; expected one of {shown[:8]}"
 
 
 def model_file_path(folder: str, input_name: str, name) -> str:
@@ -190,9 +193,22 @@ def _file_key(path: str) -> tuple:
     return path, stat.st_mtime_ns, stat.st_size
 
 
+def model_file_fingerprint(folder: str, name) -> tuple | None:
+    """(path, time, size) of model file ``name``, None without one: a loader's ``fingerprint_inputs``. ComfyUI
+    reuses a node's output while its inputs stay the same, so a file replaced on disk would never load again."""
+    path = folder_paths.get_full_path(folder, name) if isinstance(name, str) else None
+    try:
+        return _file_key(path) if path else None
+    except OSError:   # gone since it was listed: the loader's own error says so
+        return None
+
+
 def load_latent_clip(ckpt_name: str, device: str = "default", dtype: str = "auto") -> LatentCLIPHandle:
     """Load (or reuse) a Latent-CLIP from the registered folder; weights built outside inference mode."""
     path = model_file_path(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name)
+    for input_name, value, choices in (("device", device, DEVICE_CHOICES), ("dtype", dtype, DTYPE_CHOICES)):
+        if value not in choices:   # ComfyUI checks no V3 Combo against its list: an API graph's typo lands here
+            raise InputError(f"{input_name} {value!r} is not one of {choices}")
     load_device, offload_device = _devices(device)
     torch_dtype = _resolve_dtype(dtype, load_device)
 
@@ -314,8 +330,14 @@ class grad_through_comfy_ops:
         return self
 
     def _patch(self):
+        # each module once: one reached from two roots (two pixel rewards on one VAE) was patched twice, and the
+        # exit then put back its second saved list, which already held an identity
+        patched = set()
         for root in self.modules:
             for m in root.modules():
+                if id(m) in patched:
+                    continue
+                patched.add(id(m))
                 comfy_op = hasattr(m, "weight_function") and hasattr(m, "bias_function")
                 if comfy_op:
                     self.saved_functions.append((m, m.weight_function, m.bias_function))

@@ -14,7 +14,8 @@ from comfy_api.latest import io
 from latentclip import hub
 from latentclip.checkpoints import read_safetensors_header
 
-from .comfy_bridge import LATENT_CLIP_FOLDER, load_latent_clip, model_file_problem
+from .comfy_bridge import (DEVICE_CHOICES, DTYPE_CHOICES, LATENT_CLIP_FOLDER, load_latent_clip, model_file_fingerprint,
+                           model_file_problem)
 from .miniworld import WEIGHTS_DIR as SHIPPED_WEIGHTS
 
 LatentCLIPType = io.Custom("LATENT_CLIP")
@@ -87,8 +88,8 @@ class LatentCLIPLoader(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=ckpt_options(),
                                tooltip="File in models/latent_clip, or an authors' release by repo id (downloaded "
                                        "and converted on first use)"),
-                io.Combo.Input("device", options=["default", "cpu"], default="default"),
-                io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto"),
+                io.Combo.Input("device", options=DEVICE_CHOICES, default="default"),
+                io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto"),
             ],
             outputs=[LatentCLIPType.Output(display_name="latent_clip")],
         )
@@ -99,7 +100,14 @@ class LatentCLIPLoader(io.ComfyNode):
         check its options). A linked input arrives as None here and is checked when the node runs."""
         if ckpt_name is None or hub.release_for(ckpt_name):
             return True
-        return model_file_problem(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name) or True
+        return model_file_problem(LATENT_CLIP_FOLDER, "ckpt_name", ckpt_name, ckpt_options()) or True
+
+    @classmethod
+    def fingerprint_inputs(cls, ckpt_name=None, device="default", dtype="auto"):
+        """The file's path, time and size: a file overwritten between prompts (a new distillation or conversion
+        under the same name) loads again instead of ComfyUI reusing the old model."""
+        release = hub.release_for(ckpt_name)
+        return model_file_fingerprint(LATENT_CLIP_FOLDER, hub.local_name(release) if release else ckpt_name)
 
     @classmethod
     def execute(cls, ckpt_name, device="default", dtype="auto") -> io.NodeOutput:
