@@ -452,7 +452,7 @@ def _pixel_reward_node(node_id: str, deprecated: bool = False) -> type:
         def validate_inputs(cls, clip_name):
             """Refuse a name that is not a listed file at /prompt (a V3 Combo does not check its options).
             A linked input arrives as None here and is checked when the node runs."""
-            return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name) or True
+            return clip_name is None or model_file_problem(OPEN_CLIP_FOLDER, "clip_name", clip_name, pixel_clip_options()) or True
 
         @classmethod
         def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:

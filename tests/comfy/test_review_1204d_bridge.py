@@ -102,3 +102,19 @@ def test_a_misspelt_ckpt_name_suggests_only_what_the_loader_offers(comfy, monkey
     named = problem.split("expected one of", 1)[1]
     assert "mini/generator.safetensors" not in named and "mini/mini-vae.safetensors" not in named
     assert "mini/mini-latent-clip.safetensors" in named and "wendlerc/latent-clip-b-8-512-34b-80k" in named
+
+
+def test_a_misspelt_clip_name_suggests_only_pixel_clips(comfy, monkeypatch):
+    """The Pixel-CLIP Reward's refusal listed models/open_clip as ComfyUI sees it, where the pack registers its
+    whole weights/ folder: Latent-CLIPs, generators and VAEs that the reward refuses."""
+    import sys
+    fp = comfy.folder_paths
+    loaders = sys.modules[comfy.node("LatentCLIPLoader").__module__]
+    monkeypatch.setitem(fp.folder_names_and_paths, "open_clip",
+                        ([loaders.SHIPPED_WEIGHTS], fp.folder_names_and_paths["open_clip"][1]))
+    monkeypatch.setattr(fp, "filename_list_cache", {})   # a fresh install: only the pack's own weights/
+    problem = comfy.node("LatentCLIPPixelReward").validate_inputs(clip_name="typo.safetensors")
+    assert problem.startswith("clip_name 'typo.safetensors' is not a file in models/open_clip; expected one of ")
+    named = problem.split("expected one of", 1)[1]
+    assert "mini/mini-pixel-clip.safetensors" in named
+    assert "mini/generator.safetensors" not in named and "mini/mini-latent-clip.safetensors" not in named
