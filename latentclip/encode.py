@@ -46,7 +46,7 @@ class Job:
         return self.listed
 
 
-def _folder_jobs(folder: Path, shard_size: int) -> list:
+def _folder_jobs(folder: Path, shard_size: int, first: int = 0) -> list:
     images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
     items, seen = [], {}
     for p in images:
@@ -59,7 +59,7 @@ def _folder_jobs(folder: Path, shard_size: int) -> list:
         caption_file = p.with_suffix(".txt")
         caption = caption_file.read_bytes().decode("utf-8", "replace").strip() if caption_file.is_file() else None
         items.append((key, p, caption or None, {}))
-    return [Job(f"{i // shard_size:06d}.tar", items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+    return [Job(f"{first + i // shard_size:06d}.tar", items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
 
 
 def _tar_items(path: Path) -> list:
@@ -88,21 +88,31 @@ def _tar_items(path: Path) -> list:
 
 def plan_jobs(inputs, shard_size: int = 1000) -> list:
     """The output shards to make from folders of images and/or WebDataset tars, in a fixed order."""
-    jobs = []
+    jobs, source, folder_shards = [], {}, 0
+    resolved = [Path(given).resolve() for given in inputs]
+    for i, a in enumerate(resolved):   # folders are read to any depth: its images would be encoded twice
+        twice = next((inputs[j] for j, b in enumerate(resolved) if j != i and (a == b or a in b.parents)), None)
+        if twice is not None:
+            raise InputError(f"input '{inputs[i]}' holds input '{twice}' (or is it); expected each folder once")
     for given in inputs:
         path = Path(given)
         tars = [path] if path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
         if path.is_file() and path.suffix != ".tar":
             raise InputError(f"input '{given}' is a file but not a .tar shard; expected a folder of images or .tar shards")
         if tars:
-            jobs += [Job(t.name, tar=t) for t in tars]
-        elif path.is_dir():
-            jobs += _folder_jobs(path, shard_size)
+            made = [Job(t.name, tar=t) for t in tars]
+        elif path.is_dir():   # numbered on from the folders before it: each folder's first shard was 000000.tar
+            made = _folder_jobs(path, shard_size, folder_shards)
+            folder_shards += len(made)
         else:
             raise InputError(f"input '{given}' does not exist; expected a folder of images or WebDataset .tar shards")
-    names = [j.out_name for j in jobs]
-    if len(set(names)) != len(names):
-        raise InputError("two inputs would write the same output shard name; give tars with distinct names")
+        for job in made:
+            here = job.tar or given
+            if job.out_name in source:
+                raise InputError(f"inputs '{source[job.out_name]}' and '{here}' would both write shard {job.out_name} "
+                                 "to --out; expected inputs whose .tar shards have distinct names (rename one)")
+            source[job.out_name] = here
+        jobs += made
     if not jobs:
         raise InputError(f"no images found in {', '.join(map(str, inputs))}; expected {', '.join(IMAGE_EXTS)} files")
     return jobs

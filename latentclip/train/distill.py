@@ -201,6 +201,11 @@ def _save_resume(path: Path, step: int, visual, opt, fingerprint: dict) -> None:
 NEWER_FINGERPRINT_KEYS = ("data_samples", "data_shards")
 
 
+#: how a resume refusal names the fingerprint keys that are not a flag of their own
+FINGERPRINT_NAMES = {"global_batch": "the global batch (--batch x processes)", "data_samples": "the samples in --data",
+                     "data_shards": "the shards in --data"}
+
+
 def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -208,8 +213,10 @@ def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
         raise InputError(f"resume file '{path}' could not be read ({str(e).splitlines()[0][:120]}); delete it to start over") from None
     old = json.loads(state.get("fingerprint", "{}"))
     diff = [k for k in fingerprint if old.get(k) != fingerprint[k] and (k in old or k not in NEWER_FINGERPRINT_KEYS)]
-    if diff:
-        raise InputError(f"--work '{path.parent}' holds a run with other settings ({', '.join(diff)}); "
+    if diff:   # named as flags with both values: "global_batch" alone did not say that --batch x processes changed
+        was = "; ".join(f"{FINGERPRINT_NAMES.get(k, '--' + k.replace('_', '-'))} was {old.get(k)}, now {fingerprint[k]}"
+                        for k in diff)
+        raise InputError(f"--work '{path.parent}' holds a run with other settings ({', '.join(diff)}): {was}; "
                          "use another --work folder or the same settings to resume")
     visual.load_state_dict(state["visual"])
     opt.load_state_dict(state["optimizer"])
@@ -232,6 +239,32 @@ def _check_same_data(index: ShardIndex, world) -> None:
                          "read the same finished shards (wait for encode to finish, or complete each node's copy)")
 
 
+def _check_same_start(step: int, world) -> None:
+    """Every rank resumes at the same step: a rank that found no resume file (--work on a node's own disk)
+    trained from step 0 beside rank 0's resumed weights, diverging in silence or hanging in DDP."""
+    if world.size == 1:
+        return
+    steps = [None] * world.size
+    dist.all_gather_object(steps, step)
+    odd = next((r for r, other in enumerate(steps) if other != steps[0]), None)
+    if odd is not None:
+        raise InputError(f"rank 0 resumes at step {steps[0]} and rank {odd} at step {steps[odd]}: they read other "
+                         f"{RESUME_FILE} files; expected --work on a file system every node sees")
+
+
+def _check_ranges(s: Settings) -> None:
+    """Values that trained silently wrong: a negative --grad-clip (meant as off) reversed every gradient."""
+    bad = [(flag, v, want) for flag, v, ok, want in (
+        ("--lr", s.lr, s.lr > 0, "above 0"), ("--warmup", s.warmup, s.warmup >= 0, "at least 0"),
+        ("--weight-decay", s.weight_decay, s.weight_decay >= 0, "at least 0"),
+        ("--grad-clip", s.grad_clip, s.grad_clip >= 0, "at least 0 (0: no clipping)"),
+        ("--contrastive-weight", s.contrastive_weight, s.contrastive_weight >= 0, "at least 0 (0: cosine only)"),
+        ("--stop-after", s.stop_after, s.stop_after is None or s.stop_after >= 1, "at least 1")) if not ok]
+    if bad:
+        flag, value, want = bad[0]
+        raise InputError(f"{flag} {value:g} must be {want}; expected a finite number in that range")
+
+
 def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     """Train (or resume) and, when ``s.steps`` are done, write the fp16 Latent-CLIP to ``s.out``.
 
@@ -244,11 +277,12 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         raise InputError(f"--batch {s.batch} and --steps {s.steps} must be at least 1")
     if s.save_every < 1 or s.log_every < 1:   # they divide the step count: 0 failed after the first step
         raise InputError(f"--save-every {s.save_every} and --log-every {s.log_every} must be at least 1")
+    _check_ranges(s)
     out, work = Path(s.out), Path(s.work)
+    if out.is_dir():   # before the exists check, which told a folder to use --force
+        raise InputError(f"--out '{out}' is a folder; expected the Latent-CLIP file to write, e.g. {out / 'name.safetensors'}")
     if out.exists() and not s.force:
         raise InputError(f"--out '{out}' exists; refusing to overwrite it (use --force)")
-    if out.is_dir():
-        raise InputError(f"--out '{out}' is a folder; expected the Latent-CLIP file to write, e.g. {out / 'name.safetensors'}")
     if world.is_main:   # e.g. a ComfyUI without models/latent_clip yet: made now, not after hours of training
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +328,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     fingerprint = s.fingerprint(world.size, len(index), len(index.shards))
     resume = work / RESUME_FILE
     step = _load_resume(resume, visual, opt, fingerprint) if resume.is_file() else 0
+    _check_same_start(step, world)
     G = s.batch * world.size
     say(f"distilling {teacher_name(manifest)} into a {family.name} Latent-CLIP: {len(index)} samples, "
         f"{sum(p.numel() for p in visual.parameters()) / 1e6:.2f}M trained parameters ({copied} tensors from the "
@@ -346,7 +381,8 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     written = None
     if world.is_main and step >= s.steps:
         meta = {"teacher": json.dumps({"model": manifest["teacher"]["model"], "file": manifest["teacher"]["file"]}),
-                "data": json.dumps({"folder": Path(s.data).name, "samples": len(index), "shards": len(index.shards),
+                "data": json.dumps({"folder": Path(s.data).resolve().name,   # resolved: --data . named ''
+                                    "samples": len(index), "shards": len(index.shards),
                                     "vae": manifest.get("vae", ""), "image_size": manifest.get("image_size")}),
                 "steps": str(step), "samples_seen": str(step * G),
                 "distill": json.dumps({k: v for k, v in asdict(s).items()
