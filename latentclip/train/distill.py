@@ -364,8 +364,14 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                 loss = loss + s.contrastive_weight * world.size * con
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_(visual.parameters(), s.grad_clip)
+        # the norm is the same on every rank (DDP averaged the gradients), so all stop together; a non-finite one
+        # would make every weight NaN and the next save would replace the good resume.pt with them
+        norm = torch.nn.utils.clip_grad_norm_(visual.parameters(), s.grad_clip or math.inf)
+        if not torch.isfinite(norm):
+            losses = ", ".join(f"{k} loss {v:.4g}" for k, v in parts.items())
+            raise InputError(f"step {step + 1}: the gradients are not finite ({losses}); nothing was saved for this "
+                             f"step, so {RESUME_FILE} in --work keeps the last good one; expected finite losses "
+                             "(lower --lr, or check the shards)")
         opt.step()
         step, ran = step + 1, ran + 1
         if world.is_main and (step % s.log_every == 0 or step == s.steps):

@@ -139,3 +139,22 @@ def test_the_output_names_the_data_folder_when_given_as_dot(tmp_path, monkeypatc
     meta = read_safetensors_header(Path(s.out))["__metadata__"]
     assert json.loads(meta["data"])["folder"] == "flux-shards"
     assert (meta["steps"], meta["vae_family"], json.loads(meta["teacher"])["model"]) == ("1", "flux", "tiny-teacher")
+
+
+def test_a_non_finite_step_stops_and_keeps_the_last_good_resume_file(tmp_path, monkeypatch):
+    """A diverged step made every weight NaN, training went on, and the next save replaced the good resume.pt."""
+    import latentclip.train.distill as distill
+    data = write_dataset(tmp_path / "data", n=16)
+    s = _settings(tmp_path, data, "run", batch=4, steps=3, save_every=1)
+    real, calls = distill.cosine_regression, []
+
+    def diverging(student, teacher):
+        calls.append(1)
+        loss = real(student, teacher)
+        return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(distill, "cosine_regression", diverging)
+    with pytest.raises(InputError, match=r"^step 2: the gradients are not finite \(cosine loss nan, contrastive loss [0-9.]+\); nothing was saved"):
+        run(s, teacher=tiny_teacher(), log=lambda m: None)
+    state = torch.load(Path(s.work) / RESUME_FILE, weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["visual"].values())
+    assert not Path(s.out).exists()
