@@ -235,13 +235,14 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
         history["alive"].append(alive)
         history["survivors"].append([len(set(slot_ids[:, b].tolist())) for b in range(batch)])
         grid = r.view(alive, batch)
-        best_x0 = x0s[-1].view(alive, batch, *x0s[-1].shape[1:])[grid.argmax(0), torch.arange(batch)]
+        rank = _ranked(grid)
+        best_x0 = x0s[-1].view(alive, batch, *x0s[-1].shape[1:])[rank.argmax(0), torch.arange(batch)]
         done = cut
         if cut == steps:
             break
         if settings.strategy == "prune":
             k = max(1, math.ceil(alive * settings.keep))
-            order = torch.argsort(grid, dim=0, descending=True, stable=True)[:k].cpu()  # [k, B], lineage is on the CPU
+            order = torch.argsort(rank, dim=0, descending=True, stable=True)[:k].cpu()  # [k, B], lineage is on the CPU
             history["events"].append({"step": cut, "kind": "prune", "kept": k, "kept_slots": slot_ids.gather(0, order).T.tolist()})
             x, slot_ids = _gather(x, order, batch), slot_ids.gather(0, order)
             carry = None if carry is None else _gather(carry, order, batch)
@@ -265,7 +266,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
         if callback is not None:
             callback(cut, best_x0, x)
     final = r.view(-1, batch)
-    best = final.argmax(0)
+    best = _ranked(final).argmax(0)
     alive = final.shape[0]
     samples = x.view(alive, batch, *x.shape[1:])[best.to(x.device), torch.arange(batch, device=x.device)]
     history["best_slot"] = slot_ids[best.cpu(), torch.arange(batch)].tolist()
@@ -286,6 +287,12 @@ def item_seed(seed: int, item: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
     return z ^ (z >> 31)
+
+
+def _ranked(rewards: torch.Tensor) -> torch.Tensor:
+    """Rewards to rank particles by: NaN (an overflowed decode, a diverged particle) ranks last, as
+    resampling gives it weight 0 (argmax and a descending sort would put it first)."""
+    return torch.nan_to_num(rewards, nan=-math.inf)
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:

@@ -78,8 +78,9 @@ class SearchSampler(comfy.samplers.Sampler):
                            denoise_mask)
         result = search(run.advance, run.x, run.steps, run.score, run.batch, settings, callback=run.on_scored)
         samples = base.model_sampling.inverse_noise_scaling(sigmas[-1], result.samples).to(noise.dtype)
-        if callback is not None:  # the final preview/denoised output is the winner
-            callback(run.total_units - 1, samples, samples, run.total_units)
+        if callback is not None:  # the final preview/denoised output is the winner (its last x0 if the schedule stops early)
+            x0 = samples if float(sigmas[-1]) == 0 else run.progress["preview"]
+            callback(run.total_units - 1, x0, samples, run.total_units)
         nfe = run.progress["nfe"]
         self.last_result = result
         self.last_summary = {**result.to_dict(), "nfe_rows": nfe, "nfe_per_item": nfe / run.batch, "sampler": name,
@@ -142,6 +143,8 @@ class LatentCLIPSearchSampler(io.ComfyNode):
         # score_every_step came after the first release: a saved graph without it keeps that release's
         # behaviour (scores at scoring points only); a new node's widget defaults to on.
         prune_at = parse_steps(prune_steps) if strategy == "prune" else ()
+        if strategy == "prune" and not prune_at:
+            raise InputError(f"prune_steps is empty; expected the steps after which to prune, e.g. '2, 4', got {prune_steps!r}")
         settings = SearchSettings(strategy, int(particles), potential, float(temperature), int(interval), int(start),
                                   None, prune_at, float(keep), int(seed) % _SEED_MOD, bool(score_every_step))
         if strategy not in STRATEGIES:

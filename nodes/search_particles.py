@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import comfy.model_management as mm
 import comfy.samplers
 from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
 
@@ -34,7 +35,7 @@ from latentclip.errors import InputError
 from latentclip.search import expand_items, particle_steps, reward_scorer
 
 from .comfy_bridge import interrupt_check
-from .reno import build_reward
+from .reno import PixelTermSpec, build_reward
 
 _SEED_MOD = 2 ** 63 - 1
 
@@ -259,6 +260,7 @@ class ParticleRun:
         self.seed = int(extra_args.get("seed", 0) or 0)
         terms, _ = build_reward(owner.reward, self.base, self.batch)
         self.raw_score = reward_scorer(terms, self.batch)
+        self.pixel_vaes = [spec.vae for spec in owner.reward if isinstance(spec, PixelTermSpec)]
         self.lookahead = settings.strategy == "fk_steering"
         self.own_steps = name in OWN_STEP_SAMPLERS
         self.record = _LookaheadRecord(extra_args.get("model_options", {}))
@@ -287,8 +289,30 @@ class ParticleRun:
 
     # -- score -------------------------------------------------------------------------------------------
     def score(self, denoised):
-        """Rewards of x0 predictions (scaled space), scored in raw latent space."""
-        return self.raw_score(self.base.process_latent_out(denoised.float()))
+        """Rewards of x0 predictions (scaled space), scored in raw latent space. A pixel term decodes them:
+        as many particles at a time as the VAE's decode fits in free memory (as VAE Decode batches) and
+        ``max_batch`` allows, not every particle in one decode."""
+        raw = self.base.process_latent_out(denoised.float())
+        rows = self._score_rows(raw)
+        if rows >= raw.shape[0]:
+            return self.raw_score(raw)
+        parts = [self.raw_score(raw[i:i + rows]) for i in range(0, raw.shape[0], rows)]
+        return torch.cat([p[0] for p in parts]), {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+
+    def _score_rows(self, raw):
+        if not self.pixel_vaes:
+            return raw.shape[0]
+        slots = raw.shape[0] // self.batch
+        if self.owner.max_batch > 0:
+            slots = min(slots, self.owner.max_batch // self.batch or 1)
+        for vae in self.pixel_vaes:
+            need = getattr(vae, "memory_used_decode", None)
+            if need is None:
+                slots = 1
+                continue
+            per_slot = self.batch * need([1, *raw.shape[1:]], vae.vae_dtype)
+            slots = min(slots, int(mm.get_free_memory(vae.device) // max(per_slot, 1)))
+        return max(1, slots) * self.batch
 
     # -- run an interval ---------------------------------------------------------------------------------
     def advance(self, x, start, end, carry=None):
