@@ -62,15 +62,16 @@ def _shards(folder: Path, teacher, side: int, n: int) -> Path:
     return folder
 
 
-def train_cost(case: str, steps: int, contrastive: float, root: Path) -> dict:
+def train_cost(case: str, steps: int, contrastive: float, root: Path, device: str = "cpu", batch: int = 0) -> dict:
     from latentclip.train.distill import LOG_FILE, Settings, run
-    config, teacher_name, side, batch = CASES[case]
+    config, teacher_name, side, case_batch = CASES[case]
+    batch = batch or case_batch
     teacher = _teacher(teacher_name)
     data = _shards(root / f"{case}-{contrastive}-data", teacher, side, batch * (steps + 1))
     work = root / f"{case}-{contrastive}-work"
     s = Settings(data=str(data), teacher="", out=str(root / f"{case}-{contrastive}.safetensors"), work=str(work),
                  config=config, batch=batch, steps=steps + 1, warmup=1, log_every=1, contrastive_weight=contrastive,
-                 device="cpu")   # the table is CPU seconds; left unset, the trainer picks a GPU when there is one
+                 device=device)   # explicit: left unset, the trainer picks a GPU when there is one
     run(s, teacher=teacher, log=lambda m: None)
     log = [json.loads(line) for line in (work / LOG_FILE).read_text().splitlines()]
     timed = (len(log) - 1) * batch
@@ -109,12 +110,20 @@ def main(argv=None) -> int:
     p.add_argument("--encode", action="store_true", help="also time encoding one 512-pixel image (COMFYUI_PATH)")
     p.add_argument("--json", default=None, help="write the results here too")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    p.add_argument("--device", default="cpu", help="cpu (the table: CPU seconds) or cuda (wall seconds, samples/s, "
+                   "GPU hours)")
+    p.add_argument("--batch", type=int, default=0, help="per-step batch of every config (0: each config's own, sized "
+                   "for a CPU)")
     args = p.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CASES]
     if unknown:
         p.error(f"--configs: {', '.join(map(repr, unknown))} unknown; expected some of {', '.join(CASES)}")
     if args.steps < 1:   # one warm-up step alone leaves nothing timed
         p.error(f"--steps {args.steps}: expected at least 1")
+    if args.batch < 0:
+        p.error(f"--batch {args.batch}: expected 0 (each config's own) or more")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     refusal = overwrite_refusal(args.json, args.overwrite)
     if refusal:
         p.error(refusal)
@@ -123,8 +132,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.configs.split(","):
             for contrastive in (0.0, 0.5):
-                rows.append(train_cost(case, args.steps, contrastive, Path(tmp)))
+                rows.append(train_cost(case, args.steps, contrastive, Path(tmp), args.device, args.batch))
         encode = encode_cost(Path(tmp)) if args.encode else None
+    if args.device != "cpu":   # on a GPU the CPU seconds are the host's share; what counts is wall time
+        name = torch.cuda.get_device_name(torch.device(args.device))
+        print(f"device={args.device} ({name}), torch {torch.__version__}")
+        print("| config | latent | batch | loss | wall s / sample | samples/s | GPU hours, 10M samples | 100M samples |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            loss = "cosine + contrastive" if r["contrastive"] else "cosine"
+            w = r["wall_s_per_sample"]
+            print(f"| {r['case']} | {r['latent']} | {r['batch']} | {loss} | {w:.6f} | {1 / w:,.0f} | "
+                  f"{w * 1e7 / 3600:,.1f} | {w * 1e8 / 3600:,.1f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": args.device, "name": name, "train": rows}, indent=1))
+        return 0
     print(f"threads={torch.get_num_threads()} device=cpu (no GPU measured)")
     print("| config | latent | batch | loss | CPU s / sample | wall s / sample | CPU core-hours, 10M samples | 100M samples |")
     print("|---|---|---|---|---|---|---|---|")
