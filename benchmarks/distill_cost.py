@@ -134,33 +134,32 @@ def main(argv=None) -> int:
             for contrastive in (0.0, 0.5):
                 rows.append(train_cost(case, args.steps, contrastive, Path(tmp), args.device, args.batch))
         encode = encode_cost(Path(tmp)) if args.encode else None
-    if args.device != "cpu":   # on a GPU the CPU seconds are the host's share; what counts is wall time
-        name = torch.cuda.get_device_name(torch.device(args.device))
-        print(f"device={args.device} ({name}), torch {torch.__version__}")
-        print("| config | latent | batch | loss | wall s / sample | samples/s | GPU hours, 10M samples | 100M samples |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            loss = "cosine + contrastive" if r["contrastive"] else "cosine"
-            w = r["wall_s_per_sample"]
-            print(f"| {r['case']} | {r['latent']} | {r['batch']} | {loss} | {w:.6f} | {1 / w:,.0f} | "
-                  f"{w * 1e7 / 3600:,.1f} | {w * 1e8 / 3600:,.1f} |")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"device": args.device, "name": name, "train": rows}, indent=1))
-        return 0
-    print(f"threads={torch.get_num_threads()} device=cpu (no GPU measured)")
-    print("| config | latent | batch | loss | CPU s / sample | wall s / sample | CPU core-hours, 10M samples | 100M samples |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        loss = "cosine + contrastive" if r["contrastive"] else "cosine"
-        c = r["cpu_s_per_sample"]
-        print(f"| {r['case']} | {r['latent']} | {r['batch']} | {loss} | {c:.4f} | {r['wall_s_per_sample']:.4f} | "
-              f"{c * 1e7 / 3600:,.0f} | {c * 1e8 / 3600:,.0f} |")
+    gpu = args.device != "cpu"   # on a GPU the CPU seconds are the host's share; what counts is wall time
+    name = torch.cuda.get_device_name(torch.device(args.device)) if gpu else None
+    print(f"device={args.device} ({name}), torch {torch.__version__}" if gpu
+          else f"threads={torch.get_num_threads()} device=cpu (no GPU measured)")
+    print(_table(rows, gpu))
     if encode:
         for name, t in encode.items():
             print(f"encode, 512 px, {name}: {t['cpu_s']:.2f} CPU s ({t['wall_s']:.2f} s wall) per image")
     if args.json:
-        Path(args.json).write_text(json.dumps({"train": rows, "encode": encode}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": args.device, "name": name, "train": rows, "encode": encode},
+                                              indent=1))
     return 0
+
+
+def _table(rows: list, gpu: bool) -> str:
+    """Markdown rows: CPU seconds and core-hours on the CPU; wall seconds, samples/s and GPU hours on a GPU."""
+    head = (["wall s / sample", "samples/s", "GPU hours, 10M samples", "100M samples"] if gpu else
+            ["CPU s / sample", "wall s / sample", "CPU core-hours, 10M samples", "100M samples"])
+    lines = ["| config | latent | batch | loss | " + " | ".join(head) + " |", "|---" * 8 + "|"]
+    for r in rows:
+        loss = "cosine + contrastive" if r["contrastive"] else "cosine"
+        w, c = r["wall_s_per_sample"], r["cpu_s_per_sample"]
+        cells = ([f"{w:.6f}", f"{1 / w:,.0f}", f"{w * 1e7 / 3600:,.1f}", f"{w * 1e8 / 3600:,.1f}"] if gpu else
+                 [f"{c:.4f}", f"{w:.4f}", f"{c * 1e7 / 3600:,.0f}", f"{c * 1e8 / 3600:,.0f}"])
+        lines.append(f"| {r['case']} | {r['latent']} | {r['batch']} | {loss} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
