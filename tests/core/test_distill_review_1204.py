@@ -145,7 +145,7 @@ def test_ranks_that_indexed_other_shards_are_refused(tmp_path):
     overlapping and missing samples."""
     data = write_dataset(tmp_path / "data", n=24, per_shard=10)
     s = _settings(tmp_path, data, "run", batch=2, steps=2)
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")   # fork breaks where CUDA or autograd threads already run
     errors, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_rank_main_seeing, args=(r, 2, port, s, errors, r == 1)) for r in range(2)]
     for p in procs:

@@ -27,8 +27,8 @@ from latentclip.families import get_family  # noqa: E402
 def _settings(root: Path, data: Path, name: str, **kw) -> Settings:
     base = dict(data=str(data), teacher="", out=str(root / f"{name}.safetensors"), work=str(root / name),
                 config=str(student_config_file(root)), batch=4, steps=3, lr=2e-3, warmup=1, log_every=100,
-                contrastive_weight=0.5)
-    base.update(kw)
+                contrastive_weight=0.5, device="cpu")   # CPU tests (gloo); unset, a GPU machine's CUDA would be picked
+    base.update(kw)                                          # and a forked rank cannot initialise CUDA again
     return Settings(**base)
 
 
@@ -54,7 +54,7 @@ def _rank_main(rank, world, port, settings, errors):
 
 
 def _run_ranks(settings: Settings, world: int = 2) -> None:
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")   # fork breaks where CUDA or autograd threads already run (a GPU machine)
     errors, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, settings, errors)) for r in range(world)]
     for p in procs:
