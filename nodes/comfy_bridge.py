@@ -149,6 +149,13 @@ def _resolve_dtype(dtype: str, device) -> torch.dtype:
     return torch.float32
 
 
+def check_finite_sigmas(sigmas: torch.Tensor, expected: str, cause: str = "") -> None:
+    """A schedule with NaN or inf (an EDM schedule fed turbo timesteps, a broken custom one) is one sentence
+    naming ``sigmas``, not NaN latents reported later at a reward."""
+    if not torch.isfinite(sigmas).all():
+        raise InputError(f"sigmas contains NaN or infinite values{cause}; expected {expected}")
+
+
 def model_file_problem(folder: str, input_name: str, name, offered: list | None = None) -> str | None:
     """Why ``name`` is not a file listed in the registered ``models/<folder>``, or None.
 

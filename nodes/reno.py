@@ -30,8 +30,8 @@ from latentclip.plotting import plot_reno_history
 from latentclip.reno import checkpoint_layers, checkpointed
 from latentclip.rewards import RewardSum
 
-from .comfy_bridge import (OPEN_CLIP_FOLDER, check_vae_family, grad_through_comfy_ops, interrupt_check,
-                           load_pixel_clip, model_file_problem, text_lines)
+from .comfy_bridge import (OPEN_CLIP_FOLDER, check_finite_sigmas, check_vae_family, grad_through_comfy_ops,
+                           interrupt_check, load_pixel_clip, model_file_problem, text_lines)
 from .loaders import LatentCLIPType, listed_model_files
 
 LatentRewardType = io.Custom("LATENT_REWARD")
@@ -287,10 +287,8 @@ class ReNOSampler(comfy.samplers.Sampler):
         ms = base.model_sampling
         max_denoise = self.max_denoise(model_wrap, sigmas)
         check_reno_latent(noise, base, self.reward, "noise")
-        if not torch.isfinite(sigmas).all():   # else NaN latents, reported as a NaN latent at the first reward
-            raise InputError("sigmas contains NaN or infinite values (a continuous EDM schedule, e.g. Playground v2.5's, "
-                             "maps SDTurboScheduler's timesteps to them); expected a finite schedule of a one-step "
-                             "model such as SDXL-Turbo")
+        check_finite_sigmas(sigmas, "a finite schedule of a one-step model such as SDXL-Turbo",
+                            " (a continuous EDM schedule, e.g. Playground v2.5's, maps SDTurboScheduler's timesteps to them)")
         if not torch.any(noise):
             raise InputError("noise is all zeros (SamplerCustom's add_noise is off?); ReNO optimises the initial "
                              "noise, so it needs add_noise on (or use the ReNO node, which always adds noise)")

@@ -16,6 +16,7 @@ from latentclip.errors import InputError
 from latentclip.plotting import plot_search_history
 from latentclip.search import STRATEGIES, POTENTIALS, SearchSettings, auto_start, search
 
+from .comfy_bridge import check_finite_sigmas
 from .reno import LatentRewardType, _image_tensor, check_reno_latent
 from .search_particles import _SEED_MOD, OWN_STEP_SAMPLERS, ParticleRun, check_inner_sampler
 
@@ -72,8 +73,7 @@ class SearchSampler(comfy.samplers.Sampler):
         base = model_wrap.inner_model
         check_reno_latent(latent_image if latent_image is not None else noise, base, self.reward, "latent_image")
         check_reno_latent(noise, base, self.reward, "noise")
-        if not torch.isfinite(sigmas).all():
-            raise InputError("sigmas contains NaN or infinite values; expected a finite schedule (e.g. from BasicScheduler)")
+        check_finite_sigmas(sigmas, "a finite schedule (e.g. from BasicScheduler)")
         run = ParticleRun(self, settings, name, model_wrap, sigmas, extra_args, callback, noise, latent_image,
                            denoise_mask)
         result = search(run.advance, run.x, run.steps, run.score, run.batch, settings, callback=run.on_scored)

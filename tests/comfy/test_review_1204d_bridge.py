@@ -88,15 +88,19 @@ def test_a_device_or_dtype_outside_the_list_is_one_sentence_naming_it(comfy, tin
         comfy.run_node("LatentCLIPLoader", **args)
 
 
-def test_a_misspelt_ckpt_name_suggests_only_what_the_loader_offers(comfy, monkeypatch):
-    """The refusal listed models/latent_clip as ComfyUI sees it: on a fresh install, the pack's mini generators,
-    VAEs, pixel CLIP and head (which the loader refuses), and none of the releases the list offers."""
+def _only_shipped_weights_in(comfy, monkeypatch, folder: str) -> None:
+    """A fresh install: ``models/<folder>`` holds only the pack's own weights/ (its whole folder is registered)."""
     import sys
     fp = comfy.folder_paths
     loaders = sys.modules[comfy.node("LatentCLIPLoader").__module__]
-    monkeypatch.setitem(fp.folder_names_and_paths, "latent_clip",
-                        ([loaders.SHIPPED_WEIGHTS], fp.folder_names_and_paths["latent_clip"][1]))
-    monkeypatch.setattr(fp, "filename_list_cache", {})   # a fresh install: only the pack's own weights/
+    monkeypatch.setitem(fp.folder_names_and_paths, folder, ([loaders.SHIPPED_WEIGHTS], fp.folder_names_and_paths[folder][1]))
+    monkeypatch.setattr(fp, "filename_list_cache", {})
+
+
+def test_a_misspelt_ckpt_name_suggests_only_what_the_loader_offers(comfy, monkeypatch):
+    """The refusal listed models/latent_clip as ComfyUI sees it: on a fresh install, the pack's mini generators,
+    VAEs, pixel CLIP and head (which the loader refuses), and none of the releases the list offers."""
+    _only_shipped_weights_in(comfy, monkeypatch, "latent_clip")
     problem = comfy.node("LatentCLIPLoader").validate_inputs(ckpt_name="typo.safetensors")
     assert problem.startswith("ckpt_name 'typo.safetensors' is not a file in models/latent_clip; expected one of ")
     named = problem.split("expected one of", 1)[1]
@@ -107,12 +111,7 @@ def test_a_misspelt_ckpt_name_suggests_only_what_the_loader_offers(comfy, monkey
 def test_a_misspelt_clip_name_suggests_only_pixel_clips(comfy, monkeypatch):
     """The Pixel-CLIP Reward's refusal listed models/open_clip as ComfyUI sees it, where the pack registers its
     whole weights/ folder: Latent-CLIPs, generators and VAEs that the reward refuses."""
-    import sys
-    fp = comfy.folder_paths
-    loaders = sys.modules[comfy.node("LatentCLIPLoader").__module__]
-    monkeypatch.setitem(fp.folder_names_and_paths, "open_clip",
-                        ([loaders.SHIPPED_WEIGHTS], fp.folder_names_and_paths["open_clip"][1]))
-    monkeypatch.setattr(fp, "filename_list_cache", {})   # a fresh install: only the pack's own weights/
+    _only_shipped_weights_in(comfy, monkeypatch, "open_clip")
     problem = comfy.node("LatentCLIPPixelReward").validate_inputs(clip_name="typo.safetensors")
     assert problem.startswith("clip_name 'typo.safetensors' is not a file in models/open_clip; expected one of ")
     named = problem.split("expected one of", 1)[1]
