@@ -15,10 +15,15 @@ def _train(args) -> int:
     from ..errors import InputError
     if args.only and args.family != "mini16":
         raise InputError("--only student needs --family mini16")
+    if args.student_recipe != "shipped" and args.only != "student":
+        raise InputError(f"--student-recipe {args.student_recipe} needs --family mini16 --only student")
+    if args.student_recipe == "fast" and not args.out:
+        raise InputError("--student-recipe fast trains a second student beside the shipped one: give --out NEW_DIR")
     if args.family == "mini16" and args.only == "student":
-        from .mini16 import train_student_only
+        from .mini16 import FAST_STUDENT, RECIPE, train_student_only
+        recipe = {**RECIPE, "student": FAST_STUDENT} if args.student_recipe == "fast" else None
         train_student_only(out=args.out or str(WEIGHTS_DIR / "mini16"), seed=args.seed, base=args.base,
-                           evaluate=not args.no_eval)
+                           evaluate=not args.no_eval, recipe=recipe, recipe_name=args.student_recipe)
         return 0
     if args.family == "mini16":
         from .mini16 import train_family
@@ -162,6 +167,9 @@ def main(argv=None) -> int:
     t.add_argument("--only", default=None, choices=["student"],
                    help="mini16: retrain only the distilled Latent-CLIP on --base's VAE (VAE, generator and head copied)")
     t.add_argument("--base", default=str(WEIGHTS_DIR / "mini16"), help="with --only: the family directory to start from")
+    t.add_argument("--student-recipe", default="shipped", choices=["shipped", "fast"],
+                   help="with --only student: the shipped student's recipe, or the compute comparison's 950-step recipe "
+                        "(mini16.FAST_STUDENT; needs --out)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="score the weights on held-out scenes; print a table")
     e.add_argument("--weights", default=None, help="weights directory (default weights/<family>)")

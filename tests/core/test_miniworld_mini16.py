@@ -99,6 +99,8 @@ def test_eval_cli_family_mini16_writes_the_issue_keys(tmp_path):
     assert {"student_cpu_seconds", "contrastive_cpu_seconds", "student_zero_shot_mean",
             "contrastive_zero_shot_mean"} <= set(r["distill"])
     assert r["distill"]["student_cpu_seconds"] > 0 and r["distill"]["contrastive_cpu_seconds"] > 0
+    fast = r["distill"]["fast_recipe"]     # the compute comparison's recorded run (weights/mini16/fast-student-run.json)
+    assert fast["student_steps"] == M.FAST_STUDENT["steps"] and fast["cpu_ratio"] > 0 and isinstance(fast["reached"], bool)
     assert {"teacher_accuracy", "student_accuracy"} <= set(r["heads"])
 
 
