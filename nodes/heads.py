@@ -30,8 +30,8 @@ _CACHE: dict = {}
 
 
 def register_heads_folder() -> None:
-    """``models/latent_clip_heads``: head files (.safetensors)."""
-    folder_paths.add_model_folder_path(HEADS_FOLDER, os.path.join(folder_paths.models_dir, HEADS_FOLDER), is_default=True)
+    """``models/latent_clip_heads``: head files (.safetensors), after a folder the user configured for them."""
+    folder_paths.add_model_folder_path(HEADS_FOLDER, os.path.join(folder_paths.models_dir, HEADS_FOLDER), is_default=False)
     folder_paths.folder_names_and_paths[HEADS_FOLDER][1].update({".safetensors"})
 
 
