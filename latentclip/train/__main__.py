@@ -31,6 +31,9 @@ def main(argv=None) -> int:
             ("stop_after", int, "end this process after so many steps (time-limited jobs); rerun to resume"),
             ("device", str, "default: this rank's GPU (LOCAL_RANK), else the CPU")):
         d.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=help_text)
+    d.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=defaults.precision,
+                   help="auto (default): bf16 autocast on a GPU with native bf16 (Ampere+), else fp16 autocast with "
+                        "dynamic loss scaling (V100, T4, GTX/RTX 20xx); fp32 on the CPU")
     d.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false")
     d.add_argument("--force", action="store_true", help="overwrite --out")
     args = parser.parse_args(argv)

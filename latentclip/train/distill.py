@@ -62,6 +62,7 @@ class Settings:
     log_every: int = 10
     stop_after: int | None = None   # end this process after so many steps (a time-limited job); resume later
     device: str | None = None
+    precision: str = "auto"         # auto: bf16 where the GPU has it, else fp16 + loss scaling; fp32 on the CPU
     force: bool = False
 
     def fingerprint(self, world_size: int, samples: int | None = None, shards: int | None = None) -> dict:
@@ -190,10 +191,63 @@ def _text_rows(student: LatentCLIP, samples, world) -> tuple[torch.Tensor | None
     return text, neg
 
 
-def _save_resume(path: Path, step: int, visual, opt, fingerprint: dict) -> None:
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+#: an fp16 loss scale below this means every step overflows, however small the scaled gradients: the run has
+#: diverged (fairseq's --min-loss-scale default). From GradScaler's 65536, about 30 skipped steps in a row.
+MIN_LOSS_SCALE = 1e-4
+
+
+def cuda_bf16_supported(device: torch.device) -> bool:
+    """Native bf16 on this GPU (Ampere and newer, recent ROCm). Emulated bf16 does not count: on a
+    V100 or T4 it runs, much slower than fp16."""
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is available here; expected --device cpu or a machine with a GPU")
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:   # a torch without the argument checked natively only
+            return torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(requested: str, device: torch.device, bf16_supported=None) -> str:
+    """bf16, fp16 or fp32 for ``--precision`` on ``device``; auto keeps the old bf16 where the GPU has it."""
+    bf16_supported = bf16_supported or cuda_bf16_supported   # looked up now: tests stand in for the GPU query
+    if requested not in PRECISIONS:
+        raise InputError(f"--precision {requested}: expected auto, bf16, fp16 or fp32")
+    if device.type not in ("cuda", "cpu"):
+        if requested in ("auto", "fp32"):
+            return "fp32"
+        raise InputError(f"--precision {requested}: mixed precision is for CUDA GPUs and the CPU, not device "
+                         f"{device}; expected --precision auto or fp32 there")
+    if device.type == "cpu":
+        return "fp32" if requested == "auto" else requested
+    if requested in ("auto", "bf16"):
+        if bf16_supported(device):
+            return "bf16"
+        if requested == "bf16":
+            try:
+                name = f" ({torch.cuda.get_device_name(device)})"
+            except Exception:  # noqa: BLE001 - the name only decorates the message
+                name = ""
+            raise InputError(f"--precision bf16: GPU {device}{name} has no native bf16 (it needs compute "
+                             "capability 8.0 or newer: A100, RTX 30xx and later); expected --precision auto "
+                             "(fp16 here), fp16 or fp32 on this GPU")
+        return "fp16"
+    return requested
+
+
+def _autocast(precision: str, device: torch.device):
+    """The forward pass's autocast; fp32 is a disabled one, so the loop has one shape for every precision."""
+    if precision == "fp32":
+        return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu", enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _save_resume(path: Path, step: int, visual, opt, fingerprint: dict, precision: dict | None = None) -> None:
     from .shards import atomic_write
     state = {"step": step, "visual": visual.state_dict(), "optimizer": opt.state_dict(),
-             "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+             "fingerprint": json.dumps(fingerprint, sort_keys=True), **(precision or {})}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -206,7 +260,8 @@ FINGERPRINT_NAMES = {"global_batch": "the global batch (--batch x processes)", "
                      "data_shards": "the shards in --data"}
 
 
-def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
+def _load_resume(path: Path, visual, opt, fingerprint: dict) -> tuple[int, dict]:
+    """The step to continue from and the file's precision state (empty for files written before it)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
@@ -220,36 +275,98 @@ def _load_resume(path: Path, visual, opt, fingerprint: dict) -> int:
                          "use another --work folder or the same settings to resume")
     visual.load_state_dict(state["visual"])
     opt.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), {k: state[k] for k in PRECISION_STATE if k in state}
+
+
+#: what the resume file keeps of the precision: the one used, where it changed, the fp16 loss scaler's state
+PRECISION_STATE = ("precision", "precision_history", "scaler", "skipped_steps")
+
+
+def _trim_log(path: Path, step: int) -> list[int | None]:
+    """Rewrite ``path`` without the lines of steps after ``step`` (a crash after logging steps its last
+    checkpoint did not reach: this run repeats them) and without a half-written last line; returns the
+    dropped steps (None for a cut line). Other lines are kept byte for byte; the file is replaced whole, never truncated in place."""
+    from .shards import atomic_write
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise InputError(f"--work log '{path}' could not be read ({e.strerror or e}); expected a readable "
+                         f"{LOG_FILE} or none") from None
+    *whole, tail = raw.split(b"\n")    # tail: b"" when the file ends with a newline, else a line cut by a crash
+    keep, dropped = [], []
+    for i, line in enumerate(whole + ([tail] if tail else [])):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        at = record.get("step") if isinstance(record, dict) else None
+        if isinstance(at, int) and not isinstance(at, bool) and at > step:
+            dropped.append(at)
+        elif i == len(whole):   # the cut line: appended to, it would corrupt the next record
+            if record is not None:
+                keep.append(line + b"\n")
+            else:
+                dropped.append(None)
+        else:
+            keep.append(line + b"\n")
+    if not dropped and not tail:
+        return []
+    try:
+        atomic_write(path, lambda tmp: tmp.write_bytes(b"".join(keep)))
+    except OSError as e:
+        raise InputError(f"--work log '{path}' could not be rewritten without the steps after {step} "
+                         f"({e.strerror or e}); it is unchanged; expected a writable --work with free space") from None
+    return dropped
+
+
+def _dropped_lines(dropped: list) -> str:
+    steps = sorted(x for x in dropped if x is not None)
+    what = "" if not steps else f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    cut = "a half-written line" if None in dropped else ""
+    return (f"dropped {len(dropped)} line{'s' if len(dropped) > 1 else ''} ("
+            + ", ".join(x for x in (what, cut) if x) + ")")
+
+
+def _gather_disagreement(value, world) -> tuple[list, int | None]:
+    """Every rank's ``value`` and the first rank whose value is not rank 0's (None when all agree, or alone):
+    the checks below stop all ranks together instead of letting them train apart."""
+    if world.size == 1:
+        return [value], None
+    seen = [None] * world.size
+    dist.all_gather_object(seen, value)
+    return seen, next((r for r, other in enumerate(seen) if other != seen[0]), None)
 
 
 def _check_same_data(index: ShardIndex, world) -> None:
     """Every rank indexed the same shards: the data order is computed per rank, so ranks that saw another
     sample count (an encode still writing, a node's incomplete copy) would silently train on overlapping
     and missing samples."""
-    if world.size == 1:
-        return
-    mine = (len(index), [p.name for p in index.shards])
-    seen = [None] * world.size
-    dist.all_gather_object(seen, mine)
-    odd = [r for r, other in enumerate(seen) if other != seen[0]]
-    if odd:
+    seen, odd = _gather_disagreement((len(index), [p.name for p in index.shards]), world)
+    if odd is not None:
         raise InputError(f"the ranks see different shards in --data: rank 0 {seen[0][0]} samples in {len(seen[0][1])} "
-                         f"shards, rank {odd[0]} {seen[odd[0]][0]} in {len(seen[odd[0]][1])}; expected every rank to "
+                         f"shards, rank {odd} {seen[odd][0]} in {len(seen[odd][1])}; expected every rank to "
                          "read the same finished shards (wait for encode to finish, or complete each node's copy)")
 
 
 def _check_same_start(step: int, world) -> None:
     """Every rank resumes at the same step: a rank that found no resume file (--work on a node's own disk)
     trained from step 0 beside rank 0's resumed weights, diverging in silence or hanging in DDP."""
-    if world.size == 1:
-        return
-    steps = [None] * world.size
-    dist.all_gather_object(steps, step)
-    odd = next((r for r, other in enumerate(steps) if other != steps[0]), None)
+    steps, odd = _gather_disagreement(step, world)
     if odd is not None:
         raise InputError(f"rank 0 resumes at step {steps[0]} and rank {odd} at step {steps[odd]}: they read other "
                          f"{RESUME_FILE} files; expected --work on a file system every node sees")
+
+
+def _check_same_precision(precision: str, requested: str, world) -> None:
+    """Every rank trains in one precision: with ``auto`` on mixed GPU types an fp16 rank would skip steps
+    that the bf16 ranks take, and their weights would part in silence."""
+    seen, odd = _gather_disagreement(precision, world)
+    if odd is not None:
+        raise InputError(f"--precision {requested}: rank 0 trains in {seen[0]} and rank {odd} in {seen[odd]} (its GPU "
+                         "has no native bf16); expected one precision on every rank: --precision fp16 (or fp32) "
+                         "on GPUs of mixed types")
 
 
 def _check_ranges(s: Settings) -> None:
@@ -278,6 +395,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     if s.save_every < 1 or s.log_every < 1:   # they divide the step count: 0 failed after the first step
         raise InputError(f"--save-every {s.save_every} and --log-every {s.log_every} must be at least 1")
     _check_ranges(s)
+    precision = resolve_precision(s.precision, device)   # first: a bf16 refusal costs no data indexing
     out, work = Path(s.out), Path(s.work)
     if out.is_dir():   # before the exists check, which told a folder to use --force
         raise InputError(f"--out '{out}' is a folder; expected the Latent-CLIP file to write, e.g. {out / 'name.safetensors'}")
@@ -310,6 +428,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                          "the student's text tower must come from the teacher that made the embeddings")
     distributed.init(world, device)
     _check_same_data(index, world)
+    _check_same_precision(precision, s.precision, world)
     torch.manual_seed(s.seed)
     cfg = student_config(s.config, teacher, family, manifest.get("vae", ""))
     if manifest.get("image_size") and manifest["image_size"] != cfg["vision_cfg"].get("image_size"):
@@ -327,15 +446,38 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     opt = _optimizer(visual, s)
     fingerprint = s.fingerprint(world.size, len(index), len(index.shards))
     resume = work / RESUME_FILE
-    step = _load_resume(resume, visual, opt, fingerprint) if resume.is_file() else 0
+    step, kept = _load_resume(resume, visual, opt, fingerprint) if resume.is_file() else (0, {})
     _check_same_start(step, world)
+    # fp16 needs loss scaling: an overflowing step is skipped and the scale lowered (GradScaler's dynamic scaling)
+    scaler = torch.amp.GradScaler(device.type, enabled=True) if precision == "fp16" else None
+    if scaler is not None and "scaler" in kept:
+        scaler.load_state_dict(kept["scaler"])
+    history = [list(x) for x in kept.get("precision_history", [])] or ([[0, kept["precision"]]] if "precision" in kept else [])
+    if history and history[-1][1] != precision:   # auto on another GPU type: it resumes, and says so
+        say(f"note: this run trained in {history[-1][1]} until step {step} and continues in {precision}; "
+            "a resumed run then differs from an uninterrupted one")
+    if not history or history[-1][1] != precision:
+        history.append([step, precision])
+    skipped_steps = int(kept.get("skipped_steps", 0)) if precision == "fp16" else 0
+
+    def precision_state() -> dict:
+        out = {"precision": precision, "precision_history": history}
+        if scaler is not None:
+            out.update(scaler=scaler.state_dict(), skipped_steps=skipped_steps)
+        return out
+
     G = s.batch * world.size
     say(f"distilling {teacher_name(manifest)} into a {family.name} Latent-CLIP: {len(index)} samples, "
         f"{sum(p.numel() for p in visual.parameters()) / 1e6:.2f}M trained parameters ({copied} tensors from the "
-        f"teacher's image tower), {world.size} process(es) x batch {s.batch} on {device}, "
+        f"teacher's image tower), {world.size} process(es) x batch {s.batch} on {device} in {precision}, "
         f"{steps_per_epoch(len(index), G)} steps per epoch" + (f", resuming at step {step}" if step else ""))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if world.is_main:
+        dropped = _trim_log(work / LOG_FILE, step)
+        if dropped:
+            say(f"note: {LOG_FILE}: {_dropped_lines(dropped)} after step {step}, where this run continues")
+    autocast = _autocast(precision, device)
     logit_scale = student.clip.logit_scale.exp().item()
+    skipped_in_a_row = 0
     started, ran, t0, c0 = step, 0, time.perf_counter(), time.process_time()
 
     def read_batch(at: int) -> list:
@@ -363,26 +505,46 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                 parts["contrastive"] = float(con.detach())
                 loss = loss + s.contrastive_weight * world.size * con
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # the norm is the same on every rank (DDP averaged the gradients), so all stop together; a non-finite one
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)   # the clip and the finiteness check see the true gradients
+        # the norm is the same on every rank (DDP averaged the gradients), so all decide alike; a non-finite one
         # would make every weight NaN and the next save would replace the good resume.pt with them
         norm = torch.nn.utils.clip_grad_norm_(visual.parameters(), s.grad_clip or math.inf)
-        if not torch.isfinite(norm):
-            losses = ", ".join(f"{k} loss {v:.4g}" for k, v in parts.items())
-            raise InputError(f"step {step + 1}: the gradients are not finite ({losses}); nothing was saved for this "
-                             f"step, so {RESUME_FILE} in --work keeps the last good one; expected finite losses "
-                             "(lower --lr, or check the shards)")
-        opt.step()
+        finite = bool(torch.isfinite(norm))
+        losses = ", ".join(f"{k} loss {v:.4g}" for k, v in parts.items())
+        if not finite and (scaler is None or not _finite_everywhere(loss, world)):
+            # in fp16 only a non-finite loss stops here: a gradient overflow alone is skipped by the scaler below
+            what, hint = ("gradients are", "lower --lr, or check the shards") if scaler is None else \
+                ("loss is", "fp16 may overflow in the forward pass: --precision fp32 (or bf16 on a GPU with it), "
+                            "lower --lr, or check the shards")
+            raise InputError(f"step {step + 1}: the {what} not finite ({losses}){'' if scaler is None else ' in fp16'}; "
+                             f"nothing was saved for this step, so {RESUME_FILE} in --work keeps the last good one; "
+                             f"expected finite losses ({hint})")
+        if scaler is None:
+            opt.step()
+        else:   # an inf/nan gradient here is an fp16 overflow: GradScaler skips the step and halves the scale
+            scaler.step(opt)
+            scaler.update()
+            skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
+            skipped_steps += not finite
+            if scaler.get_scale() < MIN_LOSS_SCALE:
+                raise InputError(f"step {step + 1}: the fp16 loss scale fell to {scaler.get_scale():g}, below "
+                                 f"{MIN_LOSS_SCALE:g} ({skipped_in_a_row} steps in a row skipped for gradients that "
+                                 f"overflow; {losses}): the run has diverged; {RESUME_FILE} in --work keeps the last "
+                                 "save; expected finite gradients (lower --lr, --precision fp32, or check the shards)")
         step, ran = step + 1, ran + 1
         if world.is_main and (step % s.log_every == 0 or step == s.steps):
             rate = ran * G / max(time.perf_counter() - t0, 1e-9)
             record = {"step": step, **parts, "lr": lr_at(step - 1, s), "samples_per_s": rate,
-                      "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+                      "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "precision": precision}
+            if scaler is not None:
+                record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
             with open(work / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             say(f"step {step}/{s.steps} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" {rate:.1f} samples/s")
         if world.is_main and (step % s.save_every == 0 or step == s.steps or ran == s.stop_after):
-            _save_resume(resume, step, visual, opt, fingerprint)
+            _save_resume(resume, step, visual, opt, fingerprint, precision_state())
     reader.shutdown(cancel_futures=True)
     written = None
     if world.is_main and step >= s.steps:
@@ -393,7 +555,8 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                 "steps": str(step), "samples_seen": str(step * G),
                 "distill": json.dumps({k: v for k, v in asdict(s).items()
                                        if k in ("lr", "warmup", "weight_decay", "contrastive_weight", "init_vision", "seed")}
-                                      | {"global_batch": G})}
+                                      | {"global_batch": G, "precision": precision}
+                                      | ({"precision_history": history} if len(history) > 1 else {}))}
         written = save(student.float().eval(), out, dtype="fp16", force=s.force, metadata=meta)
         say(f"wrote {written} after {step} steps ({step - started} in this run)")
     if world.size > 1:
@@ -401,6 +564,14 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     distributed.finish()
     index.close()
     return written
+
+
+def _finite_everywhere(loss: torch.Tensor, world) -> bool:
+    """The loss is finite on every rank: each rank's loss is its own, and all must stop together."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if world.size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
 
 
 def teacher_name(manifest: dict) -> str:

@@ -47,3 +47,40 @@ def student_config_file(folder: Path) -> Path:
     path = folder / "student.json"
     path.write_text(json.dumps({**STUDENT_CFG, "vae_family": "flux"}))
     return path
+
+
+def run_rank_reporting(rank: int, world: int, port: int, settings, errors) -> None:
+    """One spawned gloo rank of ``distill.run``: puts "rank R: trained" or "rank R: InputError: ..." on
+    ``errors``, for tests where every rank must stop together with one sentence."""
+    import os
+    from latentclip.errors import InputError
+    from latentclip.train.distill import run
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        run(settings, teacher=tiny_teacher(), log=lambda m: None)
+        errors.put(f"rank {rank}: trained")
+    except InputError as e:
+        errors.put(f"rank {rank}: InputError: {e}")
+
+
+def messages_of_two_ranks(target, args_of, timeout: float = 240) -> list[str]:
+    """Start two spawned ranks of ``target(rank, 2, port, *args_of(rank), errors)`` (fork breaks where CUDA or
+    autograd threads already run) and return what each put on ``errors``, sorted."""
+    import multiprocessing
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, 2, port, *args_of(r), errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return sorted(errors.get(timeout=5) for _ in procs)

@@ -4,7 +4,6 @@ Each test failed before its fix: a dataset under half the global batch (an empty
 ``--device cuda``, shards past the open-file limit, a shard removed while training, a long or
 non-ASCII sample key, ``--save-every 0``, an uncreatable ``--work``, ranks that indexed other shards.
 """
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_fixtures import tiny_teacher, write_dataset  # noqa: E402
-from test_distill_train import _free_port, _run_ranks, _settings  # noqa: E402
+from test_distill_train import _run_ranks, _settings  # noqa: E402
 
 from latentclip.errors import InputError  # noqa: E402
 from latentclip.train.distill import global_rows, run  # noqa: E402
@@ -124,20 +123,14 @@ def test_a_work_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
         run(s, teacher=tiny_teacher(), log=lambda m: None)
 
 
-def _rank_main_seeing(rank, world, port, settings, errors, drop_last):
+def _rank_main_seeing(rank, world, port, settings, drop_last, errors):
     """A rank whose folder listing lacks the last shard (an encode still renaming it into place)."""
     import latentclip.train.shards as shards
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    from distill_fixtures import run_rank_reporting
     if drop_last:
         listed = shards.shard_paths
         shards.shard_paths = lambda folder: listed(folder)[:-1]
-    try:
-        run(settings, teacher=tiny_teacher(), log=lambda m: None)
-        errors.put(f"rank {rank}: trained")
-    except InputError as e:
-        errors.put(f"rank {rank}: InputError: {e}")
+    run_rank_reporting(rank, world, port, settings, errors)
 
 
 def test_ranks_that_indexed_other_shards_are_refused(tmp_path):
@@ -145,17 +138,8 @@ def test_ranks_that_indexed_other_shards_are_refused(tmp_path):
     overlapping and missing samples."""
     data = write_dataset(tmp_path / "data", n=24, per_shard=10)
     s = _settings(tmp_path, data, "run", batch=2, steps=2)
-    ctx = multiprocessing.get_context("spawn")   # fork breaks where CUDA or autograd threads already run
-    errors, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank_main_seeing, args=(r, 2, port, s, errors, r == 1)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    said = sorted(errors.get(timeout=5) for _ in procs)
+    from distill_fixtures import messages_of_two_ranks
+    said = messages_of_two_ranks(_rank_main_seeing, lambda r: (s, r == 1))
     assert all("the ranks see different shards in --data: rank 0 24 samples in 3 shards, rank 1 20 in 2" in m
                for m in said), said
     assert not Path(s.out).exists()
