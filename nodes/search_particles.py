@@ -2,6 +2,8 @@
 strategy itself is ``latentclip.search``. Read ``ParticleRun`` first: start particles, run an
 interval, look ahead, score.
 
+* Before the first model call the reward models are loaded in one list with the UNet that sampling loaded, with a
+  request for the search's working memory (``load_with_unet``): a load of them alone could offload the UNet.
 * Particles are one batch ``[N * B, ...]`` ordered slot-major, the order in which ComfyUI repeats
   a batch's conditioning, so each particle meets its own item's prompt; slot 0 starts from the
   noise SamplerCustom made, slot s from noise seeded by (seed, s).
@@ -25,9 +27,11 @@ interval, look ahead, score.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import comfy.model_management as mm
+import comfy.sampler_helpers
 import comfy.samplers
 from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
 
@@ -35,7 +39,7 @@ from latentclip.errors import InputError
 from latentclip.search import expand_items, particle_steps, reward_scorer
 
 from .comfy_bridge import interrupt_check
-from .reno import PixelTermSpec, build_reward
+from .reno import PixelTermSpec, build_reward, pixel_handles, reward_patchers, sampling_patchers
 
 _SEED_MOD = 2 ** 63 - 1
 
@@ -242,6 +246,72 @@ class _CountingModel(comfy.samplers.KSamplerX0Inpaint):
         return super().__call__(x, sigma, *args, **kwargs)
 
 
+# -- memory --------------------------------------------------------------------------------------------------
+def vit_activation_bytes(visual, rows: int) -> int:
+    """Bytes an open_clip ViT image tower holds at once in a forward pass without gradients, for ``rows`` inputs:
+    one residual block's activations (per token 6 x its width and 2 x its MLP's width, in the tower's dtype) and
+    two attention maps of heads x tokens^2 (which an attention kernel may never materialise). 0 for a tower of
+    another kind (its scoring is left to ComfyUI's minimum inference memory)."""
+    try:
+        block = visual.transformer.resblocks[0]
+        width, heads, hidden = visual.transformer.width, block.attn.num_heads, block.mlp.c_fc.out_features
+        tokens = math.prod(visual.grid_size) + 1
+        size = block.mlp.c_fc.weight.element_size()
+    except (AttributeError, IndexError, TypeError):
+        return 0
+    return int(rows * size * (tokens * (6 * width + 2 * hidden) + 2 * heads * tokens ** 2))
+
+
+def scoring_memory(specs, pixels: dict, shape, particles: int) -> int:
+    """Bytes scoring holds at once for latents of ``shape`` ([B, ...], one slot of particles): the largest term's
+    (terms are evaluated in turn). A pixel term decodes whole slots, as many as free memory holds (``_score_rows``),
+    so one slot's decode (ComfyUI's ``memory_used_decode``, as VAE Decode asks) and its pixel CLIP's forward; then
+    every term scores one slot at a time. Without one, a Latent-CLIP term scores every particle in one forward
+    (the raw latents copied in float32 and its image tower's activations)."""
+    batch, latent = shape[0], math.prod(shape[1:])
+    rows = batch if any(isinstance(s, PixelTermSpec) for s in specs) else particles * batch
+    need = 0
+    for spec in specs:
+        if isinstance(spec, PixelTermSpec):
+            decode = getattr(spec.vae, "memory_used_decode", None)
+            n = batch * decode([1, *shape[1:]], spec.vae.vae_dtype) if decode is not None else 0
+            clip = pixels[(spec.clip_name, spec.model_name)].patcher.model
+            n += vit_activation_bytes(getattr(clip, "visual", None), batch)
+        elif getattr(spec, "handle", None) is not None:       # Latent-CLIP and head terms
+            visual = getattr(getattr(spec.handle.patcher.model, "clip", None), "visual", None)
+            n = rows * latent * 4 + vit_activation_bytes(visual, rows)
+        else:
+            n = 0
+        need = max(need, n)
+    return int(need)
+
+
+def unet_working_memory(model_wrap, shape) -> tuple[int, int]:
+    """(memory_required, minimum_memory_required) that sampling asked for when it loaded the UNet
+    (``comfy.sampler_helpers.prepare_sampling``: the batch with and without its uncond rows, plus the ControlNets'
+    inference memory). The search's model calls run in slots of that batch, at least one at a time; a smaller
+    request would let the UNet take memory that sampling left free for them."""
+    patcher = model_wrap.model_patcher
+    conds = getattr(model_wrap, "conds", None) or {}
+    _, control = comfy.sampler_helpers.get_additional_models(conds, patcher.model_dtype())
+    required, minimum = comfy.sampler_helpers.estimate_memory(patcher, list(shape), conds)
+    return int(required + control), int(minimum + control)
+
+
+def load_with_unet(model_wrap, specs, pixels: dict, shape, particles: int) -> tuple[int, int]:
+    """Load the reward models in ONE list with the patchers sampling loaded (the UNet, its ControlNets), asking for
+    the search's working memory: the larger of the UNet's one-slot request and scoring's (the two never run at
+    once). Model management then keeps the UNet, counts the reward models and offloads other models to make room;
+    a load of the reward models alone (mid-sampling) could offload the UNet, and nothing would load it back.
+    Returns the request."""
+    score = scoring_memory(specs, pixels, shape, particles)
+    required, minimum = unet_working_memory(model_wrap, shape)
+    request = (max(required, score), max(minimum, score))
+    mm.load_models_gpu([*sampling_patchers(model_wrap), *reward_patchers(specs, pixels)], memory_required=request[0],
+                       minimum_memory_required=request[1])
+    return request
+
+
 class ParticleRun:
     """One search run of an inner KSAMPLER on particles: start them, run an interval, look ahead, score.
 
@@ -258,7 +328,9 @@ class ParticleRun:
         self.denoise_mask = denoise_mask
         self.fn, self.options = owner.inner.sampler_function, dict(owner.inner.extra_options)
         self.seed = int(extra_args.get("seed", 0) or 0)
-        terms, _ = build_reward(owner.reward, self.base, self.batch)
+        pixels = pixel_handles(owner.reward)
+        self.memory_request = load_with_unet(model_wrap, owner.reward, pixels, noise.shape, settings.particles)
+        terms, _ = build_reward(owner.reward, self.base, self.batch, pixels, loaded=True)
         self.raw_score = reward_scorer(terms, self.batch)
         self.pixel_vaes = [spec.vae for spec in owner.reward if isinstance(spec, PixelTermSpec)]
         self.lookahead = settings.strategy == "fk_steering"
