@@ -275,6 +275,14 @@ def make_prepare_wrapper(record: GuidanceRecord, handle):
     return latent_clip_safety_prepare
 
 
+def check_unit_number(name: str, value) -> None:
+    """One sentence naming ``name`` unless ``value`` is a number in [0, 1]. ComfyUI checks a FLOAT widget only
+    with ``< min`` and ``> max``, which NaN passes (an API prompt may carry one): a NaN percent stopped the node
+    in ComfyUI's percent_to_sigma with an IndexError, a NaN scale or threshold failed the sampler later."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise InputError(f"{name} is {value!r}; expected a finite number from 0 to 1")
+
+
 class LatentCLIPSafetyGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -307,6 +315,9 @@ class LatentCLIPSafetyGuidance(io.ComfyNode):
     def execute(cls, model, latent_clip, concepts, anchors="", scale=DEFAULT_SCALE, start_percent=0.0,
                 end_percent=1.0, threshold=0.0) -> io.NodeOutput:
         check_vae_family(latent_clip, model)
+        for name, value in (("scale", scale), ("start_percent", start_percent), ("end_percent", end_percent),
+                            ("threshold", threshold)):
+            check_unit_number(name, value)
         concept_list = text_lines(concepts, "concepts")
         anchor_list = [line.strip() for line in (anchors or "").split("\n") if line.strip()]   # "\n" only, as split_lines
         if start_percent > end_percent:
