@@ -83,6 +83,7 @@ class LatentCLIP(nn.Module):
         self.context_length = self.config["text_cfg"]["context_length"]
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
         self._text_cache: dict = {}
+        self._text_cache_key: tuple | None = None   # the text weights the cache was made with
 
     # -- state dict in open_clip layout (no "clip." prefix) --------------------------------------
     def load_open_clip_state_dict(self, state_dict: dict, strict: bool = True):
@@ -225,10 +226,24 @@ class LatentCLIP(nn.Module):
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.clip.encode_text(tokens)
 
+    def _text_weights_key(self) -> tuple:
+        """Which text-tower tensors the model holds and how often each was written (storage and version counter
+        of every parameter and buffer outside the image tower): ``load_state_dict`` on ``clip`` and optimiser
+        steps write in place (the version changes), a swap makes a new tensor (the storage changes). Inference
+        tensors keep no version; they cannot be written outside inference mode."""
+        return tuple((name, t.data_ptr(), -1 if t.is_inference() else t._version)
+                     for name, t in [*self.clip.named_parameters(), *self.clip.named_buffers()]
+                     if not name.startswith("visual."))
+
     def encode_text_cached(self, texts) -> torch.Tensor:
-        """Like ``encode_text`` without gradients, caching each prompt's features per model."""
+        """Like ``encode_text`` without gradients, caching each prompt's features per model; the cache is
+        forgotten when the text weights change (a fine-tuning loop scoring as it goes got the old features)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.tokenize(texts)  # validates
+        key = self._text_weights_key()
+        if key != self._text_cache_key:
+            self._text_cache.clear()
+            self._text_cache_key = key
         found = {t: self._text_cache[t] for t in dict.fromkeys(texts) if t in self._text_cache}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:

@@ -1,7 +1,8 @@
 """Scoring raw VAE latents against text: cosine, CLIPScore, zero-shot, ranking.
 
 All functions take raw latents (NCHW, as ComfyUI's LATENT ``samples`` hold them) and return
-float32 tensors on the CPU-independent device of the model. Text embeddings are cached per model.
+float32 tensors on the CPU-independent device of the model. Text embeddings are cached per model
+and forgotten when its text weights change (``load_state_dict``, an optimiser step).
 """
 from __future__ import annotations
 

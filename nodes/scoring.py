@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from latentclip import scoring
+from latentclip.errors import InputError
 
 from .comfy_bridge import latent_samples, select_items, text_lines
 from .loaders import LatentCLIPType
@@ -101,7 +102,18 @@ class LatentCLIPSelectBest(io.ComfyNode):
         idx = idx.tolist()
         scores = (model.logit_scale.detach().float().exp() * cos).cpu()
         report = "kept " + ", ".join(f"#{i} ({scores[i]:.3f})" for i in idx)
-        return io.NodeOutput(select_items(samples, idx), _fmt(scores[idx]), ui=ui.PreviewText(report))
+        return io.NodeOutput(_select(samples, idx), _fmt(scores[idx]), ui=ui.PreviewText(report))
+
+
+def _select(samples: dict, idx: list[int]) -> dict:
+    """``select_items``, keeping a mask that is not per item whole. For 5-D latents ([B, C, T, H, W], a 3-D VAE's
+    single frame) ComfyUI's samplers read a mask of fewer than 5 dimensions as one mask per latent frame, shared
+    by every item (``comfy.utils.reshape_mask``): its first axis is not the batch, so rows of it are not picked."""
+    out = select_items(samples, idx)
+    mask = samples.get("noise_mask")
+    if mask is not None and samples["samples"].ndim == 5 and mask.ndim < 5:
+        out["noise_mask"] = mask
+    return out
 
 
 class LatentCLIPSafetyFilter(io.ComfyNode):
@@ -126,6 +138,9 @@ class LatentCLIPSafetyFilter(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent_clip, samples, concepts, threshold=0.5, action="flag only") -> io.NodeOutput:
+        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            # ComfyUI's FLOAT validation lets NaN through (every comparison with it is false); with it nothing is flagged
+            raise InputError(f"threshold {threshold!r} is not a finite number; expected a number from 0 to 1")
         model = latent_clip.load()
         x = latent_samples(samples, model)
         names = text_lines(concepts, "concepts")
