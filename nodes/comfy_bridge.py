@@ -90,6 +90,11 @@ class GradModelHandle:
         """Like ``load`` but with weights and buffers autograd may save (see ``ready_for_grad``)."""
         return ready_for_grad(self.load())
 
+    def loaded_for_grad(self) -> torch.nn.Module:
+        """``load_for_grad`` without a load: the caller loaded the model already, in one list with the UNet
+        (a load of its own would let model management free memory from that UNet)."""
+        return ready_for_grad(self.patcher.model)
+
     def load_for_grad_with(self, unet_patcher) -> torch.nn.Module:
         """``load_for_grad`` for a sampling run, before its first model call: the model as sampling loaded
         it with the UNet (an additional model of the MODEL), else loaded now in one list with the UNet.

@@ -86,10 +86,11 @@ class HeadTermSpec:
     mode: str
     weight: float
 
-    def build_term(self, base_model, index: int):
+    def build_term(self, base_model, index: int, loaded: bool = False):
+        """The head's reward term; ``loaded``: the caller loaded the Latent-CLIP already (``build_reward``)."""
         if base_model is not None:
             check_vae_family(self.handle, base_model)
-        model = self.handle.load_for_grad()
+        model = self.handle.loaded_for_grad() if loaded else self.handle.load_for_grad()
         return LatentHead(model, head_on(self.head_name, model.device), self.label, self.mode, self.weight,
                           name=f"head{index}")
 

@@ -9,7 +9,6 @@ latent space) before any reward sees it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import torch
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
-import folder_paths
 import latent_preview
 from comfy_api.latest import io, ui
 
@@ -32,7 +30,7 @@ from latentclip.reno import checkpoint_layers, checkpointed
 from latentclip.rewards import RewardSum
 
 from .comfy_bridge import (OPEN_CLIP_FOLDER, check_finite_sigmas, check_vae_family, grad_through_comfy_ops,
-                           interrupt_check, load_pixel_clip, model_file_problem, ready_for_grad, text_lines)
+                           interrupt_check, load_pixel_clip, model_file_problem, text_lines)
 from .loaders import LatentCLIPType, listed_model_files
 
 LatentRewardType = io.Custom("LATENT_REWARD")
@@ -78,30 +76,6 @@ def reward_patchers(specs, pixels: dict | None = None) -> list:
     return out
 
 
-class _LoadedHandle:
-    """A reward model's handle whose ``load`` and ``load_for_grad`` hand back the model as the caller loaded it,
-    without a load of their own; everything else is the handle's."""
-
-    def __init__(self, handle):
-        self._handle = handle
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    def load(self):
-        return self._handle.patcher.model
-
-    def load_for_grad(self):
-        return ready_for_grad(self._handle.patcher.model)
-
-
-def _as_loaded(spec):
-    """``spec`` (a term of another node module) with its handle's model taken as loaded, where it has one."""
-    if getattr(spec, "handle", None) is None or not dataclasses.is_dataclass(spec):
-        return spec
-    return dataclasses.replace(spec, handle=_LoadedHandle(spec.handle))
-
-
 def sampling_patchers(model_wrap) -> list:
     """The patchers sampling loaded (``comfy.sampler_helpers.prepare_sampling``): the MODEL's and its additional
     models (ControlNets, ...). A SAMPLER loads its own models in one list with these, never alone: model management
@@ -127,19 +101,19 @@ def build_reward(specs, base_model, batch: int, pixels: dict | None = None, load
     terms, grad_modules = [], []
     for spec in specs:
         if hasattr(spec, "build_term"):   # terms defined by other node modules (nodes/heads.py)
-            terms.append((_as_loaded(spec) if loaded else spec).build_term(base_model, len(terms)))
+            terms.append(spec.build_term(base_model, len(terms), loaded))
             continue
         texts = list(spec.texts)
         if len(texts) not in (1, batch) and not (isinstance(spec, LatentTermSpec) and spec.mode == "avoid"):
             raise InputError(f"reward text has {len(texts)} lines but the batch has {batch} latents; expected 1 line or {batch}")
         if isinstance(spec, LatentTermSpec):
             check_vae_family(spec.handle, base_model)
-            model = ready_for_grad(spec.handle.patcher.model) if loaded else spec.handle.load_for_grad()
+            model = spec.handle.loaded_for_grad() if loaded else spec.handle.load_for_grad()
             cls = LatentMatch if spec.mode == "match" else LatentAvoid
             terms.append(cls(model, texts, weight=spec.weight, name=f"{spec.mode}{len(terms)}"))
         else:
             handle = pixels[(spec.clip_name, spec.model_name)]
-            clip = ready_for_grad(handle.patcher.model) if loaded else handle.load_for_grad()
+            clip = handle.loaded_for_grad() if loaded else handle.load_for_grad()
             fsm, vae_dtype, vae_device = spec.vae.first_stage_model, spec.vae.vae_dtype, spec.vae.device
             clip_device = handle.patcher.load_device
 
