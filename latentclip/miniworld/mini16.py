@@ -42,6 +42,7 @@ from . import generator as _gen
 from . import scenes as S
 from . import train as _train
 from .. import checkpoints as _ckpt
+from ..caption_targets import caption_consistent_targets
 from ..configs import WEIGHTS_DIR
 from ..distill_loss import caption_contrastive, cosine_regression, hard_negative_choice, hard_negative_margin
 from ..model import LatentCLIP
@@ -84,11 +85,14 @@ RECIPE = {
 #: The compute comparison's student (issue 23: reach the contrastive model's zero-shot mean in at most 1/5 of
 #: its training CPU): 950 steps, so the whole cosine schedule fits the budget, with the throw-away order and
 #: count heads (``distill``'s ``order_weight``, ``count_weight``) that make the image tower compute a relation's
-#: order in hundreds of steps instead of thousands; no generated rows (they cost 8% a step). Chosen on the
-#: validation split over 30 retrieval draws (docs/miniworld_mini16.md, "Within 1/5 of the contrastive CPU").
+#: order in hundreds of steps instead of thousands; no generated rows (they cost 8% a step); caption-consistent
+#: targets (``target_margin``, ``target_pull``), so the cosine term stops pulling towards the teacher's order
+#: confusion. Chosen on the validation split over 30 retrieval draws (docs/miniworld_mini16.md, "Order and
+#: count heads", "Caption-consistent targets").
 #: Retrained by ``train --family mini16 --only student --student-recipe fast``; not the shipped student.
 FAST_STUDENT = {**RECIPE["student"], "steps": 950, "lr": 3.5e-3, "warmup": 50, "contrastive_weight": 0.7,
-                "generated_prompts": 0, "relation_share": 0.65, "order_weight": 1.0, "count_weight": 1.0}
+                "generated_prompts": 0, "relation_share": 0.65, "order_weight": 1.0, "count_weight": 1.0,
+                "target_margin": 0.005, "target_pull": 0.01}
 
 
 def log(msg: str) -> None:
@@ -217,6 +221,17 @@ def count_labels(idx, truesets) -> list[int]:
     return out
 
 
+def pool_caption_targets(target, truesets, text: dict, margin: float, pull: float):
+    """``caption_targets.caption_consistent_targets`` for a pool: the truth of every caption of the grammar
+    (``text``'s keys) from each scene's true captions. Returns (targets, stats)."""
+    captions = list(text)
+    where = {c: i for i, c in enumerate(captions)}
+    truth = torch.zeros(len(truesets), len(captions), dtype=torch.bool)
+    for i, t in enumerate(truesets):
+        truth[i, [where[c] for c in t]] = True
+    return caption_consistent_targets(target, torch.stack([text[c] for c in captions]), truth, margin, pull)
+
+
 def relation_choice_loss(emb, idx, truesets, text: dict, logit_scale: float, margin: float | None = None,
                          both_orders: bool = False):
     """``hard_negative_choice`` (or, with ``margin``, ``hard_negative_margin``) over every true relation
@@ -336,7 +351,11 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
     reading where the first-sorted object of a relation lies (``order_labels``) / how many objects a scene
     holds (``count_labels``): the image tower is asked for the order itself, which the relation term asks for
     only through each pair's own text direction. ``recipe['negatives_both_orders']``: the contrastive term's
-    hard negatives also hold the other word order's false captions."""
+    hard negatives also hold the other word order's false captions.
+    ``recipe['target_margin']`` (absent or 0: off): the cosine term regresses to caption-consistent targets
+    (``pool_caption_targets`` with that margin and ``recipe['target_pull']``, default 0.1), computed on the
+    training clock; the teacher's text tower reads little word order, so its own image embeddings score
+    false wordings of a relation as high as true ones and the plain cosine term pulls against the relation terms."""
     r = {**RECIPE["student"], **(recipe or {})}
     n_gen = int(r.get("generated_prompts") or 0)
     if n_gen and generated is None and generator is None:
@@ -378,6 +397,12 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
         order = _train.batch_order(seed + 1, len(captions), r["steps"], r["batch"])
     student.train()
     c1, w1, ema, trajectory, probe_cpu = time.process_time(), time.time(), {}, [], 0.0
+    correction = None
+    if r.get("target_margin"):
+        # on the training clock: it exists for this run's recipe, unlike the pool's pre-encoding
+        target, correction = pool_caption_targets(target, truesets, text, float(r["target_margin"]),
+                                                  float(r.get("target_pull", 0.1)))
+        log(f"student: caption-consistent targets: {correction}")
     every = int(r.get("trajectory_every") or 0) if probe is not None else 0
     for step in range(r["steps"]):
         for g in opt.param_groups:
@@ -440,6 +465,8 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
             "steps": r["steps"], "pre_encoding": pre, "final_losses": {k: round(v, 5) for k, v in ema.items()},
             "trained_parameters": sum(p.numel() for p in params),
             "parameters": sum(p.numel() for p in student.clip.parameters()), "recipe": r}
+    if correction is not None:
+        info["target_correction"] = correction
     if trajectory:
         info["trajectory"] = trajectory
         info["probe_cpu_seconds"] = round(probe_cpu, 1)
@@ -769,6 +796,7 @@ def fast_run_summary(record: dict) -> dict:
                                  "contrastive_zero_shot_mean", "student_steps", "student_cpu_seconds_to_contrastive_mean",
                                  "cpu_ratio_to_contrastive_mean", "student_trajectory")}
     out["relation"] = record["scores"]["zero_shot"]["latent"]["relation"]
+    out["target_correction"] = record["trained_with"].get("timings", {}).get("student", {}).get("target_correction")
     out["reached"] = bool(out["cpu_ratio_to_contrastive_mean"] is not None and out["cpu_ratio_to_contrastive_mean"] <= 0.2)
     out["command"] = record["trained_with"]["command"]
     return out

@@ -82,6 +82,7 @@ def test_the_fast_recipe_is_the_shipped_one_with_the_compute_comparisons_changes
     fast, shipped = M.FAST_STUDENT, M.RECIPE["student"]
     assert set(fast) >= set(shipped) and fast["steps"] == 950 and fast["generated_prompts"] == 0
     assert fast["order_weight"] > 0 and fast["count_weight"] > 0
+    assert fast["target_margin"] > 0 and fast["target_pull"] > 0 and "target_margin" not in shipped
 
 
 def test_the_cli_trains_the_fast_student_only_into_a_folder_it_is_given(tmp_path, monkeypatch, capsys):
@@ -109,6 +110,8 @@ def test_the_recorded_fast_run_is_the_fast_recipe_on_the_shipped_vae_and_teacher
     vae = next(f for f in record["files"] if f["file"] == M.FILES["vae"])
     assert vae["sha256"] == sha256(M.WEIGHTS_DIR / "mini16" / M.FILES["vae"])
     s = M.fast_run_summary(record)
+    assert s["target_correction"]["margin"] == M.FAST_STUDENT["target_margin"]
+    assert s["target_correction"]["cpu_seconds"] <= s["student_cpu_seconds"]   # on the training clock
     assert abs(s["cpu_ratio"] - s["student_cpu_seconds"] / s["contrastive_cpu_seconds"]) < 1e-9
     last = s["student_trajectory"][-1]
     assert last["step"] == 950 and abs(last["mean_shape_color_count_retrieval"] - s["student_zero_shot_mean"]) < 0.01
