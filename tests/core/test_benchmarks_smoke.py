@@ -274,3 +274,14 @@ def test_the_report_prints_a_saved_search_run():
     assert "One search scoring point" in text and "Latent-ViT-B-4-512-plus" in text and "decode + ViT-B-32" in text
     skipped = json.loads((ROOT / "benchmarks/results/cpu_search_1024.json").read_text())
     assert "skipped: memory" in report.markdown(skipped)
+
+
+def test_encode_throughput_refuses_a_malformed_case_naming_the_expected_form(capsys):
+    from benchmarks import encode_throughput
+    with pytest.raises(SystemExit):
+        encode_throughput.main(["--cases", "flux:ViT-B-32"])
+    err = capsys.readouterr().err
+    assert "'flux:ViT-B-32' is not VAE_ARCHITECTURE:TEACHER:IMAGES" in err and "flux" in err
+    with pytest.raises(SystemExit):
+        encode_throughput.main(["--cases", "hunyuan:ViT-B-32:8"])
+    assert "'hunyuan:ViT-B-32:8'" in capsys.readouterr().err
