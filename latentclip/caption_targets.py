@@ -45,10 +45,11 @@ def caption_consistent_targets(target: torch.Tensor, text: torch.Tensor, truth: 
         raise ValueError(f"truth must be [images, captions] = [{target.shape[0]}, {text.shape[0]}], got {list(truth.shape)}")
     c0 = time.process_time()
     base = F.normalize(target.detach().float(), dim=-1)
-    text = text.detach().float()
+    text = text.detach().to(base.device, torch.float32)
+    truth = truth.to(base.device)
     has_truth = truth.any(1)
     rows, group = torch.unique(truth[has_truth], dim=0, return_inverse=True)
-    mean = F.normalize(torch.zeros(len(rows), base.shape[1]).index_add_(0, group, base[has_truth]), dim=-1)
+    mean = F.normalize(base.new_zeros(len(rows), base.shape[1]).index_add_(0, group, base[has_truth]), dim=-1)
     delta = torch.zeros_like(mean, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     for _ in range(iters):
