@@ -7,7 +7,8 @@ first shard (model loading, kernel warm-up) is left out.
     python -m benchmarks.encode_throughput --device cuda --cases flux:ViT-B-32:512,flux:ViT-L-14:256 --json OUT
     python -m benchmarks.encode_throughput --device cpu --cases flux:ViT-B-32:6 --size 64 --batch 2 --shard-size 2
 
-A case is VAE_ARCHITECTURE:TEACHER:IMAGES (architectures: latentclip.comfy_vae.random_vae_state_dict's).
+A case is VAE_ARCHITECTURE:TEACHER:IMAGES[:WORKERS] (architectures: latentclip.comfy_vae.random_vae_state_dict's;
+WORKERS: the CLI's --workers, decoding threads, default --workers).
 Needs COMFYUI_PATH.
 """
 from __future__ import annotations
@@ -65,16 +66,16 @@ def _weights(root: Path, architecture: str, teacher: str) -> tuple[Path, Path]:
 
 
 def run_case(root: Path, architecture: str, teacher: str, n: int, size: int, batch: int, shard_size: int,
-             device: str) -> dict:
+             device: str, workers: int = 4) -> dict:
     """Encode ``n`` images with the CLI; images/s between the first and the last shard's log line."""
     vae, t = _weights(root, architecture, teacher)
     images = root / f"images-{size}-{n}"
     if not images.exists():
         _images(images, n, size)
-    out = root / f"shards-{architecture}-{teacher}-{n}"
+    out = root / f"shards-{architecture}-{teacher}-{n}-w{workers}"
     cmd = [sys.executable, "-m", "latentclip", "encode", str(images), "--out", str(out), "--vae", str(vae),
            "--family", FAMILY_OF[architecture], "--teacher", str(t), "--teacher-model", teacher, "--size", str(size),
-           "--batch", str(batch), "--shard-size", str(shard_size), "--device", device]
+           "--batch", str(batch), "--shard-size", str(shard_size), "--device", device, "--workers", str(workers)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
     marks, tail = [], []
@@ -86,7 +87,8 @@ def run_case(root: Path, architecture: str, teacher: str, n: int, size: int, bat
     if proc.wait():
         raise SystemExit(f"encode failed for {architecture}/{teacher}: " + " | ".join(tail))
     total = time.perf_counter() - t0
-    row = {"vae": architecture, "teacher": teacher, "images": n, "size": size, "batch": batch, "device": device,
+    row = {"vae": architecture, "teacher": teacher, "images": n, "size": size, "batch": batch, "workers": workers,
+           "device": device,
            "wall_s": round(total, 2), "shards": len(marks)}
     if len(marks) >= 2:
         timed = sum(k for _, k in marks[1:])
@@ -97,7 +99,8 @@ def run_case(root: Path, architecture: str, teacher: str, n: int, size: int, bat
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.encode_throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default="flux:ViT-B-32:512", help="comma-separated VAE_ARCHITECTURE:TEACHER:IMAGES")
+    p.add_argument("--cases", default="flux:ViT-B-32:512", help="comma-separated VAE_ARCHITECTURE:TEACHER:IMAGES[:WORKERS]")
+    p.add_argument("--workers", type=int, default=4, help="the CLI's --workers for cases that name none")
     p.add_argument("--device", default="cuda")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
@@ -108,28 +111,29 @@ def main(argv=None) -> int:
     cases = []
     for c in args.cases.split(","):
         parts = c.split(":")
-        if len(parts) != 3 or parts[0] not in FAMILY_OF or not parts[2].isdigit():
-            p.error(f"--cases: {c!r} is not VAE_ARCHITECTURE:TEACHER:IMAGES with an architecture of "
-                    f"{', '.join(FAMILY_OF)} and a whole number of images")
-        cases.append((parts[0], parts[1], int(parts[2])))
+        if len(parts) not in (3, 4) or parts[0] not in FAMILY_OF or not all(x.isdigit() for x in parts[2:]):
+            p.error(f"--cases: {c!r} is not VAE_ARCHITECTURE:TEACHER:IMAGES[:WORKERS] with an architecture of "
+                    f"{', '.join(FAMILY_OF)} and whole numbers of images and workers")
+        cases.append((parts[0], parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else args.workers))
     refusal = overwrite_refusal(args.json, args.overwrite)
     if refusal:
         p.error(refusal)
-    for arch, _, _ in cases:
+    for arch, _, _, _ in cases:
         get_family(FAMILY_OF[arch])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch, teacher, n in cases:
-            rows.append(run_case(Path(tmp), arch, teacher, n, args.size, args.batch, args.shard_size, args.device))
+        for arch, teacher, n, workers in cases:
+            rows.append(run_case(Path(tmp), arch, teacher, n, args.size, args.batch, args.shard_size, args.device, workers))
             print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     print(f"device={args.device} ({name}), torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    print("| VAE | teacher | size | batch | images timed | images/s | device hours for 10M images | for 100M |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| VAE | teacher | size | batch | decoding threads | images timed | images/s | device hours for 10M images | for 100M |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ips = r.get("images_per_s")
         hours = (f"{1e7 / ips / 3600:.1f} | {1e8 / ips / 3600:.1f}" if ips else "- | -")
-        print(f"| {r['vae']} | {r['teacher']} | {r['size']} | {r['batch']} | {r.get('timed_images', 0)} | {ips} | {hours} |")
+        print(f"| {r['vae']} | {r['teacher']} | {r['size']} | {r['batch']} | {r['workers']} | {r.get('timed_images', 0)} | "
+              f"{ips} | {hours} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "name": name, "rows": rows}, indent=1))
     return 0

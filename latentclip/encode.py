@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,25 +258,57 @@ def encode(args, log=print) -> list:
     vae = ComfyVAE(args.vae, args.comfyui, device)
     vae.check_family(family)
     written, start, done = [], time.perf_counter(), 0
-    for n, job in enumerate(todo):
-        samples = []
-        items = job.items()
-        for i in range(0, len(items), args.batch):
-            chunk = items[i:i + args.batch]
-            images = torch.stack([load_image(src, args.size) for _, src, _, _ in chunk])
-            latents = vae.encode(images)
-            _check_finite(latents, chunk, job, "the VAE", "latents (a VAE in half precision can overflow: try its "
-                                                          "fp32 weights or --device cpu)")
-            embeds = teacher.embed(images)
-            _check_finite(embeds, chunk, job, "the teacher", "image embeddings")
-            for (key, _, caption, meta), lat, emb in zip(chunk, latents, embeds):
-                samples.append(Sample(key, lat.numpy(), emb.numpy(), caption, meta))
-            done += len(chunk)
-        write_shard(out / job.out_name, samples)
-        written.append(out / job.out_name)
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        log(f"rank {world.rank}: {job.out_name} ({len(samples)} images) {n + 1}/{len(todo)} shards, {rate:.2f} images/s")
+    workers = getattr(args, "workers", 0)
+    decoders = ThreadPoolExecutor(workers) if workers > 0 else None
+    ahead = ThreadPoolExecutor(1) if workers > 0 else None
+    try:
+        for n, job in enumerate(todo):
+            path, count = _encode_job(args, out, job, vae, teacher, decoders, ahead)
+            written.append(path)
+            done += count
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            log(f"rank {world.rank}: {job.out_name} ({count} images) {n + 1}/{len(todo)} shards, {rate:.2f} images/s")
+    finally:
+        for pool in (ahead, decoders):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     return written
+
+
+def decoded_batches(items, batch: int, size: int, decoders=None, ahead=None):
+    """(chunk, [B, size, size, 3] images) for each ``batch`` items of a shard, in order. With thread pools,
+    the next chunk is decoded (by ``decoders``' threads, image by image) while the caller encodes this one,
+    so PIL's decoding and resizing overlap the VAE and the teacher; the images and errors are the same."""
+    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+
+    def load(chunk):
+        sources = [src for _, src, _, _ in chunk]
+        decoded = decoders.map(lambda s: load_image(s, size), sources) if decoders else (load_image(s, size) for s in sources)
+        return torch.stack(list(decoded))
+    if ahead is None:
+        for chunk in chunks:
+            yield chunk, load(chunk)
+        return
+    pending = ahead.submit(load, chunks[0]) if chunks else None
+    for k, chunk in enumerate(chunks):
+        images = pending.result()
+        pending = ahead.submit(load, chunks[k + 1]) if k + 1 < len(chunks) else None
+        yield chunk, images
+
+
+def _encode_job(args, out: Path, job, vae, teacher, decoders, ahead) -> tuple[Path, int]:
+    """Encode one shard's images and write it; returns its path and how many images it holds."""
+    samples = []
+    for chunk, images in decoded_batches(job.items(), args.batch, args.size, decoders, ahead):
+        latents = vae.encode(images)
+        _check_finite(latents, chunk, job, "the VAE", "latents (a VAE in half precision can overflow: try its "
+                                                      "fp32 weights or --device cpu)")
+        embeds = teacher.embed(images)
+        _check_finite(embeds, chunk, job, "the teacher", "image embeddings")
+        for (key, _, caption, meta), lat, emb in zip(chunk, latents, embeds):
+            samples.append(Sample(key, lat.numpy(), emb.numpy(), caption, meta))
+    write_shard(out / job.out_name, samples)
+    return out / job.out_name, len(samples)
 
 
 def add_arguments(p) -> None:
@@ -290,10 +323,14 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per VAE/teacher batch")
     p.add_argument("--shard-size", type=int, default=1000, help="images per output shard for folder input")
     p.add_argument("--device", default=None, help="default: this rank's GPU (LOCAL_RANK), else the CPU")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding the next batch's images while this one "
+                   "encodes (0: decode in turn; default 4)")
 
 
 def main(args) -> int:
     if args.batch < 1 or args.shard_size < 1:
         raise InputError(f"--batch {args.batch} and --shard-size {args.shard_size} must be at least 1")
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: expected 0 (decode in turn) or more threads")
     encode(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

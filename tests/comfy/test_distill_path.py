@@ -306,3 +306,38 @@ def test_a_vae_that_gives_nan_latents_is_refused_at_encode_and_no_shard_is_writt
     err = _last_error(capsys)
     assert "the VAE gave NaN or infinite values for 2 of 2 images of shard" in err and "img0" in err
     assert not list(out.glob("*.tar"))
+
+
+@pytest.mark.parametrize("workers", ["0", "3"])
+def test_decoding_threads_write_the_same_shards_as_decoding_in_turn(assets, tmp_path, workers):
+    """--workers decodes the next batch while this one encodes: the samples are exactly the ones decoding in
+    turn writes (batch 2 over 5 images in shards of 4: a short last batch, several batches per shard)."""
+    folder = _images(tmp_path, 5)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _encode(assets, ref, "flux", "flux-arch-vae.safetensors", folder, "--batch", "2", "--workers", "0",
+                   "--shard-size", "4") == 0
+    assert _encode(assets, out, "flux", "flux-arch-vae.safetensors", folder, "--batch", "2", "--workers", workers,
+                   "--shard-size", "4") == 0
+    from latentclip.train.shards import ShardIndex
+    a, b = ShardIndex(ref), ShardIndex(out)
+    assert len(a) == len(b) == 5
+    for i in range(5):
+        x, y = a[i], b[i]
+        assert x.key == y.key and x.caption == y.caption
+        assert np.array_equal(x.latent, y.latent) and np.array_equal(x.teacher, y.teacher)
+
+
+def test_decoded_batches_yield_every_item_once_in_order_and_raise_a_bad_image_where_it_lies(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from latentclip.encode import decoded_batches
+    from latentclip.errors import InputError
+    folder = _images(tmp_path, 5)
+    (folder / "img2.png").write_text("not a png")
+    items = [(p.stem, p, "", {}) for p in sorted(folder.glob("*.png"))]
+    with ThreadPoolExecutor(3) as decoders, ThreadPoolExecutor(1) as ahead:
+        seen = []
+        with pytest.raises(InputError, match=r"img2\.png could not be decoded"):
+            for chunk, images in decoded_batches(items, 2, 16, decoders, ahead):
+                assert images.shape == (len(chunk), 16, 16, 3)
+                seen += [k for k, _, _, _ in chunk]
+        assert seen == ["img0", "img1"]          # the batch before the bad one was yielded first

@@ -281,7 +281,7 @@ def test_encode_throughput_refuses_a_malformed_case_naming_the_expected_form(cap
     with pytest.raises(SystemExit):
         encode_throughput.main(["--cases", "flux:ViT-B-32"])
     err = capsys.readouterr().err
-    assert "'flux:ViT-B-32' is not VAE_ARCHITECTURE:TEACHER:IMAGES" in err and "flux" in err
+    assert "'flux:ViT-B-32' is not VAE_ARCHITECTURE:TEACHER:IMAGES[:WORKERS]" in err and "flux" in err
     with pytest.raises(SystemExit):
         encode_throughput.main(["--cases", "hunyuan:ViT-B-32:8"])
     assert "'hunyuan:ViT-B-32:8'" in capsys.readouterr().err
