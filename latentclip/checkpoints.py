@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -442,24 +443,55 @@ def _umask() -> int:
     return mask
 
 
-def write_safetensors(tensors: dict, path, metadata: dict) -> Path:
+class CheckpointWriteError(CheckpointError):
+    """A file could not be written (disk full, read-only folder): the folder's problem, not the weights'."""
+
+
+def _place(tmp: Path, path: Path, replace: bool) -> None:
+    """Move the finished ``tmp`` to ``path``. Without ``replace``, a file that appeared at ``path`` meanwhile
+    (the user's, or another process's conversion) is kept: a hard link fails atomically if ``path`` exists."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it (use --force)") from None
+    except OSError:   # no hard links on this file system (FAT, some network mounts): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; refusing to overwrite it (use --force)") from None
+        os.replace(tmp, path)
+
+
+def write_safetensors(tensors: dict, path, metadata: dict, replace: bool = True) -> Path:
     """Write a .safetensors atomically (temp file, then rename) with the usual file mode.
 
     safetensors creates its files 0600; a checkpoint copied into a ComfyUI served by another user
     (a container, a shared models folder) would then be unreadable, so the umask's mode is applied.
+    The temp file's name is unique: two processes writing the same file (two ComfyUI instances sharing a
+    models folder) would otherwise write into and rename each other's temp file. ``replace=False``: raise
+    FileExistsError rather than replace a file that appeared at ``path`` while this one was written.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)   # e.g. models/latent_clip, which ComfyUI does not make
+        fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        _place(tmp, path, replace)
+    except FileExistsError:
+        if tmp is not None:   # mkdir's FileExistsError (a file or broken link in the folder's place) is a write error
+            raise
+        raise CheckpointWriteError(f"'{path}' could not be written ('{path.parent}' is not a folder); "
+                              "expected a writable folder") from None
     except (OSError, SafetensorError) as e:
         reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"'{path}' could not be written ({reason}); expected a writable folder") from None
+        raise CheckpointWriteError(f"'{path}' could not be written ({reason}); expected a writable folder") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
     return path
 
@@ -477,7 +509,7 @@ def save(model: LatentCLIP, out, dtype: str | None = None, force: bool = False, 
     tensors = {k: (v.to(target) if target and v.is_floating_point() and k != "logit_scale" else v).detach().contiguous().cpu()
                for k, v in sd.items() if k != "attn_mask"}
     meta = {**(metadata or {}), "format": _FORMAT_NAME, "config": json.dumps(model.config), "vae_family": model.vae_family}
-    return write_safetensors(tensors, out, meta)
+    return write_safetensors(tensors, out, meta, replace=force)
 
 
 def convert(src, out, dtype: str | None = None, force: bool = False, config=None) -> Path:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shlex
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import convert
+from .checkpoints import CheckpointWriteError, convert
 from .errors import CheckpointError
 
 RELEASED = (
@@ -75,10 +76,18 @@ def cache_dir() -> str | None:
     return None
 
 
+def _shell_quoted(path) -> str:
+    """``path`` as one argument of a pasted command (a ComfyUI under 'C:\\Users\\First Last' or '~/My Models')."""
+    text = str(path)
+    if os.name == "nt":
+        return f'"{text}"' if any(c in text for c in ' \t&()^;,') else text
+    return shlex.quote(text)
+
+
 def manual_steps(repo_id: str, out_dir, filename: str = "checkpoints/epoch_*.pt") -> str:
     target = Path(out_dir) / local_name(repo_id)
     return (f"download {filename} from {endpoint()}/{repo_id}, then run "
-            f"`python -m latentclip convert {Path(filename).name} {target} --dtype fp16` "
+            f"`python -m latentclip convert {Path(filename).name} {_shell_quoted(target)} --dtype fp16` "
             f"(or put the .pt file itself into {Path(out_dir)})")
 
 
@@ -162,6 +171,9 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
     target = out_dir / local_name(repo_id)
     if target.exists():
         return target
+    if target.is_symlink():   # a link to a copy on a disk not mounted now: the user's, neither replaced nor used
+        raise DownloadError(f"'{target}' is a link to '{os.readlink(target)}', which does not exist; mount it, or "
+                            f"remove the link to download {repo_id} again")
     filename = "checkpoints/epoch_*.pt"
     _check_writable(out_dir)   # before a download of gigabytes, not after it
     why = "offline mode is on (HF_HUB_OFFLINE)" if offline() else unreachable(repo_id)
@@ -188,15 +200,29 @@ def fetch(repo_id: str, out_dir, progress: Progress | None = None, dtype: str = 
     return _convert_download(repo_id, pt, target, dtype, filename)
 
 
-def _check_writable(out_dir: Path) -> None:
-    """DownloadError unless ``out_dir`` is a folder this process can write, or can be made in one (it is
-    made only once there is something to write)."""
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+def folder_problem(out_dir) -> str | None:
+    """Why ``out_dir`` is not a folder this process can write, or be made in one (it is made only once there is
+    something to write); None when it is."""
+    out_dir = Path(out_dir)
+    # lexists: a link whose target is gone (a models folder linked to an unmounted disk) is found as itself;
+    # exists() skipped it, the check passed on its parent and mkdir failed after the download ("File exists")
+    existing = next((p for p in (out_dir, *out_dir.parents) if os.path.lexists(p)), None)
+    if existing is not None and existing.is_symlink() and not existing.exists():
+        return (f"the output folder '{out_dir}' cannot be made: '{existing}' is a link to "
+                f"'{os.readlink(existing)}', which does not exist; mount or create it, or give another folder")
     if existing is not None and not existing.is_dir():
-        raise DownloadError(f"the output folder '{out_dir}' cannot be made: '{existing}' is a file; give a folder")
+        return f"the output folder '{out_dir}' cannot be made: '{existing}' is a file; give a folder"
     if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise DownloadError(f"the output folder '{out_dir}' cannot be written ('{existing}' is not writable); "
-                            "give a writable folder")
+        return (f"the output folder '{out_dir}' cannot be written ('{existing}' is not writable); "
+                "give a writable folder")
+    return None
+
+
+def _check_writable(out_dir: Path) -> None:
+    """DownloadError unless ``out_dir`` can be written (``folder_problem``)."""
+    problem = folder_problem(out_dir)
+    if problem:
+        raise DownloadError(problem)
 
 
 def _convert_download(repo_id: str, pt, target: Path, dtype, filename: str) -> Path:
@@ -207,6 +233,8 @@ def _convert_download(repo_id: str, pt, target: Path, dtype, filename: str) -> P
         return target
     except DownloadError:
         raise
+    except CheckpointWriteError as e:   # a full disk is no refusal of the file
+        raise CheckpointWriteError(f"{repo_id} ({filename}) was downloaded, but {e}") from None
     except CheckpointError as e:
         raise CheckpointError(f"{repo_id} ({filename}) was downloaded but refused: {e}") from None
 

@@ -59,8 +59,8 @@ def fetch_release(repo_id: str) -> str:
     """The file name of ``repo_id``'s converted weights, downloading and converting them on first use with
     ComfyUI's progress bar (interruptible)."""
     name = hub.local_name(repo_id)
-    if name in folder_paths.get_filename_list(LATENT_CLIP_FOLDER):
-        return name
+    if name in folder_paths.get_filename_list(LATENT_CLIP_FOLDER) and folder_paths.get_full_path(LATENT_CLIP_FOLDER, name):
+        return name   # a file (the listing also holds broken links, which hub.fetch explains)
     bar = []
 
     def progress(done, total):
@@ -69,8 +69,20 @@ def fetch_release(repo_id: str) -> str:
             bar.append(comfy.utils.ProgressBar(max(total, 1)))
         bar[0].update_absolute(done, max(total, 1))
 
-    hub.fetch(repo_id, folder_paths.get_folder_paths(LATENT_CLIP_FOLDER)[0], progress=progress)
+    hub.fetch(repo_id, download_folder(), progress=progress)
     return name
+
+
+def download_folder() -> str:
+    """Where a release is written: the first registered models/latent_clip folder (a user's configured folder comes
+    first) that can be written, skipping one that cannot (a read-only shared disk, a link to an unmounted one): the
+    node has no folder input, so an error asking for a writable folder would leave the user nothing to change.
+    Never the pack's own weights/. With no writable folder, the first one, whose error hub.fetch then gives."""
+    shipped = os.path.realpath(SHIPPED_WEIGHTS)
+    folders = [f for f in folder_paths.get_folder_paths(LATENT_CLIP_FOLDER) if os.path.realpath(f) != shipped]
+    if not folders:
+        folders = [os.path.join(folder_paths.models_dir, LATENT_CLIP_FOLDER)]
+    return next((f for f in folders if hub.folder_problem(f) is None), folders[0])
 
 
 class LatentCLIPLoader(io.ComfyNode):
