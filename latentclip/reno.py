@@ -206,6 +206,36 @@ def _clip_per_item(grad: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, t
     return grad, norms
 
 
+def _finite_items(x0: torch.Tensor, iteration: int) -> torch.Tensor | None:
+    """Which items of the generator's output are finite [B] (None: all of them).
+
+    For the initial noise a non-finite item is an error: the un-optimised noise is the caller's (checked
+    finite), so the generator itself fails (a NaN cfg, an overflowing half-precision model) and ReNO, whose
+    step for that item is zero, would only return NaN latents as the best. Later, an overflow on an optimised
+    noise only costs that item that iteration (``_evaluate_finite``)."""
+    finite = torch.isfinite(x0.detach().flatten(1)).all(dim=1)
+    if bool(finite.all()):
+        return None
+    if iteration == 0:
+        bad = [i + 1 for i in torch.nonzero(~finite).flatten().tolist()]
+        raise InputError(f"the generator's output for the initial noise contains NaN or infinite values (item "
+                         f"{', '.join(map(str, bad))} of {x0.shape[0]}); expected finite raw latents: check the model, "
+                         f"its dtype and the sampling settings (cfg)")
+    return finite
+
+
+def _evaluate_finite(reward: RewardSum, x0: torch.Tensor, finite: torch.Tensor | None):
+    """``reward.evaluate(x0)`` where the items ``finite`` marks False score NaN (never the best; their
+    gradient is non-finite and zeroed by ``_clip_per_item``) instead of reaching the reward models: a
+    Latent-CLIP refuses non-finite latents, which ended the run for every item of the batch."""
+    if finite is None:
+        return reward.evaluate(x0)
+    keep = finite.view(-1, *[1] * (x0.ndim - 1))
+    total, values = reward.evaluate(torch.where(keep, x0, torch.zeros_like(x0)))
+    nan = lambda t: torch.where(finite.to(t.device), t, torch.full_like(t, math.nan))  # noqa: E731
+    return nan(total), {k: nan(v) for k, v in values.items()}
+
+
 @contextlib.contextmanager
 def _inference_tensor_hint():
     """Turn autograd's inference-tensor RuntimeError into an InputError that says what to do."""
@@ -278,8 +308,9 @@ def _run(generator, noise, reward, iterations, lr, optimizer, momentum, nesterov
         if not x0.requires_grad:
             raise InputError("generator output does not depend differentiably on the noise; "
                              "it must be built from torch operations on its input (no detach, no inference mode)")
+        finite = _finite_items(x0, it)
         with _inference_tensor_hint():
-            total, values = reward.evaluate(x0)
+            total, values = _evaluate_finite(reward, x0, finite)
         reg = chi_regularizer(z).to(total.device)
         objective = (total + regularization * reg).sum()
 

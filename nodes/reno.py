@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -480,6 +481,14 @@ LatentCLIPPixelReward = _pixel_reward_node("LatentCLIPPixelReward")
 PixelCLIPReward = _pixel_reward_node("PixelCLIPReward", deprecated=True)
 
 
+def check_finite_floats(**values) -> None:
+    """Refuse a NaN FLOAT input naming it: ComfyUI's range check lets NaN through (an API prompt can carry one),
+    and the core would name its own parameter ("lr") or, for cfg, only fail on the model's NaN output."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{name} is {value!r}; expected a finite number")
+
+
 def _loop_inputs():
     return [io.Int.Input("iterations", default=50, min=1, max=1000),
             io.Float.Input("learning_rate", default=0.0, min=0.0, max=1000.0, step=0.01,
@@ -509,6 +518,7 @@ class LatentCLIPReNOSampler(io.ComfyNode):
     @classmethod
     def execute(cls, reward, seed, iterations, learning_rate, optimizer, grad_clip, regularization,
                 gradient_checkpointing=True) -> io.NodeOutput:
+        check_finite_floats(learning_rate=learning_rate, grad_clip=grad_clip, regularization=regularization)
         return io.NodeOutput(ReNOSampler(reward, iterations, learning_rate, optimizer, grad_clip, regularization, seed,
                                          gradient_checkpointing))
 
@@ -543,6 +553,7 @@ class LatentCLIPReNO(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, reward, seed, iterations, learning_rate, optimizer,
                 grad_clip, regularization, gradient_checkpointing=True, steps=1, cfg=1.0) -> io.NodeOutput:
+        check_finite_floats(learning_rate=learning_rate, grad_clip=grad_clip, regularization=regularization, cfg=cfg)
         samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
         if isinstance(samples, torch.Tensor) and samples.ndim in (4, 5) and samples.shape[0] > 0:
             samples = comfy.sample.fix_empty_latent_channels(model, samples)
