@@ -30,7 +30,7 @@ _CACHE_SIZE = 2  # loaded Latent-CLIP files kept; older ones are dropped and fre
 def register_model_folders() -> None:
     """Register ``models/latent_clip`` and ``models/open_clip`` with ComfyUI's folder paths, after any folder a
     user configured for them in extra_model_paths.yaml (read before custom nodes load): Hub downloads go to
-    the first folder, which stays the user's."""
+    the first of them that can be written (``loaders.download_folder``), the user's when it can."""
     for name in (LATENT_CLIP_FOLDER, OPEN_CLIP_FOLDER):
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=False)
         folder_paths.folder_names_and_paths[name][1].update(folder_paths.supported_pt_extensions)
