@@ -12,6 +12,7 @@ torchrun (or SLURM) every rank takes every WORLD_SIZE-th shard on its own GPU.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +48,22 @@ class Job:
         return self.listed
 
 
+def _apple_double(path: Path) -> bool:
+    """macOS' ``._NAME.jpg`` beside a file copied to another disk or zipped (``__MACOSX/``): its metadata, not an
+    image. Told by its magic number, so a real image named ``._x.png`` is still encoded (and no earlier run
+    encoded one of these: it stopped there as undecodable)."""
+    if not path.name.startswith("._"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x00\x05\x16\x07"
+    except OSError:   # unreadable: left in, so decoding it names the file
+        return False
+
+
 def _folder_jobs(folder: Path, shard_size: int, first: int = 0) -> list:
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
+                    and not _apple_double(p))
     items, seen = [], {}
     for p in images:
         rel = p.relative_to(folder).with_suffix("")
@@ -73,6 +88,12 @@ def _tar_items(path: Path) -> list:
         for key, parts in members.items():
             ext = next((e for e in IMAGE_EXTS if e in parts), None)
             if ext is None:
+                # the key ends at the first dot: 'IMG_2023.05.01.jpg' is key 'IMG_2023', extension '05.01.jpg'
+                dotted = next((e for e in parts if e.rpartition(".")[2] in IMAGE_EXTS), None)
+                if dotted is not None:
+                    raise InputError(f"shard '{path.name}' holds '{key}.{dotted}', whose WebDataset key '{key}' ends at "
+                                     "its first dot and has no image of its own; expected img2dataset's KEY.jpg "
+                                     "(file names without dots), or give the images as a folder")
                 continue  # img2dataset writes a .json (and .txt) for failed downloads too
             caption = read(parts["txt"]).decode("utf-8", "replace").strip() if "txt" in parts else None
             try:
@@ -119,6 +140,36 @@ def plan_jobs(inputs, shard_size: int = 1000) -> list:
     return jobs
 
 
+#: EXIF orientation (tag 0x0112) -> the transpose that shows the photo as a camera and every viewer do
+_ORIENTATIONS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                 7: "TRANSVERSE", 8: "ROTATE_90"}
+#: an image resized to more than this many crop sides long (a 1 x 4000 banner at --size 512: 2M x 512 pixels,
+#: gigabytes) is resized straight into its crop instead; every other image keeps the resize-then-crop of old
+_MAX_STRETCH = 64
+
+
+def _picture(img):
+    """The RGB picture a viewer shows. Only images that came out wrong before are treated differently (the
+    shards of a resumed run must match the earlier ones): EXIF-rotated photos are turned upright, 16-bit
+    grayscale (which ``convert`` clips to white) is scaled to 8 bits, and transparent pixels (whose hidden
+    colour is arbitrary, often black) are composited on white, as img2dataset does."""
+    from PIL import Image
+    img.load()   # a damaged file fails here, before getexif() (which may load it too) swallows the error
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored, as before
+        orientation = 1
+    if img.mode == "I" or img.mode.startswith("I;16"):   # a 16-bit grayscale PNG (older Pillow: mode "I")
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    img = img.convert("RGB")
+    if orientation in _ORIENTATIONS:
+        img = img.transpose(getattr(Image.Transpose, _ORIENTATIONS[orientation]))
+    return img
+
+
 def load_image(source, size: int) -> torch.Tensor:
     """[size, size, 3] float in [0, 1]: RGB, shorter side resized to ``size``, centre crop."""
     from PIL import Image
@@ -126,21 +177,30 @@ def load_image(source, size: int) -> torch.Tensor:
     name = str(source) if isinstance(source, Path) else f"{source[0].name} at byte {source[1][0]}"
     try:
         if isinstance(source, Path):
-            img = Image.open(source)
+            opened = Image.open(source)
         else:
             path, (offset, length) = source
             with open(path, "rb") as f:
                 f.seek(offset)
-                img = Image.open(io.BytesIO(f.read(length)))
-        img = img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                opened = Image.open(io.BytesIO(f.read(length)))
+        with opened:   # an animated image keeps its file open until closed
+            img = _picture(opened)
+    except Image.DecompressionBombError as e:   # an image, but one PIL refuses to decode: say so, not "not an image"
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise InputError(f"image {name} is too large to decode ({f'{int(found[1]):,} pixels' if found else str(e)[:100]}); "
+                         f"expected an image of at most {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, PIL's guard against "
+                         "decompression bombs: downscale it or remove it") from None
+    except (OSError, ValueError) as e:
         raise InputError(f"image {name} could not be decoded ({str(e)[:100]}); expected a JPEG/PNG/WebP image") from None
     w, h = img.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (w2 - size) // 2, (h2 - size) // 2
+    if max(w2, h2) <= _MAX_STRETCH * size:
+        img = img.resize((w2, h2), Image.BICUBIC).crop((left, top, left + size, top + size))
+    else:   # the same centre crop of the same resize, without making the whole resized image first
+        sx, sy = w / w2, h / h2
+        img = img.resize((size, size), Image.BICUBIC, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
 
 
