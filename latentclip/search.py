@@ -20,6 +20,11 @@ Layout: particle states are one tensor ``[N * B, ...]`` ordered slot-major (row 
 slot ``s`` of item ``b``), the order in which ComfyUI repeats a batch's conditioning. Same seed,
 same result: every random choice comes from a ``torch.Generator`` seeded from ``seed``, one per item
 (``item_seed``), so an item's resampling does not depend on the other items of its batch.
+
+A particle whose x0 prediction is not finite (it diverged: an overflowing fp16 model) scores NaN
+(``reward_scorer`` never hands it to the reward models, which refuse non-finite latents) and ranks
+last: never picked, pruned first, resampling weight 0; the others score as they would without it.
+Only when every particle of an item diverged does the search stop, with an error naming the sampler.
 """
 from __future__ import annotations
 
@@ -160,6 +165,10 @@ def reward_scorer(reward, batch: int) -> Callable[[torch.Tensor], tuple[torch.Te
                    and not isinstance(t, LatentAvoid) for t in reward.term_list)
 
     def score(latents: torch.Tensor):
+        finite = _finite_rows(latents)
+        if finite is not None:      # a diverged particle scores NaN (ranks last), the others as they would
+            keep = finite.view(-1, *[1] * (latents.ndim - 1)).to(latents.device)
+            latents = torch.where(keep, latents, torch.zeros_like(latents))   # a new tensor: the input is kept
         with torch.no_grad():
             if not per_item or latents.shape[0] == batch:
                 loss, values = reward.evaluate(latents)
@@ -167,8 +176,40 @@ def reward_scorer(reward, batch: int) -> Callable[[torch.Tensor], tuple[torch.Te
                 parts = [reward.evaluate(latents[i:i + batch]) for i in range(0, latents.shape[0], batch)]
                 loss = torch.cat([p[0] for p in parts])
                 values = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        if finite is not None:
+            loss, values = _nan_rows(loss, finite), {k: _nan_rows(v, finite) for k, v in values.items()}
         return -loss.detach().float(), values
     return score
+
+
+def _finite_rows(latents: torch.Tensor) -> torch.Tensor | None:
+    """Which rows of ``latents`` are finite [M] (None: all of them)."""
+    finite = torch.isfinite(latents.detach().flatten(1)).all(dim=1)
+    return None if bool(finite.all()) else finite
+
+
+def _nan_rows(t: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``t`` [M, ...] with the rows ``finite`` marks False set to NaN.
+
+    Those rows were scored as zeros: a Latent-CLIP term refuses a batch holding a non-finite latent
+    (InputError blaming the user's latents), so one diverged particle (an overflowing fp16 model)
+    ended the whole search. NaN ranks it last and gives it resampling weight 0 (``_ranked``)."""
+    if t.ndim == 0 or t.shape[0] != finite.shape[0]:
+        return t
+    keep = finite.to(t.device).view(-1, *[1] * (t.ndim - 1))
+    return torch.where(keep, t, torch.full_like(t, math.nan))
+
+
+def _check_some_finite(x0: torch.Tensor, batch: int, step: int) -> None:
+    """InputError naming the sampler when every particle of an item has a non-finite x0 prediction at
+    ``step``: that item has nothing left to pick (one diverged particle only scores NaN)."""
+    finite = torch.isfinite(x0.detach().flatten(1)).all(dim=1).view(-1, batch).any(dim=0).cpu()
+    if bool(finite.all()):
+        return
+    bad = [b + 1 for b in torch.nonzero(~finite).flatten().tolist()]
+    which = "" if len(bad) == batch else f" of item{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+    raise InputError(f"the sampler's x0 predictions for every particle{which} contain NaN or infinite values at "
+                     f"step {step}; expected finite latents: check the model, its dtype and the sampler settings")
 
 
 def _per_item_rows(values: torch.Tensor, batch: int) -> list[list[float]]:
@@ -225,6 +266,7 @@ def search(advance: Callable, x: torch.Tensor, steps: int, score: Callable, batc
             for i, x0 in enumerate(x0s[:-1]):
                 r, _ = score(x0)
                 history["trace"][str(done + i + 1)] = _per_item_rows(r, batch)
+        _check_some_finite(x0s[-1], batch, cut)
         r, values = score(x0s[-1])
         if settings.trace:
             history["trace"][str(cut)] = _per_item_rows(r, batch)
