@@ -133,12 +133,14 @@ def load_head(path, device="cpu") -> Head:
         raise CheckpointError(f"'{path.name}' has a metadata 'labels' that is not a list of 2 to {MAX_LABELS} strings")
     dim = _int_field(meta, "embed_dim", 1, MAX_DIM, path.name)
     hidden = _int_field(meta, "hidden", 0, MAX_DIM, path.name)
-    try:
-        head = Head(dim, labels, hidden, meta.get("what", ""), meta.get("space", ""))
+    try:   # on the meta device: the metadata's widths allocate nothing until the file's tensors are seen to fit
+        with torch.device("meta"):
+            head = Head(dim, labels, hidden, meta.get("what", ""), meta.get("space", ""))
     except InputError as e:
         raise CheckpointError(f"'{path.name}': {e}") from None
     sd = load_file(str(path))
     _check_fits_metadata(sd, head, path.name)
+    head = head.to_empty(device="cpu")
     head.load_state_dict({k: v.float() for k, v in sd.items()})
     if not all(torch.isfinite(v).all() for v in head.state_dict().values()):
         raise CheckpointError(f"'{path.name}' stores NaN or infinite values; expected finite weights")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from latentclip.errors import CheckpointError, InputError
-from latentclip.heads import check_compatible, latent_probabilities, load_head
+from latentclip.heads import check_compatible, load_head
 from latentclip.rewards import LatentHead
+from latentclip.scoring import check_finite_features
 
 from .comfy_bridge import (check_vae_family, latent_samples, model_file_path, model_file_problem, naming_the_input,
                            ready_for_grad)
@@ -38,10 +40,27 @@ def register_heads_folder() -> None:
 register_heads_folder()
 
 
+def _file_version(path: str) -> tuple:
+    """What changes when a file is written or replaced: also the size, the inode and the status-change time,
+    which a copy that keeps the modification time (``cp -p``, rsync -a, an unpacked archive) cannot set."""
+    st = os.stat(path)
+    return path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns
+
+
+def head_fingerprint(head_name) -> tuple | None:
+    """The head file's version, None without one: the head nodes' ``fingerprint_inputs``. ComfyUI reuses a node's
+    output while its inputs stay the same, so a head file replaced under the same name would never be read again."""
+    path = folder_paths.get_full_path(HEADS_FOLDER, head_name) if isinstance(head_name, str) else None
+    try:
+        return _file_version(path) if path else None
+    except OSError:   # gone since it was listed: the node's own error says so
+        return None
+
+
 def head_for(head_name: str):
     """The head in models/latent_clip_heads named ``head_name`` (read once per file version)."""
     path = model_file_path(HEADS_FOLDER, "head_name", head_name)
-    key = (path, os.stat(path).st_mtime_ns)
+    key = _file_version(path)
     if key not in _CACHE:
         try:
             with torch.inference_mode(False):  # a reward backpropagates through the head
@@ -120,13 +139,19 @@ class LatentCLIPHeadScore(io.ComfyNode):
         return head_name is None or model_file_problem(HEADS_FOLDER, "head_name", head_name) or True
 
     @classmethod
+    def fingerprint_inputs(cls, head_name=None, **kwargs):
+        return head_fingerprint(head_name)
+
+    @classmethod
     def execute(cls, latent_clip, samples, head_name, label="") -> io.NodeOutput:
         model = latent_clip.load()
         x = latent_samples(samples, model)
         head = checked_head(latent_clip, head_name)
         index = head.label_index(label.strip()) if label.strip() else None
         with torch.no_grad():
-            probs = latent_probabilities(model, head_on(head_name, model.device), x).cpu()
+            # no NaN score: it is never above a safety threshold, and it named the head's first label as likeliest
+            features = check_finite_features(model.encode_latents(x), "samples")
+            probs = head_on(head_name, model.device).probabilities(features).cpu()
         best = probs.argmax(-1).tolist()
         chosen = best if index is None else [index] * len(best)
         scores = [round(float(probs[i, k]), 4) for i, k in enumerate(chosen)]
@@ -161,9 +186,20 @@ class LatentCLIPHeadReward(io.ComfyNode):
         return head_name is None or model_file_problem(HEADS_FOLDER, "head_name", head_name) or True
 
     @classmethod
+    def fingerprint_inputs(cls, head_name=None, **kwargs):
+        return head_fingerprint(head_name)
+
+    @classmethod
     def execute(cls, latent_clip, head_name, label, mode="increase", weight=1.0, reward=None) -> io.NodeOutput:
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            # ComfyUI's FLOAT validation lets NaN through (an API prompt can carry one); ReNO refused it only later
+            raise InputError(f"weight {weight!r} is not a finite number; expected a number from 0 to 100")
         checked_head(latent_clip, head_name).label_index(label.strip())   # refused here, not mid-sampling
-        spec = HeadTermSpec(latent_clip, head_name, label.strip(), mode, float(weight))
+        spec = HeadTermSpec(latent_clip, head_name, label.strip(), mode, value)
         return io.NodeOutput(tuple(reward or ()) + (spec,))
 
 
