@@ -426,6 +426,7 @@ class LatentCLIPReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent_clip, text, mode="match", weight=0.01, reward=None) -> io.NodeOutput:
+        check_finite_floats(weight=float(weight))
         spec = LatentTermSpec(latent_clip, tuple(text_lines(text, "text")), mode, float(weight))
         return io.NodeOutput(tuple(reward or ()) + (spec,))
 
@@ -468,6 +469,7 @@ def _pixel_reward_node(node_id: str, deprecated: bool = False) -> type:
 
         @classmethod
         def execute(cls, clip_name, model_name, vae, text, weight=0.01, reward=None) -> io.NodeOutput:
+            check_finite_floats(weight=float(weight))
             spec = PixelTermSpec(clip_name, model_name.strip(), vae, tuple(text_lines(text, "text")), float(weight))
             return io.NodeOutput(tuple(reward or ()) + (spec,))
 

@@ -129,3 +129,15 @@ def test_history_of_a_run_with_a_skipped_iteration_is_still_plotted(latent_clip,
     res = reno_optimize(_generator(net, bad_call=1), _noise(), LatentMatch(latent_clip, "a red car"), iterations=3)
     summary = json.loads(res.to_json())
     assert plot_reno_history(summary["history"]).size[0] > 0
+
+
+def test_reward_nodes_name_a_nan_weight(comfy):
+    """ComfyUI's range check lets NaN through; the reward nodes refuse it naming `weight` at once, not
+    ReNO later naming its own term ("match0")."""
+    from conftest import tiny_reward_handle
+    handle = tiny_reward_handle(comfy, "tiny-reno.safetensors")
+    with pytest.raises(ValueError, match=r"^weight is nan; expected a finite number"):
+        comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=float("nan"))
+    with pytest.raises(ValueError, match=r"^weight is nan; expected a finite number"):
+        comfy.run_node("LatentCLIPPixelReward", clip_name="mini-pixel-clip.safetensors", model_name="", vae=None,
+                       text="a red fox", weight=float("nan"))
