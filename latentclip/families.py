@@ -153,6 +153,8 @@ def check_latents_for_family(samples, family, input_name: str = "samples", chann
     reads = f"this Latent-CLIP reads {want}-channel {fam.name.upper()}-VAE latents"
     if not isinstance(samples, torch.Tensor):
         raise InputError(f"{input_name} must be a torch.Tensor of shape {fam.layout}, got {type(samples).__name__}")
+    if not samples.is_floating_point():
+        raise InputError(f"{input_name} holds {samples.dtype} values; expected floating-point raw VAE latents {fam.layout}")
     if samples.ndim not in (4, 5):
         raise InputError(f"{input_name} must have 4 dimensions [batch, channels, height, width]"
                          f"{' (or 5 with one frame)' if fam.dims == 3 else ''}, got shape {list(samples.shape)}")

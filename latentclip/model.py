@@ -222,8 +222,8 @@ class LatentCLIP(nn.Module):
         return self.tokenizer(texts).to(self.device)
 
     def encode_text(self, texts) -> torch.Tensor:
-        """Text features [N, E] for a list of strings (or an already tokenised LongTensor)."""
-        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        """Text features [N, E] for a list of strings (or an already tokenised LongTensor, on any device)."""
+        tokens = texts.to(self.device) if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.clip.encode_text(tokens)
 
     def _text_weights_key(self) -> tuple:

@@ -50,6 +50,19 @@ def _signature_from_config(cfg: dict) -> dict | None:
             "text_layers": t.get("layers", 12), "context": t.get("context_length", 77)}
 
 
+def _hugging_face_part(cfg: dict) -> str | None:
+    """What open_clip would fetch from Hugging Face to build config ``cfg`` or its tokenizer, or None.
+
+    ``create_model`` downloads a ``hf_model_name`` text tower (weights by default, its config always) and
+    ``get_tokenizer`` a ``hf_tokenizer_name`` tokenizer, whatever the weights file holds."""
+    text = cfg.get("text_cfg") or {}
+    if "hf_model_name" in text:
+        return f"its text tower is the Hugging Face model {text['hf_model_name']!r}"
+    if "hf_tokenizer_name" in text:
+        return f"its tokenizer is the Hugging Face tokenizer {text['hf_tokenizer_name']!r}"
+    return None
+
+
 def infer_model_name(sd: dict) -> str:
     """The open_clip architecture whose shapes match ``sd`` (plain names preferred over -quickgelu)."""
     want = _signature_from_state_dict(sd)
@@ -58,9 +71,17 @@ def infer_model_name(sd: dict) -> str:
     if want["channels"] != 3:
         raise CheckpointError(f"the file's image tower reads {want['channels']} channels: it is a Latent-CLIP, not a pixel CLIP")
     names = sorted(open_clip.list_models(), key=lambda n: ("quickgelu" in n, len(n), n))
+    refused = None
     for name in names:
-        if _signature_from_config(open_clip.get_model_config(name) or {}) == want:
-            return name
+        cfg = open_clip.get_model_config(name) or {}
+        if _signature_from_config(cfg) == want:
+            why = _hugging_face_part(cfg)
+            if why is None:
+                return name
+            refused = refused or (name, why)
+    if refused:
+        raise CheckpointError(f"the file's shapes match open_clip's {refused[0]}, but {refused[1]}, which would be "
+                              "downloaded (nothing is downloaded); expected a CLIP with open_clip's own tokenizer")
     raise CheckpointError(f"no open_clip architecture matches the file's shapes {want}; pass the model name")
 
 
@@ -68,12 +89,19 @@ def check_model_name(model_name: str) -> str:
     """``model_name`` if it is one of open_clip's built-in architectures.
 
     A name is data from a workflow: ``hf-hub:org/repo`` or a local config path would make open_clip
-    download or read files, so only the names open_clip ships configs for are accepted.
+    download or read files, so only the names open_clip ships configs for are accepted, and of those
+    only the ones built without Hugging Face (SigLIP, CLIPA, MetaCLIP-worldwide and the multilingual
+    text towers fetch their tokenizer or text model from the Hub).
     """
     if model_name not in open_clip.list_models():
         raise CheckpointError(f"model_name {model_name!r} is not an open_clip architecture; expected a built-in name "
                               "such as ViT-H-14 or ViT-B-32 (hf-hub: names are refused: nothing is downloaded), "
                               "or empty to infer it from the file")
+    why = _hugging_face_part(open_clip.get_model_config(model_name) or {})
+    if why:
+        raise CheckpointError(f"model_name {model_name!r} is refused: {why}, which open_clip would download (nothing "
+                              "is downloaded); expected an architecture with open_clip's own tokenizer such as "
+                              "ViT-H-14 or ViT-B-32")
     return model_name
 
 
