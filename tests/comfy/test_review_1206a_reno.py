@@ -20,6 +20,7 @@ import torch
 from latentclip import InputError, LatentCLIP
 from latentclip.reno import reno_optimize
 from latentclip.rewards import LatentMatch, PixelCLIPMatch
+from conftest import tiny_conditioning, tiny_reward_handle, tiny_sdxl
 
 SIDE = 32
 
@@ -101,7 +102,6 @@ def test_a_non_finite_prediction_for_the_initial_noise_is_one_sentence_naming_th
 # -- ComfyUI node ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cfg", "learning_rate"])   # grad_clip, regularization: already named
 def test_reno_node_names_a_nan_float_input(comfy, name):
-    from conftest import tiny_conditioning, tiny_reward_handle, tiny_sdxl
     handle = tiny_reward_handle(comfy, "tiny-reno.safetensors")
     reward = comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=0.01).result[0]
     latent = {"samples": torch.zeros(1, 4, 32, 32)}
@@ -115,7 +115,6 @@ def test_reno_node_names_a_nan_float_input(comfy, name):
 
 
 def test_reno_sampler_node_names_a_nan_float_input(comfy):
-    from conftest import tiny_reward_handle
     handle = tiny_reward_handle(comfy, "tiny-reno.safetensors")
     reward = comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=0.01).result[0]
     with pytest.raises(ValueError, match=r"^learning_rate is nan; expected a finite number"):
@@ -134,7 +133,6 @@ def test_history_of_a_run_with_a_skipped_iteration_is_still_plotted(latent_clip,
 def test_reward_nodes_name_a_nan_weight(comfy):
     """ComfyUI's range check lets NaN through; the reward nodes refuse it naming `weight` at once, not
     ReNO later naming its own term ("match0")."""
-    from conftest import tiny_reward_handle
     handle = tiny_reward_handle(comfy, "tiny-reno.safetensors")
     with pytest.raises(ValueError, match=r"^weight is nan; expected a finite number"):
         comfy.run_node("LatentCLIPReward", latent_clip=handle, text="a red fox", mode="match", weight=float("nan"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_latent_clip
 
 HERE = Path(__file__).resolve().parent
 REPO_ID = "wendlerc/latent-clip-b-8-512-34b-80k"
@@ -30,7 +31,6 @@ def loaders(comfy):
 
 @pytest.fixture
 def standin(comfy, tmp_path, monkeypatch):
-    from conftest import tiny_latent_clip
     hub_mod = _standin_module()
     torch.save(hub_mod.authors_layout(tiny_latent_clip(seed=5).open_clip_state_dict()), tmp_path / "epoch_34.pt")
     with hub_mod.StandInHub({REPO_ID: {"checkpoints/epoch_34.pt": tmp_path / "epoch_34.pt"}}) as srv:

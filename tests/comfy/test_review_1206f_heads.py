@@ -21,6 +21,7 @@ import torch
 
 from latentclip.heads import Head, save_head
 from test_reno_nodes import reno_handle  # noqa: F401  (fixture)
+from conftest import RecordingServer
 
 
 def _heads_folder(comfy):
@@ -74,7 +75,6 @@ def _run(comfy, executor, graph: dict) -> str:
 def test_a_head_replaced_on_disk_is_scored_again_by_the_same_executor(comfy, tiny_ckpt):
     """The same graph queued twice with one executor (as the server keeps it): the second run must read the
     new file. Before: the node's output came from ComfyUI's cache, the old head's numbers."""
-    from conftest import RecordingServer
     folder = _heads_folder(comfy)
     path = folder / "f1-replaced.safetensors"
     if path.exists():
