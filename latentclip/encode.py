@@ -239,7 +239,10 @@ def _manifest(args, family, teacher) -> dict:
                         "fingerprint": teacher.fingerprint}}
 
 
-def _check_manifest(out: Path, manifest: dict, is_main: bool) -> None:
+def _check_manifest(out: Path, manifest: dict) -> None:
+    """Refuse an --out whose encode.json records other settings; write it when missing. Every rank writes it
+    (the same bytes, each through its own temp file), before any shard of its own: were only rank 0 to write
+    it, a rank 0 that died first would leave other ranks' shards without it, and every rerun refused."""
     path = out / MANIFEST
     if path.is_file():
         try:
@@ -252,7 +255,7 @@ def _check_manifest(out: Path, manifest: dict, is_main: bool) -> None:
             diff = [k for k in manifest if old.get(k) != manifest[k]]
             raise InputError(f"--out '{out}' already holds shards made with other settings ({', '.join(diff)}: "
                              f"{[old.get(k) for k in diff]}); use another --out folder to resume into")
-    elif is_main:
+    else:
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
 
 
@@ -307,7 +310,7 @@ def encode(args, log=print) -> list:
     teacher = Teacher(args.teacher, args.teacher_model, device)
     manifest = _manifest(args, family, teacher)
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, manifest, world.is_main)
+    _check_manifest(out, manifest)
     for job in done:
         _check_finished(out / job.out_name, job)
     log(f"rank {world.rank}/{world.size}: {len(mine)} of {len(jobs)} shards, {len(mine) - len(todo)} already done, "

@@ -96,3 +96,27 @@ def test_a_folder_copied_from_a_mac_encodes_upright_photos_and_skips_its_metadat
     got.close()
     want.close()
     assert _encode(assets, out, folder, "--workers", "2") == 0     # a rerun finds the shard finished
+
+
+def test_a_rank_whose_rank_0_never_ran_leaves_a_folder_the_rerun_resumes(assets, tmp_path, monkeypatch, capsys):
+    """torchrun with 2 ranks where rank 0 died before writing encode.json: rank 1's shard must not make
+    every rerun refuse the folder ("holds files but no encode.json"). Rank 1 alone, then rank 0 alone:
+    together every image is encoded once, and the shards equal a one-process run's."""
+    from PIL import Image
+    from latentclip.train.shards import ShardIndex
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 100, 200 - 40 * i)).save(folder / f"img{i}.png")
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert _encode(assets, ref, folder, "--shard-size", "2") == 0
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert _encode(assets, out, folder, "--shard-size", "2", "--device", "cpu") == 0, capsys.readouterr().err
+        if rank == "1":
+            assert (out / "encode.json").is_file() and sorted(p.name for p in out.glob("*.tar")) == ["000001.tar"]
+    a, b = ShardIndex(ref), ShardIndex(out)
+    assert [a[i].key for i in range(len(a))] == [b[i].key for i in range(len(b))]
+    assert all(np.array_equal(a[i].latent, b[i].latent) for i in range(len(a)))
