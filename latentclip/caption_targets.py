@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _violations(emb: torch.Tensor, scores: torch.Tensor, truth: torch.Tensor, margin: float) -> torch.Tensor:
+def _violations(scores: torch.Tensor, truth: torch.Tensor, margin: float) -> torch.Tensor:
     """Per image and caption: how far a false caption's score comes within ``margin`` of the lowest true one."""
     lowest_true = scores.masked_fill(~truth, float("inf")).min(1, keepdim=True).values
     return F.relu(margin + scores - lowest_true).masked_fill(truth, 0.0)
@@ -26,7 +26,7 @@ def _violations(emb: torch.Tensor, scores: torch.Tensor, truth: torch.Tensor, ma
 
 def wrong_share(emb: torch.Tensor, text: torch.Tensor, truth: torch.Tensor, margin: float = 0.0) -> float:
     """Share of images (rows of ``emb``, normalised) where some false caption scores within ``margin`` of a true one."""
-    v = _violations(emb, emb @ text.T, truth, margin)
+    v = _violations(emb @ text.T, truth, margin)
     return float((v.amax(1) > 0).float().mean()) if len(emb) else 0.0
 
 
@@ -54,7 +54,7 @@ def caption_consistent_targets(target: torch.Tensor, text: torch.Tensor, truth: 
     opt = torch.optim.Adam([delta], lr=lr)
     for _ in range(iters):
         e = F.normalize(mean + delta, dim=-1)
-        loss = 100.0 * _violations(e, e @ text.T, rows, margin).sum(1).mean() + pull * delta.pow(2).sum(1).mean()
+        loss = 100.0 * _violations(e @ text.T, rows, margin).sum(1).mean() + pull * delta.pow(2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

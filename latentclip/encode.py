@@ -321,7 +321,7 @@ def encode(args, log=print) -> list:
     vae = ComfyVAE(args.vae, args.comfyui, device)
     vae.check_family(family)
     written, start, done = [], time.perf_counter(), 0
-    workers = getattr(args, "workers", 0)
+    workers = args.workers
     decoders = ThreadPoolExecutor(workers) if workers > 0 else None
     ahead = ThreadPoolExecutor(1) if workers > 0 else None
     try:

@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 
 from .errors import InputError
-from .rewards import RewardSum
+from .rewards import RewardSum, finite_rows, nan_rows, zero_rows
 
 OPTIMIZERS = ("sgd", "adam")
 #: Learning rate used when ``lr`` is None: ReNO's 5.0 for SGD; Adam moves every element by about
@@ -213,10 +213,8 @@ def _finite_items(x0: torch.Tensor, iteration: int) -> torch.Tensor | None:
     finite), so the generator itself fails (a NaN cfg, an overflowing half-precision model) and ReNO, whose
     step for that item is zero, would only return NaN latents as the best. Later, an overflow on an optimised
     noise only costs that item that iteration (``_evaluate_finite``)."""
-    finite = torch.isfinite(x0.detach().flatten(1)).all(dim=1)
-    if bool(finite.all()):
-        return None
-    if iteration == 0:
+    finite = finite_rows(x0)
+    if finite is not None and iteration == 0:
         bad = [i + 1 for i in torch.nonzero(~finite).flatten().tolist()]
         raise InputError(f"the generator's output for the initial noise contains NaN or infinite values (item "
                          f"{', '.join(map(str, bad))} of {x0.shape[0]}); expected finite raw latents: check the model, "
@@ -230,10 +228,8 @@ def _evaluate_finite(reward: RewardSum, x0: torch.Tensor, finite: torch.Tensor |
     Latent-CLIP refuses non-finite latents, which ended the run for every item of the batch."""
     if finite is None:
         return reward.evaluate(x0)
-    keep = finite.view(-1, *[1] * (x0.ndim - 1))
-    total, values = reward.evaluate(torch.where(keep, x0, torch.zeros_like(x0)))
-    nan = lambda t: torch.where(finite.to(t.device), t, torch.full_like(t, math.nan))  # noqa: E731
-    return nan(total), {k: nan(v) for k, v in values.items()}
+    total, values = reward.evaluate(zero_rows(x0, finite))
+    return nan_rows(total, finite), {k: nan_rows(v, finite) for k, v in values.items()}
 
 
 @contextlib.contextmanager

@@ -91,6 +91,28 @@ def _per_item(feats: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     return feats
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Which rows of ``x`` [M, ...] are finite [M] (None: all of them)."""
+    finite = torch.isfinite(x.detach().flatten(1)).all(dim=1)
+    return None if bool(finite.all()) else finite
+
+
+def zero_rows(x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """A new ``x`` whose rows ``finite`` marks False are zeros: what a diverged item (an overflowing fp16
+    model) is scored as, since a Latent-CLIP term refuses a batch holding a non-finite latent."""
+    keep = finite.to(x.device).view(-1, *[1] * (x.ndim - 1))
+    return torch.where(keep, x, torch.zeros_like(x))
+
+
+def nan_rows(t: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``t`` [M, ...] with the rows ``finite`` marks False set to NaN (never the best, resampling weight 0);
+    a value without one row per item (a scalar) is returned as it is."""
+    if t.ndim == 0 or t.shape[0] != finite.shape[0]:
+        return t
+    keep = finite.to(t.device).view(-1, *[1] * (t.ndim - 1))
+    return torch.where(keep, t, torch.full_like(t, float("nan")))
+
+
 class RewardTerm:
     """One reward term. Subclasses implement ``evaluate``; ``weight`` scales ``loss``.
 

@@ -159,16 +159,15 @@ def reward_scorer(reward, batch: int) -> Callable[[torch.Tensor], tuple[torch.Te
     once; a term with one text per item is evaluated slot by slot, so item ``b``'s text meets row
     ``s * B + b``.
     """
-    from .rewards import LatentAvoid, RewardSum
+    from .rewards import LatentAvoid, RewardSum, finite_rows, nan_rows, zero_rows
     reward = RewardSum(reward)
     per_item = any(getattr(t, "text_features", None) is not None and t.text_features.shape[0] > 1
                    and not isinstance(t, LatentAvoid) for t in reward.term_list)
 
     def score(latents: torch.Tensor):
-        finite = _finite_rows(latents)
+        finite = finite_rows(latents)
         if finite is not None:      # a diverged particle scores NaN (ranks last), the others as they would
-            keep = finite.view(-1, *[1] * (latents.ndim - 1)).to(latents.device)
-            latents = torch.where(keep, latents, torch.zeros_like(latents))   # a new tensor: the input is kept
+            latents = zero_rows(latents, finite)   # a new tensor: the input is kept
         with torch.no_grad():
             if not per_item or latents.shape[0] == batch:
                 loss, values = reward.evaluate(latents)
@@ -177,33 +176,19 @@ def reward_scorer(reward, batch: int) -> Callable[[torch.Tensor], tuple[torch.Te
                 loss = torch.cat([p[0] for p in parts])
                 values = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         if finite is not None:
-            loss, values = _nan_rows(loss, finite), {k: _nan_rows(v, finite) for k, v in values.items()}
+            loss, values = nan_rows(loss, finite), {k: nan_rows(v, finite) for k, v in values.items()}
         return -loss.detach().float(), values
     return score
-
-
-def _finite_rows(latents: torch.Tensor) -> torch.Tensor | None:
-    """Which rows of ``latents`` are finite [M] (None: all of them)."""
-    finite = torch.isfinite(latents.detach().flatten(1)).all(dim=1)
-    return None if bool(finite.all()) else finite
-
-
-def _nan_rows(t: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """``t`` [M, ...] with the rows ``finite`` marks False set to NaN.
-
-    Those rows were scored as zeros: a Latent-CLIP term refuses a batch holding a non-finite latent
-    (InputError blaming the user's latents), so one diverged particle (an overflowing fp16 model)
-    ended the whole search. NaN ranks it last and gives it resampling weight 0 (``_ranked``)."""
-    if t.ndim == 0 or t.shape[0] != finite.shape[0]:
-        return t
-    keep = finite.to(t.device).view(-1, *[1] * (t.ndim - 1))
-    return torch.where(keep, t, torch.full_like(t, math.nan))
 
 
 def _check_some_finite(x0: torch.Tensor, batch: int, step: int) -> None:
     """InputError naming the sampler when every particle of an item has a non-finite x0 prediction at
     ``step``: that item has nothing left to pick (one diverged particle only scores NaN)."""
-    finite = torch.isfinite(x0.detach().flatten(1)).all(dim=1).view(-1, batch).any(dim=0).cpu()
+    from .rewards import finite_rows
+    rows = finite_rows(x0)
+    if rows is None:
+        return
+    finite = rows.view(-1, batch).any(dim=0).cpu()
     if bool(finite.all()):
         return
     bad = [b + 1 for b in torch.nonzero(~finite).flatten().tolist()]

@@ -3,7 +3,6 @@ user configured in extra_model_paths.yaml) cannot be written (a read-only shared
 one), the download goes to the next registered folder that can be, never into the pack's own weights/; with none
 writable it is one error naming the folder. The node has no output-folder input, so "give a writable folder" left
 the user with nothing to change."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,17 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_latent_clip
+from test_hub_download import _standin_module
 
-HERE = Path(__file__).resolve().parent
 REPO_ID = "wendlerc/latent-clip-b-8-512-34b-80k"
 LOCAL = "latent-clip-b-8-512-34b-80k.safetensors"
-
-
-def _standin_module():
-    spec = importlib.util.spec_from_file_location("latentclip_tests_hub_standin_1206b", HERE.parent / "core" / "hub_standin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

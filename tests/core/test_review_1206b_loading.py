@@ -14,17 +14,9 @@ import torch
 import latentclip
 from latentclip import checkpoints, hub
 from hub_standin import StandInHub, authors_layout
+from test_hub import tiny_model
 
 REPO = "wendlerc/latent-clip-b-8-512-34b-80k"
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = latentclip.LatentCLIP("Latent-ViT-Tiny-test").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
 
 
 @pytest.fixture(scope="module")
