@@ -24,6 +24,14 @@ def _violations(scores: torch.Tensor, truth: torch.Tensor, margin: float) -> tor
     return F.relu(margin + scores - lowest_true).masked_fill(truth, 0.0)
 
 
+def _normalised_violations(scores: torch.Tensor, truth: torch.Tensor, margin: float, row: torch.Tensor,
+                           lead: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Per (image ``row[p]``, true caption ``lead[p]``) and caption: how far the lead's score over a false
+    caption, divided by the two captions' text distance ``dist[lead[p]]``, falls short of ``margin``; [P, K]."""
+    gap = (scores[row, lead].unsqueeze(1) - scores[row]) / dist.clamp(min=1e-6)
+    return F.relu(margin - gap).masked_fill(truth[row], 0.0)
+
+
 def wrong_share(emb: torch.Tensor, text: torch.Tensor, truth: torch.Tensor, margin: float = 0.0) -> float:
     """Share of images (rows of ``emb``, normalised) where some false caption scores within ``margin`` of a true one."""
     v = _violations(emb @ text.T, truth, margin)
@@ -31,14 +39,17 @@ def wrong_share(emb: torch.Tensor, text: torch.Tensor, truth: torch.Tensor, marg
 
 
 def caption_consistent_targets(target: torch.Tensor, text: torch.Tensor, truth: torch.Tensor, margin: float,
-                               pull: float = 0.1, iters: int = 500, lr: float = 0.01):
+                               pull: float = 0.1, iters: int = 500, lr: float = 0.01, normalise_gap: bool = False):
     """Returns (targets, stats). ``target``: [N, D] teacher image embeddings; ``text``: [K, D] normalised
     caption embeddings of the same teacher; ``truth``: [N, K] bool, which captions are true of each image
     (rows without a true caption are left as they are). Images sharing a row of ``truth`` share one move,
     found for their mean embedding: the constraints are the row's, and the mean stands for the images.
     The returned targets are normalised; ``stats`` holds how many moved, the share wrong (by 0) before and
     after, how far they moved (cosine to the teacher's) and the CPU seconds, so a run can report the
-    correction's cost with its training's."""
+    correction's cost with its training's. ``normalise_gap``: every true caption's lead over every false one
+    is divided by the two captions' text distance (the most a unit embedding can get), so ``margin`` is a
+    lean along the pair's own direction and captions the text tower nearly merges are not asked for a raw
+    lead they can only get by moving the target far (``distill_loss.hard_negative_margin``)."""
     if margin < 0 or pull < 0:
         raise ValueError(f"caption-consistent targets need margin >= 0 and pull >= 0, got {margin} and {pull}")
     if truth.shape != (target.shape[0], text.shape[0]):
@@ -52,9 +63,17 @@ def caption_consistent_targets(target: torch.Tensor, text: torch.Tensor, truth: 
     mean = F.normalize(base.new_zeros(len(rows), base.shape[1]).index_add_(0, group, base[has_truth]), dim=-1)
     delta = torch.zeros_like(mean, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
+    if normalise_gap:
+        row, lead = rows.nonzero(as_tuple=True)       # every (caption set, true caption) pair
+        dist = torch.cdist(text, text)[lead]
     for _ in range(iters):
         e = F.normalize(mean + delta, dim=-1)
-        loss = 100.0 * _violations(e @ text.T, rows, margin).sum(1).mean() + pull * delta.pow(2).sum(1).mean()
+        if normalise_gap:
+            v = _normalised_violations(e @ text.T, rows, margin, row, lead, dist).sum(1)
+            v = base.new_zeros(len(rows)).index_add_(0, row, v)
+        else:
+            v = _violations(e @ text.T, rows, margin).sum(1)
+        loss = 100.0 * v.mean() + pull * delta.pow(2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -63,7 +82,7 @@ def caption_consistent_targets(target: torch.Tensor, text: torch.Tensor, truth: 
         out[has_truth] = F.normalize(base[has_truth] + delta[group], dim=-1)
         cos = (out * base).sum(1)[has_truth]
         stats = {"caption_sets": int(len(rows)), "images": int(len(base)), "margin": margin, "pull": pull,
-                 "wrong_before": round(wrong_share(base[has_truth], text, truth[has_truth]), 4),
+                 "normalised_gap": bool(normalise_gap), "wrong_before": round(wrong_share(base[has_truth], text, truth[has_truth]), 4),
                  "wrong_after": round(wrong_share(out[has_truth], text, truth[has_truth]), 4),
                  "cosine_to_teacher_mean": round(float(cos.mean()), 4) if len(cos) else 1.0,
                  "cosine_to_teacher_min": round(float(cos.min()), 4) if len(cos) else 1.0,

@@ -69,17 +69,25 @@ def hard_negative_choice(student: torch.Tensor, options: torch.Tensor, logit_sca
 
 
 def hard_negative_margin(student: torch.Tensor, options: torch.Tensor, margin: float,
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, normalise_gap: bool = False) -> torch.Tensor:
     """Hinge on cosines: mean over each image's hard negatives of ``max(0, margin - (cos_true - cos_neg))``.
 
     Same ``options``/``mask`` layout as ``hard_negative_choice``. It stops pulling once the true caption
     leads each hard negative by ``margin``, so the embedding moves no further from a regression target
     than the distinction needs (a softmax keeps pushing, which costs the other tasks).
+    ``normalise_gap``: each gap is divided by ``|t_true - t_neg|``, the most any unit image embedding can
+    get, so ``margin`` becomes how far the image leans along the pair's own direction. A text tower that
+    nearly merges two captions ("A above B" and "A below B") leaves them a gap a hundred times smaller
+    than distinct ones get; unnormalised, both a hinge and a softmax all but ignore such pairs.
     """
     _check_options(student, options)
     img = F.normalize(student.float(), dim=-1)
-    cos = torch.einsum("ne,nke->nk", img, F.normalize(options.float(), dim=-1))
-    hinge = F.relu(margin - (cos[:, :1] - cos[:, 1:]))
+    opt = F.normalize(options.float(), dim=-1)
+    cos = torch.einsum("ne,nke->nk", img, opt)
+    gap = cos[:, :1] - cos[:, 1:]
+    if normalise_gap:
+        gap = gap / (opt[:, :1] - opt[:, 1:]).norm(dim=-1).clamp(min=1e-6)
+    hinge = F.relu(margin - gap)
     valid = torch.ones_like(hinge, dtype=torch.bool) if mask is None else mask[:, 1:].to(hinge.device).bool()
     return (hinge * valid).sum() / valid.sum().clamp(min=1)
 

@@ -87,12 +87,13 @@ RECIPE = {
 #: count heads (``distill``'s ``order_weight``, ``count_weight``) that make the image tower compute a relation's
 #: order in hundreds of steps instead of thousands; no generated rows (they cost 8% a step); caption-consistent
 #: targets (``target_margin``, ``target_pull``), so the cosine term stops pulling towards the teacher's order
-#: confusion. Chosen on the validation split over 30 retrieval draws (docs/miniworld_mini16.md, "Order and
-#: count heads", "Caption-consistent targets").
+#: confusion; the normalised-gap hinge over both word orders (``gap_weight``), so captions the teacher's text
+#: tower nearly merges are told apart too. Chosen on the validation split over 30 retrieval draws
+#: (docs/miniworld_mini16.md, "Order and count heads", "Caption-consistent targets", "Normalised gaps").
 #: Retrained by ``train --family mini16 --only student --student-recipe fast``; not the shipped student.
 FAST_STUDENT = {**RECIPE["student"], "steps": 950, "lr": 3.5e-3, "warmup": 50, "contrastive_weight": 0.7,
                 "generated_prompts": 0, "relation_share": 0.65, "order_weight": 1.0, "count_weight": 1.0,
-                "target_margin": 0.005, "target_pull": 0.01}
+                "target_margin": 0.005, "target_pull": 0.01, "gap_weight": 10.0, "gap_margin": 0.01, "gap_both_orders": True}
 
 
 def log(msg: str) -> None:
@@ -191,6 +192,36 @@ def _relation_choices(idx, truesets, both_orders: bool = False) -> tuple[list[in
     return rows, options
 
 
+def relation_choice_table(truesets, text: dict, both_orders: bool = False) -> dict:
+    """``_relation_choices`` for every scene of a pool at once, as index tensors into one text matrix, so a
+    training step gathers its rows instead of parsing captions and stacking embeddings (most of the relation
+    terms' cost). ``relation_choice_loss(..., table=)`` gives the same tensors, hence the same loss, as
+    without it."""
+    names = list(text)
+    where = {c: k for k, c in enumerate(names)}
+    counts, flat = [], []
+    for i in range(len(truesets)):
+        _, options = _relation_choices([i], truesets, both_orders)
+        counts.append(len(options))
+        flat.extend(options)
+    k = max((len(o) for o in flat), default=1)
+    counts = torch.tensor(counts, dtype=torch.long)
+    return {"text": torch.stack([text[c] for c in names]),
+            "index": torch.tensor([[where[o[min(j, len(o) - 1)]] for j in range(k)] for o in flat],
+                                  dtype=torch.long).reshape(-1, k),
+            "width": torch.tensor([len(o) for o in flat], dtype=torch.long),
+            "counts": counts, "starts": torch.cumsum(counts, 0) - counts}
+
+
+def _table_rows(table: dict, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch position, table row) of every relation choice of the batch's scenes, in ``_relation_choices``'s order."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    c = table["counts"][idx]
+    pos = torch.repeat_interleave(torch.arange(len(idx)), c)
+    offset = torch.arange(int(c.sum())) - torch.repeat_interleave(torch.cumsum(c, 0) - c, c)
+    return pos, torch.repeat_interleave(table["starts"][idx], c) + offset
+
+
 def order_labels(idx, truesets) -> tuple[list[int], list[int]]:
     """For each relation scene of the batch whose two objects differ: (batch position, where the object
     that sorts first by (colour, shape) lies relative to the other, as an index into ``S.RELATIONS``).
@@ -221,7 +252,7 @@ def count_labels(idx, truesets) -> list[int]:
     return out
 
 
-def pool_caption_targets(target, truesets, text: dict, margin: float, pull: float):
+def pool_caption_targets(target, truesets, text: dict, margin: float, pull: float, normalise_gap: bool = False):
     """``caption_targets.caption_consistent_targets`` for a pool: the truth of every caption of the grammar
     (``text``'s keys) from each scene's true captions. Returns (targets, stats)."""
     captions = list(text)
@@ -229,22 +260,36 @@ def pool_caption_targets(target, truesets, text: dict, margin: float, pull: floa
     truth = torch.zeros(len(truesets), len(captions), dtype=torch.bool)
     for i, t in enumerate(truesets):
         truth[i, [where[c] for c in t]] = True
-    return caption_consistent_targets(target, torch.stack([text[c] for c in captions]), truth, margin, pull)
+    return caption_consistent_targets(target, torch.stack([text[c] for c in captions]), truth, margin, pull,
+                                      normalise_gap=normalise_gap)
 
 
 def relation_choice_loss(emb, idx, truesets, text: dict, logit_scale: float, margin: float | None = None,
-                         both_orders: bool = False):
-    """``hard_negative_choice`` (or, with ``margin``, ``hard_negative_margin``) over every true relation
-    caption of the batch and its relation swaps, or None when the batch holds no relation scene."""
-    rows, options = _relation_choices(idx, truesets, both_orders)
-    if not rows:
-        return None
-    k = max(len(o) for o in options)
-    opts = torch.stack([torch.stack([text[o[min(j, len(o) - 1)]] for j in range(k)]) for o in options])
-    mask = torch.tensor([[j < len(o) for j in range(k)] for o in options])
+                         both_orders: bool = False, normalise_gap: bool = False, table: dict | None = None):
+    """``hard_negative_choice`` (or, with ``margin``, ``hard_negative_margin``, its gaps normalised with
+    ``normalise_gap``) over every true relation caption of the batch and its relation swaps, or None when
+    the batch holds no relation scene. ``table``: ``relation_choice_table(truesets, text, both_orders)``,
+    built once for the pool (the same loss, faster)."""
+    if table is not None:
+        pos, rows = _table_rows(table, idx)
+        if not len(rows):
+            return None
+        width = table["width"][rows]
+        k = int(width.max())
+        opts = table["text"][table["index"][rows, :k]]
+        mask = torch.arange(k) < width[:, None]
+        rows = pos
+    else:
+        rows, options = _relation_choices(idx, truesets, both_orders)
+        if not rows:
+            return None
+        k = max(len(o) for o in options)
+        opts = torch.stack([torch.stack([text[o[min(j, len(o) - 1)]] for j in range(k)]) for o in options])
+        mask = torch.tensor([[j < len(o) for j in range(k)] for o in options])
+        rows = torch.as_tensor(rows)
     if margin is not None:
-        return hard_negative_margin(emb[torch.as_tensor(rows)], opts, margin, mask)
-    return hard_negative_choice(emb[torch.as_tensor(rows)], opts, logit_scale, mask)
+        return hard_negative_margin(emb[rows], opts, margin, mask, normalise_gap)
+    return hard_negative_choice(emb[rows], opts, logit_scale, mask)
 
 
 _INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
@@ -352,9 +397,15 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
     holds (``count_labels``): the image tower is asked for the order itself, which the relation term asks for
     only through each pair's own text direction. ``recipe['negatives_both_orders']``: the contrastive term's
     hard negatives also hold the other word order's false captions.
+    ``recipe['gap_weight']`` (absent or 0: off): a hinge on each true relation caption's lead over its relation
+    swaps (``recipe['gap_both_orders']``: and the other word order's false captions), each lead divided by the
+    two captions' text distance (``hard_negative_margin``'s ``normalise_gap``) and asked to reach
+    ``recipe['gap_margin']`` (default 0.1): the teacher's text tower nearly merges "A above B" and "A below B",
+    so the raw lead such a pair can get is tiny and both the softmax and the raw hinge all but ignore it.
     ``recipe['target_margin']`` (absent or 0: off): the cosine term regresses to caption-consistent targets
     (``pool_caption_targets`` with that margin and ``recipe['target_pull']``, default 0.1), computed on the
-    training clock; the teacher's text tower reads little word order, so its own image embeddings score
+    training clock (``recipe['target_gap_normalised']``: each lead divided by the two captions' text distance, as
+    ``gap_weight``'s); the teacher's text tower reads little word order, so its own image embeddings score
     false wordings of a relation as high as true ones and the plain cosine term pulls against the relation terms."""
     r = {**RECIPE["student"], **(recipe or {})}
     n_gen = int(r.get("generated_prompts") or 0)
@@ -401,8 +452,17 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
     if r.get("target_margin"):
         # on the training clock: it exists for this run's recipe, unlike the pool's pre-encoding
         target, correction = pool_caption_targets(target, truesets, text, float(r["target_margin"]),
-                                                  float(r.get("target_pull", 0.1)))
+                                                  float(r.get("target_pull", 0.1)), bool(r.get("target_gap_normalised")))
         log(f"student: caption-consistent targets: {correction}")
+    # the relation terms' choices, indexed once for the pool (on the training clock)
+    tables = {}
+    if r.get("relation_weight") and not r.get("relation_symmetric"):
+        tables.setdefault(bool(r.get("relation_both_orders")),
+                          relation_choice_table(truesets, text, bool(r.get("relation_both_orders"))))
+    if r.get("gap_weight"):
+        both = bool(r.get("gap_both_orders"))
+        if both not in tables:
+            tables[both] = relation_choice_table(truesets, text, both)
     every = int(r.get("trajectory_every") or 0) if probe is not None else 0
     for step in range(r["steps"]):
         for g in opt.param_groups:
@@ -429,10 +489,18 @@ def distill(vae, teacher, seed: int, recipe: dict | None = None, progress_every:
                 rel = symmetric_relation_loss(emb, idx, truesets, text, r["relation_logit_scale"])
             else:
                 rel = relation_choice_loss(emb, idx, truesets, text, r.get("relation_logit_scale", 0.0),
-                                           r.get("relation_margin"), bool(r.get("relation_both_orders")))
+                                           r.get("relation_margin"), bool(r.get("relation_both_orders")),
+                                           table=tables[bool(r.get("relation_both_orders"))])
             if rel is not None:
                 loss = loss + r["relation_weight"] * rel
                 parts["relation"] = float(rel.detach())
+        if r.get("gap_weight"):
+            gap = relation_choice_loss(emb, idx, truesets, text, 0.0, float(r.get("gap_margin", 0.1)),
+                                       bool(r.get("gap_both_orders")), normalise_gap=True,
+                                       table=tables[bool(r.get("gap_both_orders"))])
+            if gap is not None:
+                loss = loss + r["gap_weight"] * gap
+                parts["gap"] = float(gap.detach())
         if order_head is not None:
             rows, labels = order_labels(idx, truesets)
             if rows:

@@ -11,14 +11,14 @@ from latentclip.miniworld import mini16 as M
 torch.set_num_threads(1)
 
 
-def _order_blind_world(n_per_set: int = 20, seed: int = 0):
+def _order_blind_world(n_per_set: int = 20, seed: int = 0, spread: float = 0.05, noise: float = 0.02):
     """Two captions a text tower nearly confuses ("A left of B" / "B left of A": the same vector but for a
-    small direction), and images of which one or the other is true, embedded by a teacher that cannot tell
-    them apart (the same embedding plus noise). A third caption is true of neither."""
+    small direction, ``spread`` long), and images of which one or the other is true, embedded by a teacher
+    that cannot tell them apart (the same embedding plus ``noise``). A third caption is true of neither."""
     g = torch.Generator().manual_seed(seed)
     common, small, other = F.normalize(torch.randn(3, 16, generator=g), dim=-1)
-    text = F.normalize(torch.stack([common + 0.05 * small, common - 0.05 * small, other]), dim=-1)
-    target = common + 0.02 * torch.randn(2 * n_per_set, 16, generator=g)
+    text = F.normalize(torch.stack([common + spread * small, common - spread * small, other]), dim=-1)
+    target = common + noise * torch.randn(2 * n_per_set, 16, generator=g)
     truth = torch.zeros(2 * n_per_set, 3, dtype=torch.bool)
     truth[:n_per_set, 0] = True
     truth[n_per_set:, 1] = True

@@ -83,6 +83,7 @@ def test_the_fast_recipe_is_the_shipped_one_with_the_compute_comparisons_changes
     assert set(fast) >= set(shipped) and fast["steps"] == 950 and fast["generated_prompts"] == 0
     assert fast["order_weight"] > 0 and fast["count_weight"] > 0
     assert fast["target_margin"] > 0 and fast["target_pull"] > 0 and "target_margin" not in shipped
+    assert fast["gap_weight"] > 0 and fast["gap_both_orders"] and "gap_weight" not in shipped
 
 
 def test_the_cli_trains_the_fast_student_only_into_a_folder_it_is_given(tmp_path, monkeypatch, capsys):
