@@ -222,9 +222,22 @@ class LatentCLIP(nn.Module):
         return self.tokenizer(texts).to(self.device)
 
     def encode_text(self, texts) -> torch.Tensor:
-        """Text features [N, E] for a list of strings (or an already tokenised LongTensor, on any device)."""
-        tokens = texts.to(self.device) if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        return self.clip.encode_text(tokens)
+        """Text features [N, E] for a list of strings (or an already tokenised LongTensor, on any device).
+
+        Token ids outside the token table are refused here: on a GPU the embedding lookup would stop the
+        whole process with a device-side assert instead of an error the node can report."""
+        vocab = self.clip.token_embedding.num_embeddings
+        if isinstance(texts, torch.Tensor):
+            tokens = texts.to(self.device)
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+                raise InputError(f"text tokens must be ids in [0, {vocab - 1}] (text_cfg.vocab_size {vocab}), "
+                                 f"got ids from {int(tokens.min())} to {int(tokens.max())}")
+            return self.clip.encode_text(tokens)
+        if vocab < len(self.tokenizer.encoder):
+            raise InputError(f"this Latent-CLIP's text tower holds {vocab} tokens (text_cfg.vocab_size) but its "
+                             f"tokenizer writes ids up to {len(self.tokenizer.encoder) - 1}, so it cannot encode "
+                             f"text; expected a text tower of at least {len(self.tokenizer.encoder)} tokens")
+        return self.clip.encode_text(self.tokenize(texts))
 
     def _text_weights_key(self) -> tuple:
         """Which text-tower tensors the model holds and how often each was written (storage and version counter
