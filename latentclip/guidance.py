@@ -111,6 +111,13 @@ def _lst(t):
     return None if t is None else [float(v) for v in t.detach().cpu()]
 
 
+def _rows(t, keep, fill):
+    """``t`` with the items outside ``keep`` [B] set to ``fill``; ``t`` itself when ``keep`` is None (all kept)."""
+    if t is None or keep is None:
+        return t
+    return torch.where(keep.to(t.device).view(-1, *[1] * (t.ndim - 1)), t, fill)
+
+
 def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma, scale: float,
                     anchor_embeds: torch.Tensor | None = None, alternative_embeds: torch.Tensor | None = None,
                     threshold: float = 0.0, max_move: float = DEFAULT_MAX_MOVE, sigma_data: float = 1.0,
@@ -119,10 +126,17 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
 
     concept_embeds [K, E], anchor_embeds [A, E] and alternative_embeds [N, E] are text features
     of this Latent-CLIP (normalised here). The new x0 has x0's dtype and device; items that do not
-    fire are bit-identical to x0's. Inputs are never modified; works inside inference_mode.
+    fire are bit-identical to x0's; an item with NaN/inf values never fires (its statistics are NaN). Inputs
+    are never modified; works inside inference_mode.
     measure_after: run one more (gradient-free) Latent-CLIP pass for the "after" statistics.
     """
-    model.check_latents(x0, "x0")
+    # An item whose x0 diverged (NaN/inf: an fp16 UNet that overflowed) is left as it is and not guided, as the
+    # sampler would leave it: refusing it stopped the whole batch with an error naming no input of the user's.
+    keep = None
+    if isinstance(x0, torch.Tensor) and x0.ndim >= 2 and x0.numel():     # else check_latents names what is wrong
+        finite = torch.isfinite(x0.detach()).flatten(1).all(dim=1)
+        keep = None if bool(finite.all()) else finite
+    model.check_latents(x0 if keep is None else torch.nan_to_num(x0.detach()), "x0")
     batch = x0.shape[0]
     for name, v, low in (("scale", scale, 0.0), ("max_move", max_move, 0.0), ("sigma_data", sigma_data, 1e-12)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < low:
@@ -146,9 +160,11 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         weight = sigma_weight(sig, sigma_data)
         step = (scale * weight).clamp(max=max_move)            # fraction of ||x0|| per item
 
+        x = _rows(as_normal_tensor(x0).float(), keep, 0.0)     # diverged items read as zeros, reported as NaN
         if scale == 0:
             with torch.no_grad():
-                c, a, p = _measure(model, x0, concepts, anchors, alternatives, policy)
+                measured = _measure(model, x, concepts, anchors, alternatives, policy)
+                c, a, p = (_rows(v, keep, math.nan) for v in measured)
             zeros = [0.0] * batch
             return x0, GuidanceStats([False] * batch, _lst(weight), zeros, zeros, _lst(c),
                                      _lst(c) if measure_after else None, _lst(a),
@@ -156,7 +172,7 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
 
         require_trainable_graph(model, "the Latent-CLIP model")
         with torch.enable_grad():
-            x = as_normal_tensor(x0).float().requires_grad_(True)
+            x.requires_grad_(True)
             c_before, a_before, p_before = _measure(model, x, concepts, anchors, alternatives, policy)
             objective = c_before if a_before is None else c_before - a_before
             (grad,) = torch.autograd.grad(objective.sum(), [x])
@@ -167,6 +183,9 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         flat = grad.flatten(1)
         g_norm = flat.norm(dim=1)
         fired = fired & torch.isfinite(g_norm) & (g_norm > 0)
+        if keep is not None:
+            fired = fired & keep.to(fired.device)
+            c_before, a_before, p_before = (_rows(v, keep, math.nan) for v in (c_before, a_before, p_before))
         x_norm = x.detach().flatten(1).norm(dim=1)
         move = torch.where(fired, step.to(x.device) * x_norm, torch.zeros_like(x_norm))
         direction = grad / g_norm.clamp_min(1e-30).view(-1, *[1] * (grad.ndim - 1))
@@ -180,8 +199,9 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         c_after = a_after = p_after = None
         if measure_after:
             with torch.no_grad():
-                c_after, a_after, p_after = _measure(model, new, concepts, anchors, alternatives, policy)
-        actual = (new.float() - x0.float()).flatten(1).norm(dim=1)
+                after = _measure(model, _rows(new, keep, 0.0), concepts, anchors, alternatives, policy)
+                c_after, a_after, p_after = (_rows(v, keep, math.nan) for v in after)
+        actual = _rows((new.float() - x0.float()).flatten(1).norm(dim=1), keep, 0.0)   # NaN - NaN is not a move
         stats = GuidanceStats(fired=[bool(f) for f in fired.cpu()], weight=_lst(weight), move_norm=_lst(actual),
                               relative_move=_lst(actual / x_norm.clamp_min(1e-12).to(actual.device)),
                               concept_cos_before=_lst(c_before), concept_cos_after=_lst(c_after),
