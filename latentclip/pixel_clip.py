@@ -63,6 +63,18 @@ def _hugging_face_part(cfg: dict) -> str | None:
     return None
 
 
+def check_finite_weights(sd: dict, path: Path) -> None:
+    """Refuse a file with NaN or infinite weights, as the Latent-CLIP reader does: it would load, and every
+    reward it gave would be NaN (ReNO would return the unoptimised image with a NaN loss). A causal
+    ``attn_mask`` holds -inf by design."""
+    for key, v in sd.items():
+        if key.rsplit(".", 1)[-1] == "attn_mask" or not v.is_floating_point():
+            continue
+        if not torch.isfinite(v.float() if v.element_size() == 1 else v).all():   # float8: isfinite needs a widening
+            raise CheckpointError(f"'{path.name}' stores NaN or infinite values in {key!r}; expected finite weights "
+                                  "(a damaged download or a half-precision export that overflowed)")
+
+
 def infer_model_name(sd: dict) -> str:
     """The open_clip architecture whose shapes match ``sd`` (plain names preferred over -quickgelu)."""
     want = _signature_from_state_dict(sd)
@@ -115,12 +127,15 @@ def load_pixel_clip(path, model_name: str | None = None, device="cpu", dtype=tor
             read_safetensors_header(path).get("__metadata__", {}).get("format") == MINI_PIXEL_FORMAT:
         from .miniworld.clips import load_pixel_clip as load_mini
         with torch.inference_mode(False):
-            mini = load_mini(path).clip.to(device=device, dtype=dtype)
+            mini = load_mini(path).clip
+            check_finite_weights(mini.state_dict(), path)
+            mini = mini.to(device=device, dtype=dtype)
         return mini, tokenizer_of(mini), "mini-world pixel CLIP"
     if model_name:
         check_model_name(model_name)
     raw, _ = read_state_dict(path)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+    check_finite_weights(sd, path)
     name = model_name or infer_model_name(sd)
     with torch.inference_mode(False):  # rewards backpropagate through it
         model = open_clip.create_model(name, pretrained=None)

@@ -74,6 +74,13 @@ class Mini(comfy.latent_formats.LatentFormat):
         self.mean, self.std = mean.detach().float().view(1, -1, 1, 1), std.detach().float().view(1, -1, 1, 1)
 
     def process_in(self, latent):
+        """Checked first: the per-channel statistics would broadcast against another channel count (torch's
+        size error) or a 5-D video latent (a wrong shape the model then reports)."""
+        channels = self.mean.shape[1]
+        if latent.ndim != 4 or latent.shape[1] != channels:
+            raise InputError(f"latent_image is {'x'.join(str(s) for s in latent.shape[1:])} but the mini-world draws "
+                             f"{channels}-channel image latents [batch, {channels}, height, width]: start from a 64x64 "
+                             "Empty Latent Image or encode with Load mini-world's VAE")
         return (latent - self.mean.to(latent)) / self.std.to(latent)
 
     def process_out(self, latent):
@@ -290,6 +297,12 @@ class LatentCLIPMiniWorldJudge(io.ComfyNode):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
             raise InputError(f"images must be an IMAGE batch [batch, height, width, 3], got "
                              f"{list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        # a NaN latent decodes to NaN pixels, which the judge would read as black ("no" for every attribute)
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if not finite.all():
+            bad = ", ".join(str(i + 1) for i in torch.nonzero(~finite).flatten().tolist())
+            raise InputError(f"images holds NaN or infinite values (image {bad} of {len(images)}); expected finite "
+                             "pixels in [0, 1], as VAE Decode makes from finite latents")
         # an IMAGE of a large model takes seconds per image (the judge is made for 64x64): progress per image,
         # and the interrupt is checked per image and during each image's component labelling
         bar = comfy.utils.ProgressBar(len(images))
