@@ -147,6 +147,8 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
     dim = model.clip.text_projection.shape[-1] if model.clip.text_projection is not None else concept_embeds.shape[-1]
 
     with torch.inference_mode(False):
+        # made under the caller's inference mode: torch.where would save it for backward and autograd refuses that
+        keep = None if keep is None else as_normal_tensor(keep)
         device = model.device
         concepts = _embeds(concept_embeds, "concept_embeds", dim, device)
         if concepts is None:

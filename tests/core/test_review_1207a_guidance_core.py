@@ -54,6 +54,16 @@ def test_a_diverged_item_is_left_alone_and_the_others_are_guided_as_without_it(m
         assert [values[0], values[3]] == pytest.approx(expected, abs=1e-5), key
 
 
+def test_a_diverged_item_inside_inference_mode_as_a_sampler_calls_it(model, texts):
+    """ComfyUI runs the hook under torch.inference_mode: the finite-item mask made there must not reach autograd
+    (torch.where saved it for backward, and autograd refused an inference tensor)."""
+    x0 = broken(x0s())
+    with torch.inference_mode():
+        new, st = safety_guidance(x0, model, texts[0], sigma=8.0, scale=0.05, anchor_embeds=texts[1])
+    ref, _ = safety_guidance(x0s()[[0, 3]], model, texts[0], sigma=8.0, scale=0.05, anchor_embeds=texts[1])
+    assert st.fired == [True, False, False, True] and torch.allclose(new[[0, 3]], ref, atol=1e-6)
+
+
 def test_every_item_diverged_returns_them_unguided(model, texts):
     x0 = torch.full((2, 4, 32, 32), float("nan"))
     new, st = safety_guidance(x0, model, texts[0], sigma=8.0, scale=0.05)
