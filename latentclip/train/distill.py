@@ -388,6 +388,7 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
     Returns the written file, or None when ``stop_after`` ended this process first.
     """
     world = distributed.world_from_env()
+    distributed.check_launched(world)   # first: a batch script without srun waited for ranks nothing started
     device = distributed.pick_device(world, s.device)
     say = (log or (lambda m: print(m, file=sys.stderr, flush=True))) if world.is_main else (lambda m: None)
     if s.batch < 1 or s.steps < 1:

@@ -1,7 +1,7 @@
 """The launch edge: who am I in a torchrun / SLURM / single-process job, and on which device.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (single and multi node, rendezvous included); a SLURM
-``srun`` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, which are read as open_clip reads them
+``srun`` sets SLURM_PROCID, SLURM_NTASKS (and SLURM_STEP_NUM_TASKS) and SLURM_LOCALID, read as open_clip reads them
 (MASTER_ADDR and MASTER_PORT must then be exported by the batch script). Nothing else in the trainer
 looks at the environment.
 """
@@ -28,9 +28,13 @@ class World:
 
 
 def world_from_env(env=None) -> World:
-    """This process's place in the job; torchrun's variables win over SLURM's."""
+    """This process's place in the job; torchrun's variables win over SLURM's.
+
+    Under srun the size is SLURM_STEP_NUM_TASKS, the processes srun started: SLURM_NTASKS is the
+    allocation's under ``srun --preserve-env``, and the ranks waited for ranks that never came."""
     env = os.environ if env is None else env
-    for rank, size, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+    slurm_size = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    for rank, size, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", slurm_size, "SLURM_LOCALID")):
         if rank in env and size in env:
             try:
                 world = World(int(env[rank]), int(env.get(local, env[rank])), int(env[size]))
@@ -43,6 +47,17 @@ def world_from_env(env=None) -> World:
     return World()
 
 
+def check_launched(world: World, env=None) -> None:
+    """A job of several processes was started by a launcher: a plain ``python`` in an sbatch script sees the
+    batch step's SLURM_PROCID=0 and the job's SLURM_NTASKS, and rank 0 waited for ranks nothing started."""
+    env = os.environ if env is None else env
+    if world.size > 1 and "WORLD_SIZE" not in env and "SLURM_STEP_NUM_TASKS" not in env:
+        raise InputError(f"SLURM_NTASKS={world.size} but this process was not started by srun (SLURM_STEP_NUM_TASKS "
+                         f"is not set), so the other {world.size - 1} ranks would never come; expected "
+                         "srun python -m latentclip.train distill ... (one process per task; srun --ntasks 1 for "
+                         "one process) or torchrun")
+
+
 def pick_device(world: World, device: str | None = None) -> torch.device:
     """``device`` if given, else this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU.
 
@@ -50,7 +65,11 @@ def pick_device(world: World, device: str | None = None) -> torch.device:
     ``torch.cuda.set_device`` refuses a device without an index (a ValueError before any work).
     """
     if device:
-        picked = torch.device(device)
+        try:
+            picked = torch.device(device)
+        except RuntimeError:   # e.g. "gpu": torch's message lists twenty device types, as a traceback
+            raise InputError(f"--device {device!r} is not a device name; expected cpu, cuda or cuda:N "
+                             "(the GPU's index)") from None
         if picked.type != "cuda" or picked.index is not None:
             return picked
     if device or torch.cuda.is_available():
