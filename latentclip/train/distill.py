@@ -282,6 +282,11 @@ def _load_resume(path: Path, visual, opt, fingerprint: dict) -> tuple[int, dict]
 PRECISION_STATE = ("precision", "precision_history", "scaler", "skipped_steps")
 
 
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _trim_log(path: Path, step: int) -> list[int | None]:
     """Rewrite ``path`` without the lines of steps after ``step`` (a crash after logging steps its last
     checkpoint did not reach: this run repeats them) and without a half-written last line; returns the
@@ -402,16 +407,8 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         raise InputError(f"--out '{out}' is a folder; expected the Latent-CLIP file to write, e.g. {out / 'name.safetensors'}")
     if out.exists() and not s.force:
         raise InputError(f"--out '{out}' exists; refusing to overwrite it (use --force)")
-    if world.is_main:   # e.g. a ComfyUI without models/latent_clip yet: made now, not after hours of training
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"--out folder '{out.parent}' cannot be created ({e.strerror or e})") from None
-        try:
-            work.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"--work folder '{work}' cannot be created ({e.strerror or e}); expected a folder "
-                             "for the resume checkpoint and log") from None
+    if world.size == 1:   # e.g. a ComfyUI without models/latent_clip yet: made now, not after hours of training
+        _make_folders(out, work)
     index = ShardIndex(s.data)
     manifest = index.manifest
     if not len(index):
@@ -428,6 +425,8 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                          f"--teacher '{Path(s.teacher).name or teacher.name}' holds other weights of the same architecture; "
                          "the student's text tower must come from the teacher that made the embeddings")
     distributed.init(world, device)
+    if world.size > 1:   # once the group is up: a rank 0 that failed before it left the others waiting to join
+        distributed.on_main(world, lambda: _make_folders(out, work), "create the --out and --work folders")
     _check_same_data(index, world)
     _check_same_precision(precision, s.precision, world)
     torch.manual_seed(s.seed)
@@ -472,10 +471,9 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
         f"{sum(p.numel() for p in visual.parameters()) / 1e6:.2f}M trained parameters ({copied} tensors from the "
         f"teacher's image tower), {world.size} process(es) x batch {s.batch} on {device} in {precision}, "
         f"{steps_per_epoch(len(index), G)} steps per epoch" + (f", resuming at step {step}" if step else ""))
-    if world.is_main:
-        dropped = _trim_log(work / LOG_FILE, step)
-        if dropped:
-            say(f"note: {LOG_FILE}: {_dropped_lines(dropped)} after step {step}, where this run continues")
+    dropped = distributed.on_main(world, lambda: _trim_log(work / LOG_FILE, step), f"rewrite {LOG_FILE} in --work")
+    if dropped:
+        say(f"note: {LOG_FILE}: {_dropped_lines(dropped)} after step {step}, where this run continues")
     autocast = _autocast(precision, device)
     logit_scale = student.clip.logit_scale.exp().item()
     skipped_in_a_row = 0
@@ -535,20 +533,20 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                                  f"overflow; {losses}): the run has diverged; {RESUME_FILE} in --work keeps the last "
                                  "save; expected finite gradients (lower --lr, --precision fp32, or check the shards)")
         step, ran = step + 1, ran + 1
-        if world.is_main and (step % s.log_every == 0 or step == s.steps):
+        if step % s.log_every == 0 or step == s.steps:   # every rank: a failed append on rank 0 stops them all
             rate = ran * G / max(time.perf_counter() - t0, 1e-9)
             record = {"step": step, **parts, "lr": lr_at(step - 1, s), "samples_per_s": rate,
                       "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "precision": precision}
             if scaler is not None:
                 record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
-            with open(work / LOG_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            distributed.on_main(world, lambda: _append_log(work / LOG_FILE, record), f"append to {LOG_FILE} in --work")
             say(f"step {step}/{s.steps} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" {rate:.1f} samples/s")
-        if world.is_main and (step % s.save_every == 0 or step == s.steps or ran == s.stop_after):
-            _save_resume(resume, step, visual, opt, fingerprint, precision_state())
+        if step % s.save_every == 0 or step == s.steps or ran == s.stop_after:
+            distributed.on_main(world, lambda: _save_resume(resume, step, visual, opt, fingerprint, precision_state()),
+                                f"save {RESUME_FILE} in --work")
     reader.shutdown(cancel_futures=True)
-    written = None
-    if world.is_main and step >= s.steps:
+
+    def write_out() -> Path:
         meta = {"teacher": json.dumps({"model": manifest["teacher"]["model"], "file": manifest["teacher"]["file"]}),
                 "data": json.dumps({"folder": Path(s.data).resolve().name,   # resolved: --data . named ''
                                     "samples": len(index), "shards": len(index.shards),
@@ -560,11 +558,27 @@ def run(s: Settings, teacher: Teacher | None = None, log=None) -> Path | None:
                                       | ({"precision_history": history} if len(history) > 1 else {}))}
         written = save(student.float().eval(), out, dtype="fp16", force=s.force, metadata=meta)
         say(f"wrote {written} after {step} steps ({step - started} in this run)")
+        return written
+
+    written = distributed.on_main(world, write_out, "write --out") if step >= s.steps else None
     if world.size > 1:
         dist.barrier()
     distributed.finish()
     index.close()
     return written
+
+
+def _make_folders(out: Path, work: Path) -> None:
+    """The --out and --work folders, each failure one sentence naming its flag."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out folder '{out.parent}' cannot be created ({e.strerror or e})") from None
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--work folder '{work}' cannot be created ({e.strerror or e}); expected a folder "
+                         "for the resume checkpoint and log") from None
 
 
 def _finite_everywhere(loss: torch.Tensor, world) -> bool:

@@ -93,6 +93,28 @@ def init(world: World, device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
 
 
+def on_main(world: World, work, what: str):
+    """``work()`` on rank 0 alone, its outcome told to every rank; returns its result (None on the others).
+
+    When it raises, rank 0 raises its own error and the others a short InputError naming ``what``: they
+    waited at the next collective for a rank that was gone, under srun until the NCCL timeout."""
+    if world.size == 1:
+        return work()
+    done = [True]
+    if world.is_main:
+        try:
+            result = work()
+        except Exception:   # not KeyboardInterrupt: every rank gets Ctrl-C, none would answer
+            dist.broadcast_object_list([False], src=0)
+            raise
+        dist.broadcast_object_list(done, src=0)
+        return result
+    dist.broadcast_object_list(done, src=0)
+    if not done[0]:
+        raise InputError(f"rank 0 failed to {what}; rank {world.rank} stops with it (rank 0's output says why)")
+    return None
+
+
 def finish() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
