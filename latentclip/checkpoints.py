@@ -49,6 +49,16 @@ _MAX_DIMS = 8
 _MAX_TENSORS = 20_000
 
 
+def non_finite_key(sd: dict) -> str | None:
+    """The first floating-point tensor of ``sd`` holding NaN or inf, or None: such a file loads, and every
+    score or reward it gives is NaN. A causal ``attn_mask`` holds -inf by design."""
+    for key, v in sd.items():
+        if v.is_floating_point() and key.rsplit(".", 1)[-1] != "attn_mask" and \
+                not torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float()).all():
+            return key
+    return None
+
+
 def _numpy_safe_globals():
     """The numpy globals an open_clip training pickle holds (scalars in its metadata), nothing else."""
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
@@ -376,7 +386,7 @@ def _open_checked(path, config=None) -> tuple[dict, dict, dict]:
     if any(v.is_meta for v in sd.values()):
         tensors = _read_safetensors_tensors(path, [keys[k] for k in sd])
         sd = {new: tensors[keys[new]] for new in sd}
-    bad = next((k for k, v in sd.items() if not torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float()).all()), None)
+    bad = non_finite_key(sd)
     if bad is not None:
         raise CheckpointError(f"{_describe(path)} stores NaN or infinite values in {bad!r}; expected finite weights")
     _check_not_blank(sd, path)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .rewards import as_normal_tensor, require_trainable_graph
+from .rewards import as_normal_tensor, finite_rows, nan_rows, require_trainable_graph, zero_rows
 
 ZERO_SHOT_SCALE = 100.0
 #: Default bound on one step's move, as a fraction of the item's latent norm.
@@ -111,11 +111,9 @@ def _lst(t):
     return None if t is None else [float(v) for v in t.detach().cpu()]
 
 
-def _rows(t, keep, fill):
-    """``t`` with the items outside ``keep`` [B] set to ``fill``; ``t`` itself when ``keep`` is None (all kept)."""
-    if t is None or keep is None:
-        return t
-    return torch.where(keep.to(t.device).view(-1, *[1] * (t.ndim - 1)), t, fill)
+def _nan_unless(t, keep):
+    """``rewards.nan_rows`` for a statistic that may be absent (None) or have every item kept (``keep`` None)."""
+    return t if t is None or keep is None else nan_rows(t, keep)
 
 
 def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma, scale: float,
@@ -134,8 +132,7 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
     # sampler would leave it: refusing it stopped the whole batch with an error naming no input of the user's.
     keep = None
     if isinstance(x0, torch.Tensor) and x0.ndim >= 2 and x0.numel():     # else check_latents names what is wrong
-        finite = torch.isfinite(x0.detach()).flatten(1).all(dim=1)
-        keep = None if bool(finite.all()) else finite
+        keep = finite_rows(x0)
     model.check_latents(x0 if keep is None else torch.nan_to_num(x0.detach()), "x0")
     batch = x0.shape[0]
     for name, v, low in (("scale", scale, 0.0), ("max_move", max_move, 0.0), ("sigma_data", sigma_data, 1e-12)):
@@ -162,11 +159,13 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         weight = sigma_weight(sig, sigma_data)
         step = (scale * weight).clamp(max=max_move)            # fraction of ||x0|| per item
 
-        x = _rows(as_normal_tensor(x0).float(), keep, 0.0)     # diverged items read as zeros, reported as NaN
+        x = as_normal_tensor(x0).float()
+        if keep is not None:
+            x = zero_rows(x, keep)                             # diverged items read as zeros, reported as NaN
         if scale == 0:
             with torch.no_grad():
                 measured = _measure(model, x, concepts, anchors, alternatives, policy)
-                c, a, p = (_rows(v, keep, math.nan) for v in measured)
+                c, a, p = (_nan_unless(v, keep) for v in measured)
             zeros = [0.0] * batch
             return x0, GuidanceStats([False] * batch, _lst(weight), zeros, zeros, _lst(c),
                                      _lst(c) if measure_after else None, _lst(a),
@@ -187,7 +186,7 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         fired = fired & torch.isfinite(g_norm) & (g_norm > 0)
         if keep is not None:
             fired = fired & keep.to(fired.device)
-            c_before, a_before, p_before = (_rows(v, keep, math.nan) for v in (c_before, a_before, p_before))
+            c_before, a_before, p_before = (_nan_unless(v, keep) for v in (c_before, a_before, p_before))
         x_norm = x.detach().flatten(1).norm(dim=1)
         move = torch.where(fired, step.to(x.device) * x_norm, torch.zeros_like(x_norm))
         direction = grad / g_norm.clamp_min(1e-30).view(-1, *[1] * (grad.ndim - 1))
@@ -201,9 +200,12 @@ def safety_guidance(x0: torch.Tensor, model, concept_embeds: torch.Tensor, sigma
         c_after = a_after = p_after = None
         if measure_after:
             with torch.no_grad():
-                after = _measure(model, _rows(new, keep, 0.0), concepts, anchors, alternatives, policy)
-                c_after, a_after, p_after = (_rows(v, keep, math.nan) for v in after)
-        actual = _rows((new.float() - x0.float()).flatten(1).norm(dim=1), keep, 0.0)   # NaN - NaN is not a move
+                after = _measure(model, new if keep is None else zero_rows(new, keep), concepts, anchors,
+                                 alternatives, policy)
+                c_after, a_after, p_after = (_nan_unless(v, keep) for v in after)
+        actual = (new.float() - x0.float()).flatten(1).norm(dim=1)
+        if keep is not None:
+            actual = zero_rows(actual, keep)                    # NaN - NaN is not a move
         stats = GuidanceStats(fired=[bool(f) for f in fired.cpu()], weight=_lst(weight), move_norm=_lst(actual),
                               relative_move=_lst(actual / x_norm.clamp_min(1e-12).to(actual.device)),
                               concept_cos_before=_lst(c_before), concept_cos_after=_lst(c_after),

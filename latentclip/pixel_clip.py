@@ -11,7 +11,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .checkpoints import read_safetensors_header, read_state_dict
+from .checkpoints import non_finite_key, read_safetensors_header, read_state_dict
 from .errors import CheckpointError
 
 #: The format tag of the mini-world's pixel CLIP files (``latentclip.miniworld.clips.save_clip``).
@@ -64,15 +64,12 @@ def _hugging_face_part(cfg: dict) -> str | None:
 
 
 def check_finite_weights(sd: dict, path: Path) -> None:
-    """Refuse a file with NaN or infinite weights, as the Latent-CLIP reader does: it would load, and every
-    reward it gave would be NaN (ReNO would return the unoptimised image with a NaN loss). A causal
-    ``attn_mask`` holds -inf by design."""
-    for key, v in sd.items():
-        if key.rsplit(".", 1)[-1] == "attn_mask" or not v.is_floating_point():
-            continue
-        if not torch.isfinite(v.float() if v.element_size() == 1 else v).all():   # float8: isfinite needs a widening
-            raise CheckpointError(f"'{path.name}' stores NaN or infinite values in {key!r}; expected finite weights "
-                                  "(a damaged download or a half-precision export that overflowed)")
+    """Refuse a file with NaN or infinite weights, as the Latent-CLIP reader does (``checkpoints.non_finite_key``):
+    it would load, and ReNO would return the unoptimised image with a NaN loss."""
+    bad = non_finite_key(sd)
+    if bad is not None:
+        raise CheckpointError(f"'{path.name}' stores NaN or infinite values in {bad!r}; expected finite weights "
+                              "(a damaged download or a half-precision export that overflowed)")
 
 
 def infer_model_name(sd: dict) -> str:

@@ -269,27 +269,19 @@ def relation_choice_loss(emb, idx, truesets, text: dict, logit_scale: float, mar
     """``hard_negative_choice`` (or, with ``margin``, ``hard_negative_margin``, its gaps normalised with
     ``normalise_gap``) over every true relation caption of the batch and its relation swaps, or None when
     the batch holds no relation scene. ``table``: ``relation_choice_table(truesets, text, both_orders)``,
-    built once for the pool (the same loss, faster)."""
-    if table is not None:
-        pos, rows = _table_rows(table, idx)
-        if not len(rows):
-            return None
-        width = table["width"][rows]
-        k = int(width.max())
-        opts = table["text"][table["index"][rows, :k]]
-        mask = torch.arange(k) < width[:, None]
-        rows = pos
-    else:
-        rows, options = _relation_choices(idx, truesets, both_orders)
-        if not rows:
-            return None
-        k = max(len(o) for o in options)
-        opts = torch.stack([torch.stack([text[o[min(j, len(o) - 1)]] for j in range(k)]) for o in options])
-        mask = torch.tensor([[j < len(o) for j in range(k)] for o in options])
-        rows = torch.as_tensor(rows)
+    built once for the pool (the same loss, faster); without it one is built for the batch's scenes."""
+    if table is None:
+        table, idx = relation_choice_table([truesets[i] for i in idx], text, both_orders), range(len(idx))
+    pos, rows = _table_rows(table, idx)
+    if not len(rows):
+        return None
+    width = table["width"][rows]
+    k = int(width.max())
+    opts = table["text"][table["index"][rows, :k]]
+    mask = torch.arange(k) < width[:, None]
     if margin is not None:
-        return hard_negative_margin(emb[rows], opts, margin, mask, normalise_gap)
-    return hard_negative_choice(emb[rows], opts, logit_scale, mask)
+        return hard_negative_margin(emb[pos], opts, margin, mask, normalise_gap)
+    return hard_negative_choice(emb[pos], opts, logit_scale, mask)
 
 
 _INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
